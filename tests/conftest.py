@@ -1,0 +1,23 @@
+"""Shared test configuration. End-to-end fixtures live in tests/netns.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+
+needs_root = pytest.mark.skipif(
+    not IS_ROOT, reason="needs root: creates network namespaces, veth pairs and TUN devices"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("netns") is not None and not IS_ROOT:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="needs root: creates network namespaces, veth pairs and TUN devices"
+                )
+            )

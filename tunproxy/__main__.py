@@ -1,0 +1,3 @@
+from tunproxy.cli import main
+
+raise SystemExit(main())

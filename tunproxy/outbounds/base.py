@@ -1,0 +1,84 @@
+"""The one small interface every outbound implements.
+
+An outbound carries flows somewhere: ``open_stream`` for a TCP flow,
+``open_datagram`` for a UDP session, ``aclose`` at shutdown. Like httpx's
+transport API, this is all the relay knows about DIRECT, SOCKS5 or QUIC.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass
+
+__all__ = ["DatagramReceiver", "DatagramSession", "Outbound", "Target"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a flow goes. ``address`` is an IP literal, or None when only the
+    domain is known (a fake-ip flow: the outbound must not resolve it locally
+    unless it is DIRECT)."""
+
+    port: int
+    address: str | None = None
+    domain: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.address is None and self.domain is None:
+            raise ValueError("a Target needs an address or a domain")
+
+    @property
+    def host(self) -> str:
+        """The name to hand a proxy: the domain when known (remote resolution), else the IP."""
+        return self.domain if self.domain is not None else str(self.address)
+
+    def __str__(self) -> str:
+        host = self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+class DatagramReceiver(abc.ABC):
+    """What a datagram session delivers to (implemented by the relay)."""
+
+    @abc.abstractmethod
+    def datagram_received(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def session_lost(self, exc: Exception | None) -> None:
+        """The session ended on the outbound's side (proxy gone, error)."""
+
+
+class DatagramSession(abc.ABC):
+    """One local UDP 5-tuple's session through an outbound, to one ``Target``."""
+
+    @abc.abstractmethod
+    def send(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class Outbound(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    async def open_stream(
+        self, target: Target, protocol: asyncio.Protocol, *, timeout: float
+    ) -> asyncio.Transport:
+        """Connect to ``target``; return a transport whose protocol is ``protocol``.
+
+        ``protocol.connection_made`` is called with the returned transport once
+        the stream is ready for payload (after any proxy handshake); bytes that
+        arrived with the handshake reply are delivered to it. Raises
+        ``tunproxy.errors.OutboundError`` subclasses on failure.
+        """
+
+    @abc.abstractmethod
+    async def open_datagram(
+        self, target: Target, receiver: DatagramReceiver, *, timeout: float
+    ) -> DatagramSession:
+        """Open a UDP session to ``target``; replies go to ``receiver``."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release shared resources (connection pools, QUIC connections)."""
