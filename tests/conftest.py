@@ -21,3 +21,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     reason="needs root: creates network namespaces, veth pairs and TUN devices"
                 )
             )
+
+
+@pytest.fixture
+def topo(tmp_path):  # type: ignore[no-untyped-def]
+    """A client and a server namespace joined by veth (see tests/netns.py); always removed."""
+    from tests.netns import topology
+
+    with topology(tmp_path) as t:
+        yield t
