@@ -1,0 +1,574 @@
+"""Compiling rule lines into indexes, and matching a flow against them.
+
+First match wins, but rules are not tried one by one. Every rule (and every entry of a
+referenced rule set) gets an *order*: its position in the flattened list. Rules of one kind
+are filed into one index that answers "the smallest order that matches" in one probe:
+
+- domains: hashed sets walked label by label (exact, suffix, one-label wildcard), keywords
+  through one trie-shaped regex, regexes in order;
+- addresses (v4 and v6 apart, IPv4-mapped IPv6 folded into v4), ports and UIDs: disjoint
+  ranges labelled with the smallest order, found by bisect;
+- network, process name and path: dicts.
+
+The answer is the smallest order over all indexes. What cannot be indexed (logic rules) or
+costs something (the process lookup; resolving the domain for IP rules) sits in an ordered
+list of *stages* tried only while its order is below the best match found so far: a stage is
+reached exactly when a linear first-match scan would reach it, so the lazy process and
+resolver callbacks are called only then.
+
+Resolution follows mihomo (``tunnel.match``): the first IP rule without ``no-resolve``
+resolves the domain; from there on, every IP rule (``no-resolve`` or not) sees the resolved
+addresses; before it, IP rules cannot match a flow known only by its domain. A flow matches
+when any of the resolved addresses does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+from bisect import bisect_right
+from collections.abc import Callable, Collection, Mapping, Sequence
+from functools import lru_cache
+
+from rules.errors import RuleError
+from rules.model import FlowMeta, ProcessInfo, RuleSource, Verdict
+from rules.provider import EXACT, ONE, PLUS, SUB, RuleSetData
+from rules.syntax import Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
+from rules.tables import NEVER, Intervals, Keywords
+
+__all__ = ["RuleSet", "compile"]
+
+Addr = tuple[bool, int]  # (is IPv6, address as int); IPv4-mapped IPv6 is IPv4
+_DEFAULT = Verdict("DIRECT", None, None)
+
+# Stage kinds.
+_PRED, _PROC, _RESOLVE = 0, 1, 2
+
+
+@lru_cache(maxsize=16384)
+def _addr(text: str) -> Addr | None:
+    try:
+        a = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    n = int(a)
+    if a.version == 6:
+        if n >> 32 == 0xFFFF:
+            return (False, n & 0xFFFFFFFF)
+        return (True, n)
+    return (False, n)
+
+
+def _norm_domain(d: str) -> str:
+    d = d.lower().rstrip(".")
+    if not d.isascii():
+        with contextlib.suppress(UnicodeError):
+            d = d.encode("idna").decode("ascii")
+    return d
+
+
+class _Ctx:
+    """One match's view of the flow, with the lazy lookups done at most once."""
+
+    __slots__ = (
+        "_ips",
+        "_proc",
+        "allow_resolve",
+        "domain",
+        "dport",
+        "dst",
+        "flow",
+        "network",
+        "sport",
+        "src",
+    )
+
+    def __init__(self, flow: FlowMeta) -> None:
+        self.flow = flow
+        d = flow.domain
+        self.domain = _norm_domain(d) if d else None
+        self.dst = _addr(flow.dst_ip) if flow.dst_ip else None
+        self.src = _addr(flow.src_ip) if flow.src_ip else None
+        self.sport = flow.src_port
+        self.dport = flow.dst_port
+        self.network = flow.network.lower()
+        self._proc: ProcessInfo | bool | None = False  # False: not asked yet
+        self._ips: list[Addr] | None = None
+        self.allow_resolve = False
+
+    def process(self) -> ProcessInfo | None:
+        p = self._proc
+        if p is False:
+            getter = self.flow.process
+            p = getter() if getter is not None else None
+            self._proc = p
+        return p  # type: ignore[return-value]
+
+    def resolved(self) -> list[Addr]:
+        if self._ips is None:
+            getter = self.flow.resolved_ips
+            ips: list[Addr] = []
+            if getter is not None and self.domain is not None:
+                for text in getter():
+                    a = _addr(text)
+                    if a is not None:
+                        ips.append(a)
+            self._ips = ips
+        return self._ips
+
+    def dst_ips(self) -> list[Addr]:
+        """Destination addresses IP conditions inside logic rules see."""
+        if self.dst is not None:
+            return [self.dst]
+        if self.allow_resolve:
+            return self.resolved()
+        return []
+
+
+Pred = Callable[[_Ctx], bool]
+
+
+def _in_ranges(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(lo <= value <= hi for lo, hi in ranges)
+
+
+class _Index:
+    """A compiled list of rules; ``first(ctx)`` is the smallest matching order or NEVER."""
+
+    def __init__(self, rule_sets: Mapping[str, RuleSetData], nested: bool) -> None:
+        self.rule_sets = rule_sets
+        self.nested = nested
+        self.exact: dict[str, int] = {}
+        self.sub: dict[str, int] = {}
+        self.one: dict[str, int] = {}
+        self.keywords: dict[str, int] = {}
+        self.regex_src: list[tuple[int, str]] = []
+        self.dst_items: list[tuple[bool, int, int, int]] = []
+        self.src_items: list[tuple[bool, int, int, int]] = []
+        self.dport_items: list[tuple[int, int, int]] = []
+        self.sport_items: list[tuple[int, int, int]] = []
+        self.uid_items: list[tuple[int, int, int]] = []
+        self.network: dict[str, int] = {}
+        self.pname: dict[str, int] = {}
+        self.ppath: dict[str, int] = {}
+        self.preds: list[tuple[int, Pred, bool]] = []  # (order, predicate, needs process)
+        self.match_order = NEVER
+        self.resolve_first = NEVER  # order of the first rule that resolves the domain
+        self.process_first = NEVER  # order of the first plain process/uid rule
+        self._subsets: dict[tuple[str, bool, bool], _Index] = {}
+
+    # --- filing rules -------------------------------------------------------------------
+
+    def add_match(self, order: int) -> None:
+        self.match_order = min(self.match_order, order)
+
+    def add(self, node: Node, order: int, no_resolve: bool = False, src: bool = False) -> None:
+        """File one rule (or rule-set entry) at ``order``; the RULE-SET line's options
+        (``no_resolve``, ``src``) add to the entry's own. Raises ValueError."""
+        if isinstance(node, Leaf):
+            self._add_leaf(node, order, no_resolve or node.no_resolve, src or node.src)
+        elif isinstance(node, SetRef):
+            self.add_set(self._set(node.name), order, node.no_resolve, node.src)
+        else:
+            pred, needs_proc, resolves = self._pred(node, no_resolve, src)
+            self.preds.append((order, pred, needs_proc))
+            if resolves:
+                self.resolve_first = min(self.resolve_first, order)
+
+    def _set(self, name: str) -> RuleSetData:
+        data = self.rule_sets.get(name)
+        if data is None:
+            raise ValueError(f"unknown rule set {name!r}")
+        return data
+
+    def add_set(self, data: RuleSetData, base: int, no_resolve: bool, src: bool) -> None:
+        """File every entry of ``data``: entry i gets order ``base + i``."""
+        parsed = data.parsed
+        if data.behavior == "domain":
+            exact, sub, one = self.exact, self.sub, self.one
+            for i, e in enumerate(parsed):
+                order = base + i
+                mode = e.mode  # type: ignore[union-attr]
+                d = e.domain  # type: ignore[union-attr]
+                if mode is EXACT:
+                    exact.setdefault(d, order)
+                elif mode is PLUS:
+                    exact.setdefault(d, order)
+                    sub.setdefault(d, order)
+                elif mode is SUB:
+                    sub.setdefault(d, order)
+                elif mode is ONE:
+                    one.setdefault(d, order)
+                else:
+                    self.regex_src.append((order, _pattern_regex(d)))
+        elif data.behavior == "ipcidr":
+            items = self.src_items if src else self.dst_items
+            for i, c in enumerate(parsed):
+                assert isinstance(c, Cidr)
+                items.append((c.v6, c.lo, c.hi, base + i))
+            if not src and not no_resolve and parsed:
+                self.resolve_first = min(self.resolve_first, base)
+        else:
+            for i, node in enumerate(parsed):
+                self.add(node, base + i, no_resolve, src)  # type: ignore[arg-type]
+
+    def _add_leaf(self, leaf: Leaf, order: int, no_resolve: bool, src: bool) -> None:
+        kind, v = leaf.kind, leaf.value
+        if kind == "DOMAIN":
+            self.exact.setdefault(v, order)  # type: ignore[arg-type]
+        elif kind == "DOMAIN-SUFFIX":
+            self.exact.setdefault(v, order)  # type: ignore[arg-type]
+            self.sub.setdefault(v, order)  # type: ignore[arg-type]
+        elif kind == "DOMAIN-KEYWORD":
+            self.keywords.setdefault(v, order)  # type: ignore[arg-type]
+        elif kind == "DOMAIN-REGEX":
+            self.regex_src.append((order, v))  # type: ignore[arg-type]
+        elif kind in ("IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"):
+            assert isinstance(v, Cidr)
+            if src or kind == "SRC-IP-CIDR":
+                self.src_items.append((v.v6, v.lo, v.hi, order))
+            else:
+                self.dst_items.append((v.v6, v.lo, v.hi, order))
+                if not no_resolve:
+                    self.resolve_first = min(self.resolve_first, order)
+        elif kind == "DST-PORT":
+            self.dport_items.extend((lo, hi, order) for lo, hi in v)  # type: ignore[attr-defined]
+        elif kind == "SRC-PORT":
+            self.sport_items.extend((lo, hi, order) for lo, hi in v)  # type: ignore[attr-defined]
+        elif kind == "NETWORK":
+            self.network.setdefault(v, order)  # type: ignore[arg-type]
+        elif kind == "PROCESS-NAME":
+            self.pname.setdefault(v, order)  # type: ignore[arg-type]
+            self.process_first = min(self.process_first, order)
+        elif kind == "PROCESS-PATH":
+            self.ppath.setdefault(v, order)  # type: ignore[arg-type]
+            self.process_first = min(self.process_first, order)
+        elif kind == "UID":
+            self.uid_items.extend((lo, hi, order) for lo, hi in v)  # type: ignore[attr-defined]
+            self.process_first = min(self.process_first, order)
+        else:  # pragma: no cover - syntax only makes the kinds above
+            raise ValueError(f"unknown rule type {kind!r}")
+
+    # --- logic rules: predicates evaluated in order -----------------------------------------
+
+    def _pred(self, node: Node, no_resolve: bool, src: bool) -> tuple[Pred, bool, bool]:
+        """(predicate, needs the process, may resolve the domain)."""
+        if isinstance(node, Logic):
+            parts = [self._pred(c, no_resolve, src) for c in node.children]
+            fns = [p[0] for p in parts]
+            needs = any(p[1] for p in parts)
+            resolves = any(p[2] for p in parts)
+            if node.op == "AND":
+                return (lambda c: all(f(c) for f in fns)), needs, resolves
+            if node.op == "OR":
+                return (lambda c: any(f(c) for f in fns)), needs, resolves
+            only = fns[0]
+            return (lambda c: not only(c)), needs, resolves
+        if isinstance(node, SetRef):
+            key = (node.name, node.no_resolve or no_resolve, node.src or src)
+            sub = self._subsets.get(key)
+            if sub is None:
+                sub = _Index(self.rule_sets, nested=True)
+                sub.add_set(self._set(node.name), 0, key[1], key[2])
+                sub.finish()
+                self._subsets[key] = sub
+            s = sub
+            return (
+                (lambda c: s.first(c) < NEVER),
+                s.needs_process_before(NEVER),
+                s.resolve_first < NEVER,
+            )
+        return _leaf_pred(node, no_resolve or node.no_resolve, src or node.src)
+
+    # --- freezing into lookup tables --------------------------------------------------------
+
+    def finish(self) -> None:
+        def ranges(items: list[tuple[bool, int, int, int]], v6: bool, start: int) -> Intervals:
+            return Intervals((lo, hi, o) for f, lo, hi, o in items if f is v6 and o >= start)
+
+        self.dst4 = ranges(self.dst_items, False, 0)
+        self.dst6 = ranges(self.dst_items, True, 0)
+        # Resolved addresses only meet IP rules from the first resolving rule on (the whole
+        # nested set when the outer rule allows resolution).
+        late = 0 if self.nested else self.resolve_first
+        self.late4 = ranges(self.dst_items, False, late)
+        self.late6 = ranges(self.dst_items, True, late)
+        self.src4 = ranges(self.src_items, False, 0)
+        self.src6 = ranges(self.src_items, True, 0)
+        self.dport = Intervals(self.dport_items)
+        self.sport = Intervals(self.sport_items)
+        self.uid = Intervals(self.uid_items)
+        self.kw = Keywords(self.keywords) if self.keywords else None
+        self.regexes = [(o, re.compile(p, re.IGNORECASE).search) for o, p in sorted(self.regex_src)]
+        self.domain_min = min(
+            [
+                *self.exact.values(),
+                *self.sub.values(),
+                *self.one.values(),
+                *self.keywords.values(),
+                *(o for o, _ in self.regex_src),
+                NEVER,
+            ]
+        )
+        self.network_min = min(self.network.values(), default=NEVER)
+        stages: list[tuple[int, int, Pred | None]] = [(o, _PRED, p) for o, p, _ in self.preds]
+        if self.process_first < NEVER:
+            stages.append((self.process_first, _PROC, None))
+        if self.dst_items:
+            r = min(o for *_, o in self.dst_items) if self.nested else self.resolve_first
+            if r < NEVER:
+                stages.append((r, _RESOLVE, None))
+        stages.sort(key=lambda s: (s[0], s[1]))
+        self.stages = stages
+        # Drop build-time lists that the tables now hold.
+        self.dst_items_count = len(self.dst_items)
+        self.dport_items = self.sport_items = self.uid_items = []
+        self.src_items = []
+        self.regex_src = []
+
+    def needs_process_before(self, limit: int) -> bool:
+        return self.process_first < limit or any(o < limit and n for o, _, n in self.preds)
+
+    # --- matching -----------------------------------------------------------------------------
+
+    def first(self, c: _Ctx) -> int:
+        best = self.match_order
+        d = c.domain
+        if d is not None and self.domain_min < best:
+            o = self.exact.get(d)
+            if o is not None and o < best:
+                best = o
+            sub = self.sub
+            one = self.one
+            if sub or one:
+                i = d.find(".")
+                parent = True
+                while i >= 0:
+                    s = d[i + 1 :]
+                    o = sub.get(s)
+                    if o is not None and o < best:
+                        best = o
+                    if parent:
+                        parent = False
+                        o = one.get(s)
+                        if o is not None and o < best:
+                            best = o
+                    i = d.find(".", i + 1)
+            kw = self.kw
+            if kw is not None and kw.min_order < best:
+                o = kw.first(d)
+                if o < best:
+                    best = o
+            for o, search in self.regexes:
+                if o >= best:
+                    break
+                if search(d) is not None:
+                    best = o
+                    break
+        a = c.dst
+        if a is not None:
+            t = self.dst6 if a[0] else self.dst4
+            if t.min_order < best:
+                o = t.lookup(a[1])
+                if o < best:
+                    best = o
+        a = c.src
+        if a is not None:
+            t = self.src6 if a[0] else self.src4
+            if t.min_order < best:
+                o = t.lookup(a[1])
+                if o < best:
+                    best = o
+        if self.dport.min_order < best:
+            o = self.dport.lookup(c.dport)
+            if o < best:
+                best = o
+        if self.sport.min_order < best:
+            o = self.sport.lookup(c.sport)
+            if o < best:
+                best = o
+        if self.network_min < best:
+            o = self.network.get(c.network)
+            if o is not None and o < best:
+                best = o
+        for o, kind, pred in self.stages:
+            if o >= best:
+                break
+            if kind == _PRED:
+                if not self.nested:
+                    c.allow_resolve = o >= self.resolve_first
+                if pred(c):  # type: ignore[misc]
+                    best = o
+            elif kind == _PROC:
+                p = c.process()
+                if p is not None:
+                    best = min(
+                        best,
+                        self.pname.get(p.name.casefold(), NEVER),
+                        self.ppath.get(p.path.casefold(), NEVER),
+                        self.uid.lookup(p.uid),
+                    )
+            elif c.dst is None and c.domain is not None and (not self.nested or c.allow_resolve):
+                for a in c.resolved():
+                    t = self.late6 if a[0] else self.late4
+                    o = t.lookup(a[1])
+                    if o < best:
+                        best = o
+        return best
+
+
+def _pattern_regex(pattern: str) -> str:
+    """A domain with ``*`` labels (one label each) as an anchored regex."""
+    return (
+        "^"
+        + r"\.".join("[^.]+" if lbl == "*" else re.escape(lbl) for lbl in pattern.split("."))
+        + r"\Z"
+    )
+
+
+def _leaf_pred(leaf: Leaf, no_resolve: bool, src: bool) -> tuple[Pred, bool, bool]:
+    kind, v = leaf.kind, leaf.value
+    if kind == "DOMAIN":
+        return (lambda c: c.domain == v), False, False
+    if kind == "DOMAIN-SUFFIX":
+        dotted = "." + str(v)
+        return (
+            (lambda c: c.domain is not None and (c.domain == v or c.domain.endswith(dotted))),
+            False,
+            False,
+        )
+    if kind == "DOMAIN-KEYWORD":
+        kw = str(v)
+        return (lambda c: c.domain is not None and kw in c.domain), False, False
+    if kind == "DOMAIN-REGEX":
+        search = re.compile(str(v), re.IGNORECASE).search
+        return (lambda c: c.domain is not None and search(c.domain) is not None), False, False
+    if kind in ("IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"):
+        assert isinstance(v, Cidr)
+        v6, lo, hi = v.v6, v.lo, v.hi
+        if src or kind == "SRC-IP-CIDR":
+            return (
+                (lambda c: c.src is not None and c.src[0] is v6 and lo <= c.src[1] <= hi),
+                False,
+                False,
+            )
+        return (
+            (lambda c: any(a[0] is v6 and lo <= a[1] <= hi for a in c.dst_ips())),
+            False,
+            not no_resolve,
+        )
+    if kind == "DST-PORT":
+        r = v
+        return (lambda c: _in_ranges(c.dport, r)), False, False  # type: ignore[arg-type]
+    if kind == "SRC-PORT":
+        r = v
+        return (lambda c: _in_ranges(c.sport, r)), False, False  # type: ignore[arg-type]
+    if kind == "NETWORK":
+        return (lambda c: c.network == v), False, False
+    if kind == "PROCESS-NAME":
+
+        def by_name(c: _Ctx) -> bool:
+            p = c.process()
+            return p is not None and p.name.casefold() == v
+
+        return by_name, True, False
+    if kind == "PROCESS-PATH":
+
+        def by_path(c: _Ctx) -> bool:
+            p = c.process()
+            return p is not None and p.path.casefold() == v
+
+        return by_path, True, False
+    if kind == "UID":
+        r = v
+
+        def by_uid(c: _Ctx) -> bool:
+            p = c.process()
+            return p is not None and _in_ranges(p.uid, r)  # type: ignore[arg-type]
+
+        return by_uid, True, False
+    raise ValueError(f"unknown rule type {kind!r}")  # pragma: no cover
+
+
+class RuleSet:
+    """Compiled rules. ``match(flow)`` gives the first matching rule's verdict."""
+
+    def __init__(
+        self,
+        index: _Index,
+        rules: list[RuleSource],
+        targets: list[str],
+        bases: list[int],
+        sets: list[RuleSetData | None],
+    ) -> None:
+        self._index = index
+        self.rules: tuple[RuleSource, ...] = tuple(rules)
+        self._targets = targets
+        self._bases = bases
+        self._sets = sets
+        self._verdicts: dict[int, Verdict] = {}
+        reachable = index.match_order
+        #: A PROCESS-NAME/PROCESS-PATH/UID rule can be reached (before any MATCH).
+        self.needs_process: bool = index.needs_process_before(reachable)
+        #: An IP rule without no-resolve can be reached: a domain-only flow may need resolving.
+        self.needs_resolve: bool = index.resolve_first < reachable
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def match(self, flow: FlowMeta) -> Verdict:
+        order = self._index.first(_Ctx(flow))
+        if order >= NEVER:
+            return _DEFAULT
+        v = self._verdicts.get(order)
+        if v is None:
+            v = self._verdict(order)
+            self._verdicts[order] = v
+        return v
+
+    def _verdict(self, order: int) -> Verdict:
+        i = bisect_right(self._bases, order) - 1
+        data = self._sets[i]
+        entry = data.describe(order - self._bases[i]) if data is not None else None
+        return Verdict(self._targets[i], self.rules[i], entry)
+
+
+def compile(
+    rule_lines: Sequence[RuleSource],
+    rule_sets: Mapping[str, RuleSetData],
+    targets: Collection[str],
+) -> RuleSet:
+    """Compile rule lines (with the rule sets they reference) for ``targets`` (upstream
+    names; DIRECT, REJECT, DROP and REJECT-DROP are built in).
+    Raises RuleError(message, file, line) for the first bad line."""
+    index = _Index(rule_sets, nested=False)
+    rules: list[RuleSource] = []
+    tgts: list[str] = []
+    bases: list[int] = []
+    sets: list[RuleSetData | None] = []
+    order = 0
+    for src in rule_lines:
+        parsed = parse_rule_line(src.text, src.file, src.line, targets=targets, rule_sets=rule_sets)
+        rules.append(src)
+        tgts.append(parsed.target)
+        bases.append(order)
+        node = parsed.node
+        try:
+            if node is None:
+                index.add_match(order)
+                sets.append(None)
+                order += 1
+            elif isinstance(node, SetRef):
+                data = index._set(node.name)
+                index.add_set(data, order, node.no_resolve, node.src)
+                sets.append(data)
+                order += len(data)
+            else:
+                index.add(node, order)
+                sets.append(None)
+                order += 1
+        except (ValueError, re.error) as exc:
+            raise RuleError(str(exc), src.file, src.line) from None
+    index.finish()
+    return RuleSet(index, rules, tgts, bases, sets)

@@ -1,0 +1,304 @@
+"""Clash/mihomo rule syntax: one rule line -> a small tree of conditions.
+
+A line is ``TYPE,VALUE,TARGET[,OPTION...]``, ``MATCH,TARGET``, or a logic rule
+``AND,((TYPE,VALUE),(TYPE,VALUE)),TARGET`` (``OR``, ``NOT`` likewise, nested freely).
+As in mihomo's ``parseRules``, for logic rules and ``DOMAIN-REGEX`` everything between the
+type and the last field is the payload (a regex may hold commas), and they take no options.
+Values are normalised here once (domains lower-case, no trailing dot, IDN in punycode;
+CIDRs as integer ranges with IPv4-mapped IPv6 folded into IPv4), so matching never does it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Container
+from dataclasses import dataclass
+
+from rules.errors import RuleError
+
+__all__ = [
+    "BUILTIN_TARGETS",
+    "Cidr",
+    "Leaf",
+    "Logic",
+    "Node",
+    "ParsedRule",
+    "SetRef",
+    "normalize_domain",
+    "parse_cidr",
+    "parse_condition",
+    "parse_rule_line",
+]
+
+# Canonical built-in targets; REJECT-DROP is mihomo's spelling of DROP.
+BUILTIN_TARGETS = {"DIRECT": "DIRECT", "REJECT": "REJECT", "DROP": "DROP", "REJECT-DROP": "DROP"}
+
+DOMAIN_KINDS = frozenset({"DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "DOMAIN-REGEX"})
+IP_KINDS = frozenset({"IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"})
+PORT_KINDS = frozenset({"DST-PORT", "SRC-PORT"})
+PROCESS_KINDS = frozenset({"PROCESS-NAME", "PROCESS-PATH", "UID"})
+LOGIC_KINDS = frozenset({"AND", "OR", "NOT"})
+LEAF_KINDS = DOMAIN_KINDS | IP_KINDS | PORT_KINDS | PROCESS_KINDS | {"NETWORK"}
+# Types whose payload runs to the last comma (mihomo joins the middle fields back).
+_JOINED_PAYLOAD = LOGIC_KINDS | {"DOMAIN-REGEX"}
+_OPTIONS = frozenset({"no-resolve", "src"})
+
+_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\Z")
+_V4_MAPPED = 0xFFFF << 32
+
+
+@dataclass(frozen=True, slots=True)
+class Cidr:
+    """An address range ``lo..hi`` (inclusive) in one family; IPv4-mapped IPv6 is IPv4."""
+
+    v6: bool
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """One condition. ``value`` depends on ``kind``: str (domains, keyword, regex, network,
+    process name/path), Cidr (IP kinds), tuple of (lo, hi) ranges (ports, UID).
+    ``src`` turns IP-CIDR into a source-address match (mihomo's ``src`` option)."""
+
+    kind: str
+    value: object
+    no_resolve: bool = False
+    src: bool = False
+
+    @property
+    def dst_ip(self) -> bool:
+        return self.kind in ("IP-CIDR", "IP-CIDR6") and not self.src
+
+
+@dataclass(frozen=True, slots=True)
+class Logic:
+    op: str  # AND / OR / NOT
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetRef:
+    """``RULE-SET,name``: options apply to every entry of the set."""
+
+    name: str
+    no_resolve: bool = False
+    src: bool = False
+
+
+Node = Leaf | Logic | SetRef
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRule:
+    """A full rule line: ``node`` is None for MATCH."""
+
+    node: Node | None
+    target: str
+
+
+def normalize_domain(value: str, *, wildcard: bool = False) -> str:
+    """Lower-case, without the trailing dot, IDN labels in punycode (as DNS carries them).
+
+    Raises ValueError when it is not a host name. ``wildcard`` allows ``*`` labels."""
+    d = value.strip().rstrip(".").lower()
+    if not d:
+        raise ValueError("empty domain")
+    if not d.isascii():
+        try:
+            d = d.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"bad internationalised domain {value!r}: {exc}") from None
+    for label in d.split("."):
+        if wildcard and label == "*":
+            continue
+        if len(label) > 63 or not _LABEL_RE.match(label):
+            raise ValueError(f"{value!r} is not a domain name")
+    return d
+
+
+def parse_cidr(value: str) -> Cidr:
+    """``1.2.3.0/24``, ``2001:db8::/32`` or a bare address; host bits are masked off
+    (as mihomo's ``netip.Prefix.Masked``). ``::ffff:a.b.c.d/n`` (n >= 96) becomes IPv4."""
+    try:
+        net = ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP CIDR") from None
+    lo = int(net.network_address)
+    hi = int(net.broadcast_address)
+    if net.version == 6:
+        if net.prefixlen >= 96 and lo >> 32 == 0xFFFF:
+            return Cidr(False, lo & 0xFFFFFFFF, hi & 0xFFFFFFFF)
+        return Cidr(True, lo, hi)
+    return Cidr(False, lo, hi)
+
+
+def _parse_ranges(value: str, top: int, what: str) -> tuple[tuple[int, int], ...]:
+    """``80``, ``80/443``, ``1000-2000``, ``80/8000-8080`` -> ((lo, hi), ...)."""
+    out: list[tuple[int, int]] = []
+    for part in value.split("/"):
+        lo_s, sep, hi_s = part.strip().partition("-")
+        try:
+            lo = int(lo_s, 10)
+            hi = int(hi_s, 10) if sep else lo
+        except ValueError:
+            raise ValueError(f"{value!r} is not a {what} or {what} range") from None
+        if not (0 <= lo <= hi <= top):
+            raise ValueError(f"{what} range {part.strip()!r} is out of 0-{top} or reversed")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _leaf(kind: str, value: str, options: list[str]) -> Leaf:
+    no_resolve = False
+    src = False
+    for opt in options:
+        o = opt.strip().lower()
+        if o == "no-resolve":
+            no_resolve = True
+        elif o == "src" and kind in ("IP-CIDR", "IP-CIDR6"):
+            src = True
+        elif o == "" and opt == "":
+            continue
+        else:
+            raise ValueError(f"unknown option {opt!r} for {kind}")
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{kind} needs a value")
+    parsed: object
+    if kind in ("DOMAIN", "DOMAIN-SUFFIX"):
+        parsed = normalize_domain(value)
+    elif kind == "DOMAIN-KEYWORD":
+        parsed = value.lower()
+    elif kind == "DOMAIN-REGEX":
+        try:
+            re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"bad regex {value!r}: {exc}") from None
+        parsed = value
+    elif kind in IP_KINDS:
+        parsed = parse_cidr(value)
+    elif kind in PORT_KINDS:
+        parsed = _parse_ranges(value, 65535, "port")
+    elif kind == "UID":
+        parsed = _parse_ranges(value, 0xFFFFFFFF, "uid")
+    elif kind == "NETWORK":
+        parsed = value.lower()
+        if parsed not in ("tcp", "udp"):
+            raise ValueError(f"NETWORK must be tcp or udp, not {value!r}")
+    elif kind == "PROCESS-NAME" or kind == "PROCESS-PATH":
+        parsed = value.casefold()  # mihomo compares with strings.EqualFold
+    else:  # pragma: no cover - callers check the kind first
+        raise ValueError(f"unknown rule type {kind!r}")
+    return Leaf(kind, parsed, no_resolve, src)
+
+
+def _split_groups(payload: str) -> list[str]:
+    """``((A,x),(B,y))`` -> ``["A,x", "B,y"]`` (the top-level parenthesised groups)."""
+    p = payload.strip()
+    if len(p) < 2 or p[0] != "(" or p[-1] != ")":
+        raise ValueError(f"logic payload must be ((...),(...)), not {payload!r}")
+    inner = p[1:-1]
+    groups: list[str] = []
+    depth = 0
+    start = -1
+    for i, ch in enumerate(inner):
+        if ch == "(":
+            if depth == 0:
+                start = i + 1
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced parentheses in {payload!r}")
+            if depth == 0:
+                groups.append(inner[start:i])
+        elif depth == 0 and ch not in ", \t":
+            raise ValueError(f"unexpected {ch!r} between sub-rules in {payload!r}")
+    if depth != 0:
+        raise ValueError(f"unbalanced parentheses in {payload!r}")
+    if not groups:
+        raise ValueError(f"logic rule without sub-rules: {payload!r}")
+    return groups
+
+
+def _node(kind: str, payload: str, options: list[str], rule_sets: Container[str] | None) -> Node:
+    if kind in LOGIC_KINDS:
+        children = tuple(parse_condition(g, rule_sets) for g in _split_groups(payload))
+        if kind == "NOT" and len(children) != 1:
+            raise ValueError("NOT takes exactly one sub-rule")
+        return Logic(kind, children)
+    if kind == "RULE-SET":
+        name = payload.strip()
+        if rule_sets is not None and name not in rule_sets:
+            raise ValueError(f"unknown rule set {name!r}")
+        no_resolve = src = False
+        for opt in options:
+            o = opt.strip().lower()
+            if o == "no-resolve":
+                no_resolve = True
+            elif o == "src":
+                src = True
+            else:
+                raise ValueError(f"unknown option {opt!r} for RULE-SET")
+        return SetRef(name, no_resolve, src)
+    if kind in LEAF_KINDS:
+        return _leaf(kind, payload, options)
+    if kind == "MATCH":
+        raise ValueError("MATCH cannot be a sub-rule")
+    raise ValueError(f"unknown rule type {kind!r}")
+
+
+def _split(text: str) -> tuple[str, list[str]]:
+    parts = [p.strip() for p in text.split(",")]
+    return parts[0].upper(), parts
+
+
+def parse_condition(text: str, rule_sets: Container[str] | None = None) -> Node:
+    """A rule without target: a logic sub-rule or a classical rule-set line.
+    ``rule_sets`` (a container of names, or None to skip the check) validates RULE-SET names.
+    Raises ValueError."""
+    kind, parts = _split(text)
+    if kind in _JOINED_PAYLOAD:
+        return _node(kind, ",".join(parts[1:]), [], rule_sets)
+    if len(parts) < 2:
+        raise ValueError(f"{kind or 'rule'} needs a value")
+    return _node(kind, parts[1], parts[2:], rule_sets)
+
+
+def parse_rule_line(
+    text: str, file: str, line: int, *, targets: Container[str], rule_sets: Container[str] | None
+) -> ParsedRule:
+    """Parse a full rule line. ``targets`` is a container of upstream names.
+    Raises RuleError(message, file, line)."""
+    kind, parts = _split(text)
+    try:
+        if kind == "MATCH":
+            if len(parts) != 2:
+                raise ValueError("MATCH takes exactly one field: MATCH,TARGET")
+            node: Node | None = None
+            target = parts[1]
+        elif kind in _JOINED_PAYLOAD:
+            if len(parts) < 3:
+                raise ValueError(f"{kind} needs a payload and a target")
+            target = parts[-1]
+            node = _node(kind, ",".join(parts[1:-1]), [], rule_sets)
+        else:
+            if len(parts) < 3:
+                raise ValueError(f"{kind or 'rule'} needs {kind or 'TYPE'},VALUE,TARGET")
+            target = parts[2]
+            node = _node(kind, parts[1], parts[3:], rule_sets)
+        if not target:
+            raise ValueError("empty target")
+        canonical = BUILTIN_TARGETS.get(target)
+        if canonical is None:
+            if target not in targets:
+                raise ValueError(
+                    f"unknown target {target!r} (not DIRECT/REJECT/DROP or an upstream)"
+                )
+            canonical = target
+    except ValueError as exc:
+        raise RuleError(str(exc), file, line) from None
+    return ParsedRule(node, canonical)
