@@ -1,0 +1,224 @@
+"""The running proxy: set up the host, run the loop, and put the host back.
+
+    start: journal (undo a dead run's leftovers) -> clash checks -> TUN ->
+           link + addresses -> policy routing -> stack, outbounds, DNS, relay ->
+           driver -> "tunproxy ready"
+    stop (SIGINT, SIGTERM, an error): flows aborted -> driver stopped ->
+           outbounds and DNS closed -> TUN closed -> journal undone in reverse
+    SIGHUP: reload the rules file; a bad file is reported and the old rules stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+from stack import Stack, StackConfig
+from tunproxy.config import Config, UpstreamConfig, load_config
+from tunproxy.driver import TunDriver
+from tunproxy.errors import SetupError, TunproxyError
+from tunproxy.flows import FlowLog
+from tunproxy.journal import Journal
+from tunproxy.outbounds.base import Outbound, Target
+from tunproxy.relay import Relay, Router
+from tunproxy.routing import check_clashes, setup_link, setup_routing
+from tunproxy.tun import open_tun
+
+__all__ = ["Proxy", "run"]
+
+log = logging.getLogger("tunproxy")
+
+
+def build_outbounds(config: Config, resolve: Any | None) -> dict[str, Outbound]:
+    from tunproxy.outbounds.direct import DirectOutbound
+    from tunproxy.outbounds.reject import RejectOutbound
+    from tunproxy.outbounds.socks5 import Socks5Outbound
+
+    fwmark = config.tun.fwmark
+    outbounds: dict[str, Outbound] = {
+        "DIRECT": DirectOutbound(name="DIRECT", fwmark=fwmark, resolve=resolve),
+        "REJECT": RejectOutbound(),
+    }
+    for name, up in config.upstreams.items():
+        if up.type == "socks5":
+            outbounds[name] = Socks5Outbound(
+                name, up.host, up.port, username=up.username, password=up.password,
+                fwmark=fwmark, udp=up.udp,
+            )
+        else:
+            raise SetupError(f"upstream {name}: type {up.type} is not supported yet")
+    return outbounds
+
+
+async def _upstream_addresses(upstreams: dict[str, UpstreamConfig]) -> list[str]:
+    """The upstream servers' own addresses: they must never be routed into the TUN."""
+    loop = asyncio.get_running_loop()
+    addresses: set[str] = set()
+    for up in upstreams.values():
+        try:
+            addresses.add(str(ipaddress.ip_address(up.host)))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = await loop.getaddrinfo(up.host, up.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise SetupError(f"cannot resolve upstream {up.name} server {up.host}: {exc}") from None
+        addresses.update(str(info[4][0]) for info in infos)
+    return sorted(addresses)
+
+
+def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
+    return StackConfig(
+        mtu=config.tun.mtu,
+        vnet_hdr=vnet_hdr,
+        gso=gso,
+        udp_idle_timeout=config.relay.udp_idle_timeout,
+        tcp_receive_window=max(config.relay.buffer_size, 64 * 1024),
+    )
+
+
+class Proxy:
+    def __init__(self, config: Config, state_dir: Path) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.stopping = asyncio.Event()
+        self.exit_code = 0
+        self.router: Router | None = None
+
+    def reload(self) -> None:
+        """SIGHUP: new rules for new flows; existing flows keep their verdict."""
+        try:
+            fresh = load_config(self.config.path)
+        except TunproxyError as exc:
+            log.error("reload failed, keeping the old rules: %s", exc)
+            return
+        if self.router is not None:
+            self.router.ruleset = fresh.ruleset
+        log.info("reloaded %s: %d rules", fresh.path, fresh.rule_count)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        journal = Journal(self.state_dir, config.tun.name)
+        tun = None
+        driver = relay = dns = None
+        outbounds: dict[str, Outbound] = {}
+        await journal.open()
+        try:
+            if config.tun.auto_route:
+                await check_clashes(journal, config.tun)
+            excluded = await _upstream_addresses(config.upstreams)
+            if await journal.ipr.link_lookup(ifname=config.tun.name):
+                raise SetupError(
+                    f"an interface named {config.tun.name} already exists; set tun.name to "
+                    "another name"
+                )
+            tun = open_tun(config.tun.name, offload=config.tun.offload, queues=config.tun.queues)
+            index = await setup_link(journal, config.tun)
+            dns = self._make_dns()
+            if config.tun.auto_route:
+                await setup_routing(journal, config.tun, index, excluded_addresses=excluded,
+                                    hijack_dns=dns is not None)
+            stack = Stack(_stack_config(config, tun.vnet_hdr, tun.tso))
+            outbounds = build_outbounds(config, dns.resolve if dns is not None else None)
+            self.router = Router(config.ruleset, outbounds, dns, self._processes())
+            flow_log = FlowLog()
+            driver_ref: list[TunDriver] = []
+            relay = Relay(loop, stack, self.router, config.relay, flow_log,
+                          lambda: driver_ref[0].flush_soon())
+            driver = TunDriver(loop, tun, stack, relay.handle_event,
+                               faults=config.fault_injection)
+            driver_ref.append(driver)
+            driver.start()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._stop, sig)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            log.info(
+                "tunproxy ready: %s mtu %d, offloads %s, %d rules, dns %s",
+                tun.name, config.tun.mtu, " ".join(sorted(tun.offloads)) or "off",
+                config.rule_count, "on" if dns is not None else "off",
+            )
+            await self.stopping.wait()
+            log.info("stopping: %d flows open", len(relay.flows))
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if relay is not None:
+                with _logged("closing flows"):
+                    await relay.aclose()
+            if driver is not None:
+                driver.stop()
+            for outbound in outbounds.values():
+                with _logged(f"closing outbound {outbound.name}"):
+                    await outbound.aclose()
+            if dns is not None:
+                with _logged("closing DNS"):
+                    await dns.aclose()
+            if tun is not None:
+                tun.close()
+            await journal.close()
+            log.info("host configuration restored")
+        return self.exit_code
+
+    def _stop(self, sig: int) -> None:
+        log.info("received %s", signal.Signals(sig).name)
+        self.stopping.set()
+
+    def _make_dns(self) -> Any | None:
+        dns_config = self.config.dns
+        if dns_config is None or not getattr(dns_config, "enable", True):
+            return None
+        from tunproxy.dns.service import DnsService
+
+        return DnsService(dns_config, self._resolver_outbound)
+
+    def _resolver_outbound(self, network: str, target: Target) -> Outbound:
+        """Resolver flows are decided by the rules like any other flow."""
+        import rules
+
+        assert self.router is not None
+        verdict = self.router.ruleset.match(rules.FlowMeta(
+            network=network, src_ip="0.0.0.0", src_port=0, dst_ip=target.address,
+            dst_port=target.port, domain=target.domain,
+        ))
+        name = verdict.target
+        if name.upper() == "DIRECT":
+            return self.router.outbounds["DIRECT"]
+        if name.upper() in ("REJECT", "DROP", "REJECT-DROP"):
+            return self.router.outbounds["REJECT"]
+        return self.router.outbounds[name]
+
+    def _processes(self) -> Any | None:
+        if not self.config.ruleset.needs_process:
+            return None
+        from tunproxy.procinfo import ProcessResolver
+
+        return ProcessResolver()
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Any:
+    try:
+        yield
+    except Exception:
+        log.exception("error while %s", what)
+
+
+def run(config: Config, state_dir: Path) -> int:
+    proxy = Proxy(config, state_dir)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(proxy.run())
+

@@ -1,0 +1,143 @@
+"""Command line: ``tunproxy --rules FILE`` and its subcommands.
+
+    tunproxy --rules FILE          run the proxy in the foreground
+    tunproxy check FILE            validate a rules file; touches nothing
+    tunproxy explain --rules FILE tcp 1.2.3.4:443 [--domain ...]
+                                   which rule a flow would match, and why
+    tunproxy cleanup               undo what a crashed run left behind
+
+Every error the user can cause or fix is one sentence on stderr and a
+non-zero exit; tracebacks are for our own bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tunproxy import __version__
+from tunproxy.errors import ConfigError, TunproxyError
+from tunproxy.journal import DEFAULT_STATE_DIR
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+EXIT_SETUP = 1
+
+_EPILOG = """\
+examples:
+  sudo tunproxy --rules examples/direct.yaml
+  tunproxy check examples/socks5.yaml
+  tunproxy explain --rules examples/socks5.yaml tcp 93.184.216.34:443 --domain example.com
+  sudo tunproxy cleanup
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunproxy",
+        description="A transparent proxy for Linux: all traffic enters a TUN device and is "
+        "sent direct, through SOCKS5 or QUIC upstreams, or dropped, by rules.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tunproxy {__version__}")
+    parser.add_argument("--rules", metavar="FILE", help="the rules file (YAML) to run with")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"], help="default: info")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                        help=f"where the undo record lives (default: {DEFAULT_STATE_DIR})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate a rules file without touching the system")
+    check.add_argument("file", metavar="FILE")
+
+    cleanup = sub.add_parser("cleanup", help="undo what a crashed tunproxy left behind")
+    cleanup.add_argument("--state-dir", type=Path, default=None, dest="cleanup_state_dir",
+                         help=argparse.SUPPRESS)
+
+    explain = sub.add_parser("explain", help="show which rule a flow matches, and why")
+    from tunproxy import explain as explain_module
+
+    explain_module.add_arguments(explain)
+    return parser
+
+
+def _check(file: str) -> int:
+    from tunproxy.config import load_config
+
+    config = load_config(file)
+    upstreams = ", ".join(f"{u.name} ({u.type} {u.host}:{u.port})"
+                          for u in config.upstreams.values()) or "none"
+    print(f"{file}: ok: {config.rule_count} rules, upstreams: {upstreams}, "
+          f"tun {config.tun.name} mtu {config.tun.mtu}")
+    return 0
+
+
+def _cleanup(state_dir: Path) -> int:
+    from tunproxy.journal import cleanup_state_dir
+    from tunproxy.tun import has_net_admin
+
+    if not has_net_admin():
+        print("tunproxy: cleanup needs root or CAP_NET_ADMIN; run it with sudo", file=sys.stderr)
+        return EXIT_SETUP
+    report = asyncio.run(cleanup_state_dir(state_dir))
+    for line in report:
+        print(line)
+    if not report:
+        print("nothing to clean up")
+    return 0
+
+
+def _run(rules: str, state_dir: Path) -> int:
+    from tunproxy.app import run
+    from tunproxy.config import load_config
+    from tunproxy.tun import has_net_admin
+
+    config = load_config(rules)
+    if not has_net_admin():
+        print("tunproxy: tunproxy needs root or CAP_NET_ADMIN to create its TUN device and "
+              "routes; run it with sudo", file=sys.stderr)
+        return EXIT_SETUP
+    return run(config, state_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "check":
+            return _check(args.file)
+        if args.command == "cleanup":
+            return _cleanup(args.cleanup_state_dir or args.state_dir)
+        if args.command == "explain":
+            from tunproxy import explain as explain_module
+
+            return explain_module.run(args)
+        if args.rules is None:
+            parser.print_usage(sys.stderr)
+            print("tunproxy: give a rules file with --rules FILE (or a command: check, explain, "
+                  "cleanup)", file=sys.stderr)
+            return EXIT_CONFIG
+        return _run(args.rules, args.state_dir)
+    except ConfigError as exc:
+        print(f"tunproxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TunproxyError as exc:
+        print(f"tunproxy: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,181 @@
+"""The asyncio adapter around the sans-I/O stack: a few dozen lines of I/O.
+
+Read the TUN in batches until it would block, feed the stack, hand its events
+to the relay, write what it emits, re-arm the one timer. No per-packet tasks.
+Commands the relay issues outside a read (upstream data arriving) schedule one
+flush per loop iteration, so everything queued in that iteration leaves in one
+pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from stack import Event, Stack
+from tunproxy.tun import VNET_HDR_LEN, TunDevice
+
+__all__ = ["TunDriver"]
+
+log = logging.getLogger("tunproxy.driver")
+
+READ_BATCH = 128  # packets per readable callback before yielding to other callbacks
+READ_SIZE = 65535 + VNET_HDR_LEN
+
+
+class TunDriver:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tun: TunDevice,
+        stack: Stack,
+        on_event: Callable[[Event], None],
+        *,
+        faults: dict[str, Any] | None = None,
+    ) -> None:
+        self._loop = loop
+        self._tun = tun
+        self._stack = stack
+        self._on_event = on_event
+        self._write_fd = tun.fds[0]
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self.write_errors = 0
+        self._faults_in = self._faults_out = None
+        if faults:
+            from stack.fault import FaultInjector
+
+            self._faults_in = _make_injector(FaultInjector, faults, 0)
+            self._faults_out = _make_injector(FaultInjector, faults, 1)
+            log.warning("fault injection on at the TUN boundary: %s", faults)
+
+    def start(self) -> None:
+        for fd in self._tun.fds:
+            self._loop.add_reader(fd, self._on_readable, fd)
+
+    def stop(self) -> None:
+        for fd in self._tun.fds:
+            self._loop.remove_reader(fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- input ----------------------------------------------------------------
+    def _on_readable(self, fd: int) -> None:
+        now = self._loop.time()
+        stack = self._stack
+        read = os.read
+        faults = self._faults_in
+        for _ in range(READ_BATCH):
+            try:
+                data = read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.error("reading the TUN failed: %s", exc)
+                break
+            if faults is not None:
+                faults.push(data, now)
+            else:
+                stack.receive_packet(data, now)
+        if faults is not None:
+            for data in faults.pop_due(now):
+                stack.receive_packet(data, now)
+        self._process()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        now = self._loop.time()
+        if self._faults_in is not None:
+            for data in self._faults_in.pop_due(now):
+                self._stack.receive_packet(data, now)
+        self._stack.handle_timer(now)
+        self.flush_faults_out()
+        self._process()
+
+    # -- output ---------------------------------------------------------------
+    def flush_soon(self) -> None:
+        """Called by the relay after it queued work into the stack outside a read."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_callback)
+
+    def _flush_callback(self) -> None:
+        self._flush_scheduled = False
+        self._process()
+
+    def _process(self) -> None:
+        stack = self._stack
+        on_event = self._on_event
+        while (event := stack.next_event()) is not None:
+            try:
+                on_event(event)
+            except Exception:
+                log.exception("bug: the relay failed on %r", event)
+        self._write(stack.packets_to_send())
+        self._rearm()
+
+    def _write(self, packets: list[bytes]) -> None:
+        if not packets:
+            return
+        faults = self._faults_out
+        if faults is not None:
+            now = self._loop.time()
+            for packet in packets:
+                faults.push(packet, now)
+            packets = faults.pop_due(now)
+        fd = self._write_fd
+        write = os.write
+        for packet in packets:
+            try:
+                write(fd, packet)
+            except OSError as exc:
+                # The kernel drops here too when its queue is full; TCP retransmits.
+                self.write_errors += 1
+                if self.write_errors & (self.write_errors - 1) == 0:
+                    log.warning("writing to the TUN failed (%d times so far): %s",
+                                self.write_errors, exc)
+
+    def _rearm(self) -> None:
+        when = self._stack.get_timer()
+        for faults in (self._faults_in, self._faults_out):
+            if faults is not None:
+                due = faults.get_timer()
+                if due is not None and (when is None or due < when):
+                    when = due
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def flush_faults_out(self) -> None:
+        """Timer path for delayed outbound packets."""
+        if self._faults_out is not None:
+            self._write_now(self._faults_out.pop_due(self._loop.time()))
+
+    def _write_now(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            try:
+                os.write(self._write_fd, packet)
+            except OSError:
+                self.write_errors += 1
+
+
+def _make_injector(cls: Any, faults: dict[str, Any], direction: int) -> Any:
+    delay = faults.get("delay", 0.0)
+    return cls(
+        seed=int(faults.get("seed", 1)) * 2 + direction,
+        drop=faults.get("drop", 0.0),
+        duplicate=faults.get("duplicate", 0.0),
+        reorder=faults.get("reorder", 0.0),
+        delay=(0.0, delay),
+    )

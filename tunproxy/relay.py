@@ -1,0 +1,534 @@
+"""The relay: carries each flow the stack rebuilt through the outbound the rules chose.
+
+TCP, connect before accept: the local application's SYN is answered only once
+the outbound connected, so a refused upstream looks refused to the app. Then
+bytes flow both ways on asyncio Protocols, with backpressure both ways:
+
+    app -> stack -> DataReceived -> upstream transport.write
+        upstream buffer above its high-water mark: pause_writing ->
+        stack.pause_receiving (the app's TCP window closes)
+    upstream data_received -> stack.send
+        stack send buffer full: upstream.pause_reading, until FlowWritable
+
+and half-close both ways (app FIN -> write_eof; upstream EOF -> FIN to app).
+
+UDP: one outbound datagram session per local 5-tuple, opened on the first
+datagram (a few datagrams are held while it opens). DNS to a hijacked address
+is answered by the DNS service and never relayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import rules
+from stack import (
+    TCP,
+    DatagramReceived,
+    DataReceived,
+    Event,
+    FlowClosed,
+    FlowHalfClosed,
+    FlowKey,
+    FlowOpened,
+    FlowReset,
+    FlowWritable,
+    Refusal,
+    Stack,
+)
+from tunproxy.config import RelayConfig
+from tunproxy.errors import OutboundError, Unreachable
+from tunproxy.flows import FlowLog, FlowRecord
+from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound, Target
+
+__all__ = ["Decision", "Relay", "Router"]
+
+log = logging.getLogger("tunproxy.relay")
+
+MAX_PENDING_DATAGRAMS = 64
+DNS_TCP_MAX_BUFFER = 128 * 1024
+
+
+@dataclass(slots=True)
+class Decision:
+    """What to do with a new flow: carry it (``outbound``), or refuse it (``refusal``)."""
+
+    target_name: str
+    rule: str | None
+    outbound: Outbound | None = None
+    target: Target | None = None
+    refusal: str | None = None  # Refusal.RESET / UNREACHABLE / DROP
+    reason: str | None = None
+
+
+class Router:
+    """Rules + outbounds + DNS knowledge -> a Decision for each new flow."""
+
+    def __init__(
+        self,
+        ruleset: rules.RuleSet,
+        outbounds: dict[str, Outbound],
+        dns: Any | None = None,
+        processes: Any | None = None,
+    ) -> None:
+        self.ruleset = ruleset
+        self.outbounds = outbounds
+        self.dns = dns
+        self.processes = processes
+
+    def meta(self, key: FlowKey, record: FlowRecord) -> tuple[rules.FlowMeta, bool]:
+        dst_ip = key.dst_ip
+        dns = self.dns
+        fake = False
+        if dns is not None:
+            record.domain = dns.domain_for(dst_ip)
+            fake = dns.is_fake(dst_ip)
+        process = None
+        if self.processes is not None and self.ruleset.needs_process:
+            process = self._process_lookup(key, record)
+        return rules.FlowMeta(
+            network=key.network, src_ip=key.src_ip, src_port=key.src_port,
+            dst_ip=None if fake else dst_ip, dst_port=key.dst_port, domain=record.domain,
+            process=process,
+        ), fake
+
+    def _process_lookup(
+        self, key: FlowKey, record: FlowRecord
+    ) -> Callable[[], rules.ProcessInfo | None]:
+        def lookup() -> rules.ProcessInfo | None:
+            info: rules.ProcessInfo | None = self.processes.lookup(
+                key.network, key.src_ip, key.src_port, key.dst_ip, key.dst_port
+            )
+            if info is not None:
+                record.process, record.pid, record.uid = info.name, info.pid, info.uid
+            return info
+
+        return lookup
+
+    async def decide(self, key: FlowKey, record: FlowRecord) -> Decision:
+        meta, fake = self.meta(key, record)
+        if fake and record.domain is None:
+            # A fake address we did not hand out (stale after a restart): refuse, never leak.
+            how = Refusal.RESET if key.protocol == TCP else Refusal.UNREACHABLE
+            return Decision("REJECT", None, refusal=how, reason="unknown-fake-ip")
+        if fake and self.ruleset.needs_resolve and record.domain is not None:
+            try:
+                resolved = await self.dns.resolve(record.domain)
+            except Exception:  # a failed lookup only means IP rules cannot match
+                resolved = []
+            meta.resolved_ips = lambda: resolved
+        verdict = self.ruleset.match(meta)
+        rule = verdict.explain() if verdict.rule is not None else "default (no MATCH rule)"
+        name = verdict.target
+        upper = name.upper()
+        if upper == "REJECT":
+            how = Refusal.RESET if key.protocol == TCP else Refusal.UNREACHABLE
+            return Decision(name, rule, refusal=how, reason="rejected")
+        if upper in ("DROP", "REJECT-DROP"):
+            return Decision(name, rule, refusal=Refusal.DROP, reason="dropped")
+        outbound = self.outbounds["DIRECT" if upper == "DIRECT" else name]
+        target = Target(
+            port=key.dst_port, address=None if fake else key.dst_ip, domain=record.domain
+        )
+        return Decision(name, rule, outbound=outbound, target=target)
+
+
+class _Flow:
+    __slots__ = ("closed", "id", "record", "task")
+
+    def __init__(self, flow_id: int, record: FlowRecord) -> None:
+        self.id = flow_id
+        self.record = record
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
+
+
+class TcpFlow(_Flow, asyncio.Protocol):
+    """One TCP flow: the stack side is ``relay.stack``/``id``, the other an upstream transport."""
+
+    __slots__ = ("accepted", "app_fin", "relay", "transport", "upstream_eof")
+
+    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
+        super().__init__(flow_id, record)
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.accepted = False
+        self.app_fin = False
+        self.upstream_eof = False
+
+    # -- upstream side (asyncio.Protocol) -----------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.relay.config.buffer_size)
+
+    def data_received(self, data: bytes) -> None:
+        relay = self.relay
+        stack = relay.stack
+        self.record.bytes_down += len(data)
+        stack.send(self.id, data, relay.now())
+        if stack.send_buffer_free(self.id) <= 0 and self.transport is not None:
+            self.transport.pause_reading()
+        relay.flush_soon()
+
+    def eof_received(self) -> bool:
+        self.upstream_eof = True
+        self.relay.stack.shutdown_write(self.id, self.relay.now())
+        self.relay.flush_soon()
+        return True  # keep our write side open: the app may still be sending
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.closed:
+            return
+        if exc is not None or not self.upstream_eof:
+            # The upstream went away without an orderly close: reset the app's connection.
+            self.relay.stack.abort(self.id, self.relay.now())
+            self.relay.end(self, "upstream-reset" if exc is not None else "upstream-closed")
+            self.relay.flush_soon()
+
+    def pause_writing(self) -> None:
+        self.relay.stack.pause_receiving(self.id)
+
+    def resume_writing(self) -> None:
+        self.relay.stack.resume_receiving(self.id, self.relay.now())
+        self.relay.flush_soon()
+
+    # -- stack side -----------------------------------------------------------
+    def on_data(self, data: bytes) -> None:
+        self.record.bytes_up += len(data)
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def on_half_closed(self) -> None:
+        self.app_fin = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def on_writable(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def on_closed(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if reason == "closed":
+            reason = "closed-by-server" if self.upstream_eof and not self.app_fin else (
+                "closed-by-client" if not self.upstream_eof else "closed")
+        self.relay.end(self, reason)
+
+    def on_reset(self, reason: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.relay.end(self, "reset-by-client" if reason == "reset-by-peer" else reason)
+
+
+class UdpFlow(_Flow, DatagramReceiver):
+    __slots__ = ("pending", "relay", "session")
+
+    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
+        super().__init__(flow_id, record)
+        self.relay = relay
+        self.session: DatagramSession | None = None
+        self.pending: list[bytes] | None = []
+
+    def on_datagram(self, data: bytes) -> None:
+        self.record.bytes_up += len(data)
+        if self.session is not None:
+            self.session.send(data)
+        elif self.pending is not None and len(self.pending) < MAX_PENDING_DATAGRAMS:
+            self.pending.append(data)
+
+    def datagram_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.record.bytes_down += len(data)
+        self.relay.stack.send_datagram(self.id, data, self.relay.now())
+        self.relay.flush_soon()
+
+    def session_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.session = None
+        self.relay.stack.abort(self.id, self.relay.now())
+        self.relay.end(self, "upstream-closed")
+        self.relay.flush_soon()
+
+    def on_closed(self, reason: str) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        self.relay.end(self, reason)
+
+
+class DnsUdpFlow(_Flow):
+    """UDP to a hijacked DNS address: each datagram is a query answered locally."""
+
+    __slots__ = ("idle", "last", "relay")
+
+    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
+        super().__init__(flow_id, record)
+        self.relay = relay
+        self.last = relay.now()
+        self.idle: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self.idle = self.relay.loop.call_at(
+            self.last + self.relay.config.dns_idle_timeout, self._check_idle
+        )
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        if self.relay.now() - self.last >= self.relay.config.dns_idle_timeout:
+            self.relay.stack.abort(self.id, self.relay.now())
+            self.relay.end(self, "idle")
+            self.relay.flush_soon()
+        else:
+            self._arm()
+
+    def on_datagram(self, data: bytes) -> None:
+        self.last = self.relay.now()
+        self.record.bytes_up += len(data)
+        self.relay.spawn(self._answer(data))
+
+    async def _answer(self, query: bytes) -> None:
+        key = self.relay.stack.flow_key(self.id)
+        client = (key.src_ip, key.src_port) if key else ("", 0)
+        answer = await self.relay.dns.handle_query(query, network="udp", client=client)
+        if answer is not None and not self.closed:
+            self.record.bytes_down += len(answer)
+            self.relay.stack.send_datagram(self.id, answer, self.relay.now())
+            self.relay.flush_soon()
+
+    def on_closed(self, reason: str) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        self.relay.end(self, reason)
+
+
+class DnsTcpFlow(_Flow):
+    """TCP to a hijacked DNS address: 2-byte length-prefixed queries (RFC 1035 4.2.2)."""
+
+    __slots__ = ("buffer", "relay")
+
+    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
+        super().__init__(flow_id, record)
+        self.relay = relay
+        self.buffer = bytearray()
+
+    def on_data(self, data: bytes) -> None:
+        self.record.bytes_up += len(data)
+        self.buffer += data
+        if len(self.buffer) > DNS_TCP_MAX_BUFFER:
+            self.relay.stack.abort(self.id, self.relay.now())
+            self.relay.end(self, "dns-garbage")
+            return
+        while len(self.buffer) >= 2:
+            (length,) = struct.unpack_from("!H", self.buffer)
+            if len(self.buffer) < 2 + length:
+                break
+            query = bytes(self.buffer[2 : 2 + length])
+            del self.buffer[: 2 + length]
+            self.relay.spawn(self._answer(query))
+
+    async def _answer(self, query: bytes) -> None:
+        key = self.relay.stack.flow_key(self.id)
+        client = (key.src_ip, key.src_port) if key else ("", 0)
+        answer = await self.relay.dns.handle_query(query, network="tcp", client=client)
+        if answer is not None and not self.closed:
+            self.record.bytes_down += len(answer)
+            self.relay.stack.send(self.id, struct.pack("!H", len(answer)) + answer,
+                                  self.relay.now())
+            self.relay.flush_soon()
+
+    def on_half_closed(self) -> None:
+        self.relay.stack.shutdown_write(self.id, self.relay.now())
+
+    def on_closed(self, reason: str) -> None:
+        self.relay.end(self, reason)
+
+
+class Relay:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stack: Stack,
+        router: Router,
+        config: RelayConfig,
+        flow_log: FlowLog,
+        flush_soon: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.stack = stack
+        self.router = router
+        self.config = config
+        self.flow_log = flow_log
+        self.flush_soon = flush_soon
+        self.flows: dict[int, Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def dns(self) -> Any:
+        return self.router.dns
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("bug: relay task failed", exc_info=task.exception())
+
+    # -- events from the stack -------------------------------------------------
+    def handle_event(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            flow = self.flows.get(event.flow)
+            if flow is not None:
+                flow.on_data(event.data)
+        elif isinstance(event, DatagramReceived):
+            flow = self.flows.get(event.flow)
+            if flow is not None:
+                flow.on_datagram(event.data)
+        elif isinstance(event, FlowOpened):
+            self._open(event.flow, event.key)
+        elif isinstance(event, FlowHalfClosed):
+            flow = self.flows.get(event.flow)
+            if flow is not None:
+                flow.on_half_closed()
+        elif isinstance(event, FlowWritable):
+            flow = self.flows.get(event.flow)
+            if flow is not None and hasattr(flow, "on_writable"):
+                flow.on_writable()
+        elif isinstance(event, FlowClosed):
+            flow = self.flows.get(event.flow)
+            if flow is not None:
+                flow.on_closed(event.reason)
+        elif isinstance(event, FlowReset):
+            flow = self.flows.get(event.flow)
+            if flow is not None:
+                if hasattr(flow, "on_reset"):
+                    flow.on_reset(event.reason)
+                else:
+                    flow.on_closed(event.reason)
+
+    def _open(self, flow_id: int, key: FlowKey) -> None:
+        record = FlowRecord(
+            id=flow_id, network=key.network, src=key.src_ip, src_port=key.src_port,
+            dst=key.dst_ip, dst_port=key.dst_port,
+        )
+        dns = self.dns
+        if dns is not None and dns.hijacks(record.dst, key.dst_port, key.network):
+            record.outbound = "dns"
+            record.rule = "dns.hijack"
+            if key.protocol == TCP:
+                self.flows[flow_id] = DnsTcpFlow(self, flow_id, record)
+                self.stack.accept(flow_id, self.now())
+            else:
+                self.flows[flow_id] = DnsUdpFlow(self, flow_id, record)
+            self.flow_log.opened(record)
+            return
+        flow: TcpFlow | UdpFlow
+        flow = TcpFlow(self, flow_id, record) if key.protocol == TCP else UdpFlow(
+            self, flow_id, record)
+        self.flows[flow_id] = flow
+        flow.task = self.spawn(self._connect(flow, key))
+
+    async def _connect(self, flow: TcpFlow | UdpFlow, key: FlowKey) -> None:
+        record = flow.record
+        try:
+            decision = await self.router.decide(key, record)
+        except Exception:
+            log.exception("bug: deciding %s failed", record.describe())
+            decision = Decision("REJECT", None, refusal=Refusal.RESET, reason="internal-error")
+        record.rule = decision.rule
+        record.outbound = decision.target_name
+        self.flow_log.opened(record)
+        if flow.closed:
+            return
+        if decision.refusal is not None:
+            self.stack.refuse(flow.id, decision.refusal, self.now())
+            self.end(flow, decision.reason or "refused")
+            self.flush_soon()
+            return
+        assert decision.outbound is not None and decision.target is not None
+        timeout = self.config.connect_timeout
+        try:
+            if isinstance(flow, TcpFlow):
+                await decision.outbound.open_stream(decision.target, flow, timeout=timeout)
+            else:
+                flow.session = await decision.outbound.open_datagram(
+                    decision.target, flow, timeout=timeout
+                )
+        except OutboundError as exc:
+            if flow.closed:
+                return
+            log.info("%s via %s failed: %s", record.describe(), record.outbound, exc)
+            if isinstance(flow, TcpFlow):
+                how = Refusal.UNREACHABLE if isinstance(exc, Unreachable) else Refusal.RESET
+            else:
+                how = Refusal.UNREACHABLE
+            self.stack.refuse(flow.id, how, self.now())
+            self.end(flow, exc.reason)
+            self.flush_soon()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("bug: opening %s failed", record.describe())
+            if not flow.closed:
+                self.stack.refuse(flow.id, Refusal.RESET, self.now())
+                self.end(flow, f"internal-error: {type(exc).__name__}")
+                self.flush_soon()
+            return
+        if flow.closed:
+            # The app gave up (RST, accept timeout) while we connected.
+            if isinstance(flow, TcpFlow) and flow.transport is not None:
+                flow.transport.abort()
+            elif isinstance(flow, UdpFlow) and flow.session is not None:
+                flow.session.close()
+            return
+        if isinstance(flow, TcpFlow):
+            flow.accepted = True
+            self.stack.accept(flow.id, self.now())
+        else:
+            pending, flow.pending = flow.pending or [], None
+            assert flow.session is not None
+            for data in pending:
+                flow.session.send(data)
+        self.flush_soon()
+
+    def end(self, flow: _Flow, reason: str) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        self.flows.pop(flow.id, None)
+        if flow.task is not None and not flow.task.done():
+            flow.task.cancel()
+        self.flow_log.ended(flow.record, reason)
+
+    async def aclose(self) -> None:
+        """Abort every flow (shutdown)."""
+        for flow in list(self.flows.values()):
+            if isinstance(flow, TcpFlow) and flow.transport is not None:
+                flow.transport.abort()
+            elif isinstance(flow, UdpFlow) and flow.session is not None:
+                flow.session.close()
+            self.stack.abort(flow.id, self.now())
+            self.end(flow, "shutdown")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,147 @@
+"""Policy routing: steer the host's traffic into the TUN, and nothing of tunproxy's own.
+
+For each address family the TUN has an address in, tunproxy adds, from
+``tun.rule-priority`` (P) upwards::
+
+    P+0   fwmark M          lookup main     tunproxy's own sockets (SO_MARK) never loop
+    ...   uidrange A-B      lookup main     each exclude-uid range
+    ...   ipproto udp/tcp dport 53 lookup T DNS to any server enters the TUN (dns.hijack)
+    ...   lookup main suppress_prefixlength 0
+                                            connected LAN subnets and other specific routes
+                                            of the main table keep working; its default
+                                            route does not count
+    ...   to CIDR           lookup main     route-exclude, loopback, link-local, multicast,
+                                            the upstream servers' own addresses
+    last  lookup T                          everything else (or one per include-uid range)
+
+and table T holds ``default dev <tun>``. Each rule and route goes through the
+journal, so it is undone on exit and after a crash.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable
+
+from tunproxy.config import TunConfig
+from tunproxy.errors import SetupError
+from tunproxy.journal import Change, Journal
+
+__all__ = ["ALWAYS_EXCLUDED", "check_clashes", "setup_link", "setup_routing"]
+
+log = logging.getLogger("tunproxy.routing")
+
+MAIN_TABLE = 254
+ALWAYS_EXCLUDED = {
+    socket.AF_INET: ("127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "255.255.255.255/32"),
+    socket.AF_INET6: ("::1/128", "fe80::/10", "ff00::/8"),
+}
+
+
+async def setup_link(journal: Journal, tun: TunConfig) -> int:
+    """Give the TUN its MTU, queue length and addresses, and bring it up; return its index."""
+    ipr = journal.ipr
+    links = await ipr.link_lookup(ifname=tun.name)
+    if not links:
+        raise SetupError(f"the TUN device {tun.name} vanished right after it was made")
+    index = int(links[0])
+    journal.record(Change("link", {"ifname": tun.name}))
+    await ipr.link("set", index=index, mtu=tun.mtu, txqlen=tun.txqueuelen)
+    for interface in tun.addresses:
+        await journal.apply(Change("addr", {
+            "ifname": tun.name, "address": str(interface.ip),
+            "prefixlen": interface.network.prefixlen,
+        }))
+    # Replies from the TUN carry far-away source addresses: no reverse-path filtering here.
+    await journal.apply(Change("sysctl", {
+        "path": f"/proc/sys/net/ipv4/conf/{tun.name}/rp_filter", "value": "0",
+    }))
+    await ipr.link("set", index=index, state="up")
+    return index
+
+
+def _families(tun: TunConfig) -> list[int]:
+    families = []
+    if any(a.version == 4 for a in tun.addresses):
+        families.append(socket.AF_INET)
+    if any(a.version == 6 for a in tun.addresses):
+        families.append(socket.AF_INET6)
+    return families
+
+
+async def check_clashes(journal: Journal, tun: TunConfig) -> None:
+    """Refuse to start when the table or the mark is already used by something else."""
+    ipr = journal.ipr
+    for family in _families(tun):
+        routes = [r async for r in await ipr.route("dump", family=family, table=tun.table)]
+        if routes:
+            raise SetupError(
+                f"routing table {tun.table} is already in use ({len(routes)} routes); set "
+                "tun.table to a free table"
+            )
+        async for rule in await ipr.rule("dump", family=family):
+            if rule.get("FRA_FWMARK") == tun.fwmark:
+                raise SetupError(
+                    f"fwmark {tun.fwmark:#x} is already used by an ip rule; set tun.fwmark "
+                    "to a free mark"
+                )
+            table = rule.get("FRA_TABLE") or rule["table"]
+            if table == tun.table:
+                raise SetupError(
+                    f"routing table {tun.table} is already used by an ip rule; set tun.table "
+                    "to a free table"
+                )
+
+
+async def setup_routing(
+    journal: Journal,
+    tun: TunConfig,
+    index: int,
+    *,
+    excluded_addresses: Iterable[str] = (),
+    hijack_dns: bool = False,
+) -> None:
+    excluded = [ipaddress.ip_network(a) for a in excluded_addresses]
+    for family in _families(tun):
+        priority = tun.rule_priority
+
+        async def rule(priority: int, table: int, family: int = family, **match: object) -> None:
+            await journal.apply(Change("rule", {
+                "family": family, "priority": priority, "table": table, **match,
+            }))
+
+        await journal.apply(Change("route", {
+            "family": family, "dst": "default" if family == socket.AF_INET else "::/0",
+            "oif": index, "table": tun.table,
+        }))
+        await rule(priority, MAIN_TABLE, fwmark=tun.fwmark, fwmask=0xFFFFFFFF)
+        priority += 1
+        for low, high in tun.exclude_uid:
+            await rule(priority, MAIN_TABLE, uid_range=f"{low}:{high}")
+            priority += 1
+        if hijack_dns:
+            for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
+                for uid in tun.include_uid or [None]:
+                    extra = {"uid_range": f"{uid[0]}:{uid[1]}"} if uid else {}
+                    await rule(priority, tun.table, ip_proto=proto, dport_range="53:53", **extra)
+                    priority += 1
+        await rule(priority, MAIN_TABLE, suppress_prefixlen=0)
+        priority += 1
+        version = 4 if family == socket.AF_INET else 6
+        cidrs = [ipaddress.ip_network(c) for c in ALWAYS_EXCLUDED[family]]
+        cidrs += [n for n in tun.route_exclude if n.version == version]
+        cidrs += [n for n in excluded if n.version == version]
+        for net in cidrs:
+            await rule(priority, MAIN_TABLE, dst=str(net.network_address),
+                       dst_len=net.prefixlen)
+            priority += 1
+        if tun.include_uid:
+            for low, high in tun.include_uid:
+                await rule(priority, tun.table, uid_range=f"{low}:{high}")
+                priority += 1
+        else:
+            await rule(priority, tun.table)
+        log.info("policy routing for IPv%d: rules %d..%d, table %d", version,
+                 tun.rule_priority, priority, tun.table)
