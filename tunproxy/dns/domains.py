@@ -22,6 +22,7 @@ def normalize_domain(name: str) -> str:
 
 
 def valid_pattern(pattern: str) -> bool:
+    pattern = pattern[:-1] if pattern.endswith(".") and len(pattern) > 1 else pattern
     body = pattern[2:] if pattern.startswith(("+.", "*.")) else pattern
     if not body or len(body) > 253:
         return False
