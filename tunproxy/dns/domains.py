@@ -22,8 +22,8 @@ def normalize_domain(name: str) -> str:
 
 
 def valid_pattern(pattern: str) -> bool:
-    pattern = pattern[:-1] if pattern.endswith(".") and len(pattern) > 1 else pattern
     body = pattern[2:] if pattern.startswith(("+.", "*.")) else pattern
+    body = body[:-1] if body.endswith(".") else body  # a trailing root dot is fine
     if not body or len(body) > 253:
         return False
     return all(0 < len(label) <= 63 and "*" not in label for label in body.split("."))
