@@ -1,0 +1,1089 @@
+"""One TCP connection, terminated here (RFC 9293). Sans-I/O: segments in, segments out.
+
+The local application (through the Linux kernel on the far side of the TUN)
+is the active opener; we are always the passive side. The endpoint is built
+from the peer's SYN and holds the handshake open until ``accept()``.
+
+Stream positions are unbounded Python ints ("offsets", see ``seqnum``): in each
+direction, offset 0 is the first data byte and -1 the SYN; a FIN sits at the
+offset just past the last data byte. Raw sequence numbers appear only when a
+segment is parsed or built.
+
+Sending (RFC 9293 3.8, RFC 5681, RFC 6582, RFC 6675, RFC 6298):
+  * ``send`` queues into a ``SendBuffer``; segments leave only from
+    ``segments_to_send``, as large as the peer's window, the congestion window
+    and ``config.max_payload`` allow (GSO super-segments).
+  * Loss recovery is SACK-based when the peer allows SACK (a scoreboard of
+    what the peer holds; only holes are retransmitted) and NewReno otherwise.
+    Retransmission is driven by two pointers: ``_rtx_next`` walks the range
+    ``[_rtx_next, _rtx_limit)`` that is deemed lost, skipping SACKed bytes;
+    fast retransmit and the retransmission timer both just (re)set that range.
+  * A retransmission that is itself lost is detected when data sent after it
+    is SACKed (the idea behind RACK, RFC 8985), which starts another round of
+    hole retransmission instead of waiting for the timer.
+
+Receiving: in-order data is delivered at once as ``DataReceived`` unless the
+application paused the flow; data held (paused, or out of order) shrinks the
+window we advertise, which is how backpressure reaches the local sender.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+from stack.events import (
+    DataReceived,
+    Event,
+    FlowClosed,
+    FlowHalfClosed,
+    FlowReset,
+    FlowWritable,
+)
+from stack.tcp.reassembly import Reassembly
+from stack.tcp.rtt import RttEstimator
+from stack.tcp.scoreboard import Scoreboard
+from stack.tcp.sendbuf import SendBuffer
+from stack.tcp.seqnum import MASK, delta, unwrap
+from stack.tcp.state import RECEIVING, TcpEvent, TcpState, next_state
+from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpRepr
+
+__all__ = ["TcpConfig", "TcpEndpoint", "TcpState"]
+
+Segment = tuple[TcpRepr, bytes | memoryview]
+
+
+@dataclass(slots=True)
+class TcpConfig:
+    mss: int  # our MSS option, derived from the MTU by the stack (mtu-40 v4, mtu-60 v6)
+    max_payload: int  # largest payload per emitted segment (a multiple of the MSS with GSO)
+    send_buffer: int  # bytes queued towards the peer (unacknowledged included)
+    receive_window: int  # bytes the peer may send ahead of what the application took
+    time_wait: float  # a short TIME-WAIT: we never reuse the 4-tuple ourselves
+    accept_timeout: float  # a SYN neither accepted nor refused by then is reset
+    min_rto: float = 0.2  # RFC 6298 2.4 says 1 s; Linux uses 200 ms; the peer is local
+    max_rto: float = 60.0  # RFC 6298 2.5
+    max_retries: int = 10  # retransmission timeouts in a row before giving up (RFC 9293 3.8.3 R2)
+    syn_retries: int = 5  # SYN-ACK retransmissions before giving up
+    initial_window: int = 65536  # RFC 5681 allows 4 segments; the peer is on this machine
+
+
+# Which deadline ``_timer_at`` is.
+_NO_TIMER = 0
+_ACCEPT = 1  # accept_timeout of a held SYN
+_RTX = 2  # retransmission timer (RFC 6298)
+_PERSIST = 3  # zero-window probe (RFC 9293 3.8.6.1)
+_TIME_WAIT = 4  # TIME-WAIT expiry (RFC 9293 3.10.8)
+
+# Loss recovery phases.
+_OPEN = 0
+_FAST = 1  # fast retransmit / fast recovery (RFC 5681 3.2, RFC 6582, RFC 6675 5)
+_LOSS = 2  # after a retransmission timeout (RFC 5681 3.1, RFC 6298 5)
+
+_DUP_THRESH = 3  # RFC 5681 3.2
+_BETA = 0.7  # multiplicative decrease (RFC 9438 4.6: CUBIC's 0.7; Reno's is 0.5)
+_DEFAULT_MSS = 536  # RFC 9293 3.7.1: the peer sent no MSS option
+_TS_OPTION_LEN = 12  # NOP NOP TS(10), on every segment once timestamps are in use
+_INFINITE = 1 << 62
+
+
+def _count(counters: dict[str, int], key: str) -> None:
+    counters[key] = counters.get(key, 0) + 1
+
+
+class TcpEndpoint:
+    """The passive side of one TCP connection. See the module docstring."""
+
+    __slots__ = (
+        "_ack_pending",
+        "_adv_edge",
+        "_board",
+        "_buf",
+        "_close_requested",
+        "_counters",
+        "_cwnd",
+        "_done",
+        "_dup_bytes",
+        "_dupacks",
+        "_events",
+        "_fin_off",
+        "_force_rtx",
+        "_half_close_pending",
+        "_held",
+        "_held_bytes",
+        "_irs",
+        "_iss",
+        "_last_ack_sent",
+        "_local_port",
+        "_max_seg",
+        "_max_snd_wnd",
+        "_ooo",
+        "_paused",
+        "_peer_fin_delivered",
+        "_peer_fin_off",
+        "_probe_pending",
+        "_probes",
+        "_rcv_cap",
+        "_rcv_nxt",
+        "_rcv_shift",
+        "_recover",
+        "_recovery",
+        "_remote_port",
+        "_retries",
+        "_rst",
+        "_rtt",
+        "_rtt_off",
+        "_rtt_time",
+        "_rtx_limit",
+        "_rtx_mark",
+        "_rtx_next",
+        "_sack_ok",
+        "_snd_max",
+        "_snd_shift",
+        "_snd_una",
+        "_snd_wnd",
+        "_ssthresh",
+        "_synack_pending",
+        "_timer_at",
+        "_timer_kind",
+        "_ts_base",
+        "_ts_ok",
+        "_ts_recent",
+        "_wl1",
+        "_wl2",
+        "_writable_wanted",
+        "_ws_ok",
+        "accepted",
+        "config",
+        "effective_mss",
+        "flow",
+        "state",
+    )
+
+    def __init__(
+        self,
+        flow: int,
+        config: TcpConfig,
+        syn: TcpRepr,
+        now: float,
+        iss: int,
+        events: collections.deque[Event],
+        counters: dict[str, int],
+    ) -> None:
+        self.flow = flow
+        self.config = config
+        self._events = events
+        self._counters = counters
+        self.state = TcpState.SYN_RECEIVED
+        self.accepted = False  # SYN-ACK released by accept()
+        self._done = False  # the final event was emitted, or the application asked for none
+        self._local_port = syn.dst_port
+        self._remote_port = syn.src_port
+
+        # -- the peer's SYN and its options (RFC 9293 3.10.7.2, RFC 7323 2.2, RFC 2018 2)
+        self._irs = syn.seq
+        self._rcv_nxt = 0
+        self._last_ack_sent = 0
+        self._sack_ok = syn.sack_permitted
+        self._ts_ok = syn.timestamp is not None
+        self._ts_recent = syn.timestamp[0] if syn.timestamp is not None else 0
+        self._ts_base = iss  # our TSval clock starts at an unpredictable point (RFC 7323 5.4)
+        self._ws_ok = syn.window_scale is not None
+        if syn.window_scale is not None:
+            self._snd_shift = min(syn.window_scale, 14)  # RFC 7323 2.3
+            shift = 0
+            while shift < 14 and config.receive_window >> shift > 0xFFFF:
+                shift += 1
+            self._rcv_shift = shift
+        else:
+            self._snd_shift = 0
+            self._rcv_shift = 0
+        self._rcv_cap = min(config.receive_window, 0xFFFF << self._rcv_shift)
+        self._adv_edge = 0
+        peer_mss = syn.mss if syn.mss else _DEFAULT_MSS
+        # RFC 9293 3.7.1: the payload per packet is the MSS minus the options we always send.
+        eff = min(config.mss, peer_mss) - (_TS_OPTION_LEN if self._ts_ok else 0)
+        self.effective_mss = max(eff, 32)
+        if config.max_payload > config.mss:
+            self._max_seg = max(self.effective_mss, config.max_payload // eff * eff)
+        else:
+            self._max_seg = self.effective_mss
+
+        # -- send side
+        self._iss = iss
+        self._snd_una = -1  # the SYN is unacknowledged
+        self._snd_max = -1  # nothing sent yet; 0 once the SYN-ACK left
+        self._snd_wnd = syn.window  # RFC 7323 2.2: the window of a SYN is never scaled
+        self._max_snd_wnd = syn.window
+        self._wl1 = -1
+        self._wl2 = -1
+        self._buf: SendBuffer | None = None
+        self._fin_off: int | None = None
+        self._close_requested = False
+        self._writable_wanted = False
+
+        # -- congestion control and loss recovery
+        self._cwnd = max(config.initial_window, 2 * self.effective_mss)
+        self._ssthresh = _INFINITE
+        self._recovery = _OPEN
+        self._recover = -1
+        self._dupacks = 0
+        self._dup_bytes = 0
+        self._board: Scoreboard | None = None
+        self._rtx_next = 0
+        self._rtx_limit = 0
+        self._rtx_mark = 0
+        self._force_rtx = False
+        self._rtt = RttEstimator(config.min_rto, config.max_rto)
+        self._rtt_off: int | None = None
+        self._rtt_time = 0.0
+        self._retries = 0
+        self._probes = 0
+
+        # -- receive side
+        self._ooo: Reassembly | None = None
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
+        self._paused = False
+        self._peer_fin_off: int | None = None
+        self._half_close_pending = False
+        self._peer_fin_delivered = False
+
+        # -- output flags
+        self._ack_pending = False
+        self._synack_pending = False
+        self._probe_pending = False
+        self._rst: TcpRepr | None = None
+
+        self._timer_at: float | None = now + config.accept_timeout
+        self._timer_kind = _ACCEPT
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def closed(self) -> bool:
+        """Nothing more will happen: CLOSED and the final event (if any) emitted.
+
+        The stack drops the endpoint once this is true and ``segments_to_send``
+        returned what was still queued (a last RST or ACK).
+        """
+        return self.state is TcpState.CLOSED and self._done
+
+    def get_timer(self) -> float | None:
+        return self._timer_at
+
+    def send_buffer_free(self) -> int:
+        used = len(self._buf) if self._buf is not None else 0
+        free = self.config.send_buffer - used
+        if free <= 0:
+            self._writable_wanted = True
+            return 0
+        return free
+
+    # ------------------------------------------------------------------ commands
+
+    def accept(self, now: float) -> None:
+        """Release the SYN-ACK (RFC 9293 3.10.7.2: LISTEN, rcv SYN, snd SYN,ACK)."""
+        if self.accepted or self.state is not TcpState.SYN_RECEIVED:
+            return
+        self.accepted = True
+        self._synack_pending = True
+        self._timer_at = None  # the retransmission timer starts when the SYN-ACK leaves
+        self._timer_kind = _NO_TIMER
+
+    def refuse(self, now: float) -> None:
+        """Answer the held SYN with RST (RFC 9293 3.10.7.1 form: <SEQ=0><ACK=SYN+1><RST,ACK>)."""
+        if self.accepted:
+            self.abort(now)
+            return
+        if self.state is TcpState.CLOSED:
+            return
+        self._rst = self._syn_reset()
+        self._done = True  # the application asked: no final event
+        self._close(TcpEvent.ABORT)
+
+    def abort(self, now: float) -> None:
+        """RFC 9293 3.10.5: send RST, forget everything, report nothing."""
+        state = self.state
+        if state is TcpState.CLOSED:
+            self._done = True
+            return
+        if not self.accepted:
+            self._rst = self._syn_reset()
+        elif state is not TcpState.TIME_WAIT:
+            self._rst = self._make(RST | ACK, self._snd_max, None, with_ts=False)
+        self._done = True
+        self._close(TcpEvent.ABORT)
+
+    def send(self, data: bytes, now: float) -> None:
+        """Queue ``data`` (never refused; see ``send_buffer_free``)."""
+        if self._fin_off is not None or self._close_requested or self._done:
+            return  # after shutdown_write or the end of the flow: nowhere to go
+        if self.state is TcpState.CLOSED:
+            return
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the caller may reuse its buffer; this is the one copy
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = SendBuffer()
+        buf.append(data)
+        if len(buf) >= self.config.send_buffer:
+            self._writable_wanted = True
+
+    def shutdown_write(self, now: float) -> None:
+        """Queue a FIN after the data (RFC 9293 3.10.4 CLOSE)."""
+        if self._fin_off is not None or self._close_requested or self._done:
+            return
+        state = self.state
+        if state is TcpState.SYN_RECEIVED:
+            # RFC 9293 3.10.4: queued until ESTABLISHED.
+            self._close_requested = True
+        elif state in (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT):
+            self._queue_fin()
+
+    def pause_receiving(self) -> None:
+        self._paused = True
+
+    def resume_receiving(self, now: float) -> None:
+        """Deliver what was held, then advertise the reopened window."""
+        if not self._paused:
+            return
+        self._paused = False
+        held = self._held
+        if held:
+            for data in held:
+                self._events.append(DataReceived(self.flow, data))
+            self._held = None
+            self._held_bytes = 0
+            if self.state in RECEIVING:
+                self._ack_pending = True  # window update (RFC 9293 3.8.6.2.2)
+        if self._half_close_pending:
+            self._deliver_half_close()
+
+    # ------------------------------------------------------------------ timers
+
+    def handle_timer(self, now: float) -> None:
+        at = self._timer_at
+        if at is None or now < at:
+            return
+        kind = self._timer_kind
+        self._timer_at = None
+        self._timer_kind = _NO_TIMER
+        if kind == _ACCEPT:
+            if not self.accepted and self.state is TcpState.SYN_RECEIVED:
+                self._rst = self._syn_reset()
+                self._finish(FlowReset(self.flow, "accept-timeout"))
+                self._close(TcpEvent.TIMEOUT)
+        elif kind == _RTX:
+            self._on_retransmission_timeout(now)
+        elif kind == _PERSIST:
+            self._on_persist_timeout(now)
+        elif kind == _TIME_WAIT:
+            if self._done:
+                self._close(TcpEvent.TIME_WAIT_TIMEOUT)
+            else:
+                # Data or the FIN are still held for a paused application: stay until
+                # it has them (the final event must follow them).
+                self._arm(_TIME_WAIT, now + self.config.time_wait)
+
+    def _arm(self, kind: int, at: float) -> None:
+        self._timer_kind = kind
+        self._timer_at = at
+
+    def _disarm(self, kind: int) -> None:
+        if self._timer_kind == kind:
+            self._timer_kind = _NO_TIMER
+            self._timer_at = None
+
+    def _on_retransmission_timeout(self, now: float) -> None:
+        """RFC 6298 5.4-5.7, RFC 5681 3.1 (loss window), RFC 2018 8 (forget SACK info)."""
+        state = self.state
+        if state is TcpState.SYN_RECEIVED:
+            self._retries += 1
+            if self._retries > self.config.syn_retries:
+                self._give_up()
+                return
+            self._count("tcp.retransmits")
+            self._rtt.backoff()
+            self._rtt_off = None  # Karn: no sample from a retransmitted SYN-ACK
+            self._synack_pending = True
+            return
+        una = self._snd_una
+        snd_max = self._snd_max
+        if una >= snd_max or state is TcpState.CLOSED:
+            return
+        self._retries += 1
+        if self._retries > self.config.max_retries:
+            self._give_up()
+            return
+        self._count("tcp.rto")
+        mss = self.effective_mss
+        if self._retries == 1:
+            # RFC 5681 (4): ssthresh from the flight, once per episode (held on repeats).
+            self._ssthresh = max((snd_max - una) // 2, 2 * mss)
+        self._cwnd = mss
+        self._recovery = _LOSS
+        self._recover = snd_max
+        self._dupacks = 0
+        self._dup_bytes = 0
+        if self._board is not None:
+            self._board.clear()
+        self._rtx_next = una
+        self._rtx_limit = snd_max
+        self._rtx_mark = snd_max
+        self._force_rtx = True
+        self._rtt.backoff()
+        self._rtt_off = None
+        self._arm(_RTX, now + self._rtt.rto)
+
+    def _on_persist_timeout(self, now: float) -> None:
+        """RFC 9293 3.8.6.1: probe a zero window, backing off, while data waits."""
+        if self.state is TcpState.CLOSED or self._snd_wnd > 0 or self._snd_una < self._snd_max:
+            return
+        self._probes += 1
+        if self._probes > self.config.max_retries:
+            self._give_up()
+            return
+        self._count("tcp.window_probes")
+        self._probe_pending = True
+        interval = min(self._rtt.rto * (1 << min(self._probes, 16)), self.config.max_rto)
+        self._arm(_PERSIST, now + interval)
+
+    def _give_up(self) -> None:
+        """RFC 9293 3.8.3 (R2 exceeded): reset the connection and tell the application."""
+        if self.accepted:
+            self._rst = self._make(RST | ACK, self._snd_max, None, with_ts=False)
+        self._finish(FlowReset(self.flow, "retransmit-timeout"))
+        self._close(TcpEvent.TIMEOUT)
+
+    # ------------------------------------------------------------------ input
+
+    def receive_segment(self, seg: TcpRepr, payload: memoryview, now: float) -> None:
+        """RFC 9293 3.10.7.4 "SEGMENT ARRIVES", otherwise (synchronized) states."""
+        state = self.state
+        if state is TcpState.CLOSED:
+            return
+        flags = seg.flags
+        if not self.accepted:
+            # Held SYN: duplicates of it are absorbed. Only a RST exactly at RCV.NXT counts
+            # (the local application gave up): nothing else can be valid before our SYN-ACK.
+            if flags & RST and seg.seq == (self._irs + 1) & MASK:
+                self._reset_by_peer()
+            return
+
+        rcv_nxt = self._rcv_nxt
+        rel = delta(seg.seq, (self._irs + 1 + rcv_nxt) & MASK)
+        ts = seg.timestamp
+        # RFC 7323 5.3 (PAWS, without the idle-time rule): an older TSval is an old duplicate.
+        if (
+            ts is not None
+            and self._ts_ok
+            and not flags & RST
+            and delta(ts[0], self._ts_recent) < 0
+        ):
+            self._count("tcp.paws_drops")
+            self._ack_pending = True
+            return
+        if flags & SYN:
+            if state is TcpState.SYN_RECEIVED and seg.seq == self._irs and not flags & ACK:
+                # RFC 9293 3.8.1: our SYN-ACK was lost; the peer retransmitted its SYN.
+                self._synack_pending = True
+                return
+            # RFC 5961 4.2: a SYN in a synchronized state gets a challenge ACK.
+            self._challenge_ack()
+            return
+
+        plen = len(payload)
+        seg_len = plen + (1 if flags & FIN else 0)
+        wnd = self._adv_edge - rcv_nxt
+        if wnd < 0:
+            wnd = 0
+        # RFC 9293 3.10.7.4 first check: the segment acceptability test.
+        if seg_len == 0:
+            acceptable = rel == 0 if wnd == 0 else 0 <= rel < wnd
+        else:
+            acceptable = wnd > 0 and rel < wnd and rel + seg_len > 0
+        if not acceptable:
+            if flags & RST:
+                return  # RFC 5961 3.2: out-of-window RST, silently dropped
+            self._ack_pending = True
+            if state is TcpState.TIME_WAIT and flags & FIN:
+                # RFC 9293 3.10.7.4: a retransmitted FIN restarts the TIME-WAIT timeout.
+                self._arm(_TIME_WAIT, now + self.config.time_wait)
+            if wnd == 0 and rel == 0 and flags & ACK:
+                # "Special allowance ... to accept valid ACKs" with a zero receive window.
+                self._receive_ack(seg, rel, 0, now)
+            return
+        if flags & RST:
+            if rel == 0:
+                self._reset_by_peer()  # RFC 5961 3.2: exactly RCV.NXT
+            else:
+                self._challenge_ack()  # in the window but not exact
+            return
+        if not flags & ACK:
+            return  # RFC 9293 3.10.7.4 fifth check: drop segments without ACK
+        if ts is not None and self._ts_ok and rel <= self._last_ack_sent - rcv_nxt:
+            # RFC 7323 4.3: remember the TSval of the segment our next ACK acknowledges.
+            self._ts_recent = ts[0]
+        if not self._receive_ack(seg, rel, plen, now):
+            return
+        if self.state in RECEIVING and seg_len:
+            self._receive_text(seg, payload, rel, now)
+
+    def _challenge_ack(self) -> None:
+        self._count("tcp.challenge_acks")
+        self._ack_pending = True
+
+    def _reset_by_peer(self) -> None:
+        """RFC 9293 3.10.7.4 second check: a valid RST ends the connection."""
+        self._finish(FlowReset(self.flow, "reset-by-peer"))
+        self._close(TcpEvent.RCV_RST)
+
+    def _receive_ack(self, seg: TcpRepr, rel: int, plen: int, now: float) -> bool:
+        """RFC 9293 3.10.7.4 fifth check. False when the rest of the segment is to be dropped."""
+        una = self._snd_una
+        ack_off = unwrap(seg.ack, (self._iss + 1 + una) & MASK, una)
+        snd_max = self._snd_max
+        seg_off = self._rcv_nxt + rel
+        if self.state is TcpState.SYN_RECEIVED:
+            if ack_off != 0 or snd_max < 0:
+                return False  # not the ACK of our SYN
+            self._snd_una = 0
+            self._state(TcpEvent.RCV_ACK_OF_SYN)
+            self._snd_wnd = seg.window << self._snd_shift
+            self._max_snd_wnd = max(self._max_snd_wnd, self._snd_wnd)
+            self._wl1 = seg_off
+            self._wl2 = 0
+            self._rtt_sample(seg, 0, now)
+            self._retries = 0
+            self._rtt.reset_backoff()
+            self._disarm(_RTX)
+            if self._close_requested:
+                self._close_requested = False
+                self._queue_fin()
+            return True
+        if ack_off > snd_max:
+            self._ack_pending = True  # RFC 9293: ACK of something never sent
+            return False
+        if ack_off < una:
+            return True  # an old duplicate ACK: ignore it, keep the text
+        self._probes = 0
+        # RFC 9293 3.10.7.4: update the send window only from newer segments (SND.WL1/WL2).
+        window_changed = False
+        if self._wl1 < seg_off or (self._wl1 == seg_off and self._wl2 <= ack_off):
+            wnd = seg.window << self._snd_shift
+            if wnd != self._snd_wnd:
+                window_changed = True
+                self._snd_wnd = wnd
+                if wnd > self._max_snd_wnd:
+                    self._max_snd_wnd = wnd
+            self._wl1 = seg_off
+            self._wl2 = ack_off
+        new_sack = False
+        if seg.sack_blocks and self._sack_ok and una < snd_max:
+            new_sack = self._receive_sack(seg.sack_blocks, ack_off)
+        if ack_off > una:
+            self._on_new_ack(ack_off, seg, now)
+        elif (
+            una < snd_max
+            and plen == 0
+            and not seg.flags & FIN
+            and (not window_changed or new_sack)
+        ):
+            # RFC 5681 2 "duplicate acknowledgment" (RFC 6675: or one with new SACK info).
+            self._dupacks += 1
+            if self._recovery == _FAST and not self._sack_ok:
+                self._dup_bytes += self.effective_mss  # RFC 6582 3.2 step 3: inflate
+        if self._snd_una < self._snd_max:
+            self._detect_loss()
+        return True
+
+    def _receive_sack(self, blocks: tuple[tuple[int, int], ...], ack_off: int) -> bool:
+        board = self._board
+        if board is None:
+            board = self._board = Scoreboard()
+        ref_seq = (self._iss + 1 + ack_off) & MASK
+        snd_max = self._snd_max
+        new = False
+        for left, right in blocks:
+            lo = unwrap(left, ref_seq, ack_off)
+            hi = lo + delta(right, left)
+            # RFC 2018 / RFC 6675: ignore blocks below the cumulative ACK (D-SACK) and
+            # blocks that report data never sent.
+            if ack_off < lo < hi <= snd_max and board.add(lo, hi):
+                new = True
+        return new
+
+    def _on_new_ack(self, ack_off: int, seg: TcpRepr, now: float) -> None:
+        una = self._snd_una
+        acked = ack_off - una
+        self._snd_una = ack_off
+        buf = self._buf
+        if buf is not None:
+            buf.release(ack_off)
+        board = self._board
+        if board is not None:
+            board.ack(ack_off)
+        self._retries = 0
+        self._rtt.reset_backoff()
+        self._rtt_sample(seg, ack_off, now)
+        mss = self.effective_mss
+        recovery = self._recovery
+        if recovery != _OPEN and ack_off >= self._recover:
+            # RFC 6582 3.2 step 3 (full acknowledgment): recovery is over.
+            if recovery == _FAST:
+                self._cwnd = self._ssthresh
+            self._recovery = _OPEN
+            self._dup_bytes = 0
+        elif recovery == _FAST:
+            # Partial acknowledgment (RFC 6582 3.2 step 4): the next hole is lost too.
+            if not self._sack_ok:
+                self._rtx_next = ack_off
+                self._rtx_limit = min(ack_off + mss, self._snd_max)
+                self._force_rtx = True
+                self._dup_bytes = 0
+        else:
+            # RFC 5681 3.1: slow start below ssthresh, then about one MSS per RTT.
+            # Byte counting (RFC 3465) with no per-ACK limit: the peer is local.
+            cwnd = self._cwnd
+            if cwnd < self._ssthresh:
+                cwnd += acked
+            else:
+                cwnd += max(1, mss * acked // cwnd)
+            self._cwnd = min(cwnd, 4 * max(self.config.send_buffer, self._max_snd_wnd))
+        self._dupacks = 0
+        if self._rtx_next < ack_off:
+            self._rtx_next = ack_off
+        if self._rtx_limit < ack_off:
+            self._rtx_limit = ack_off
+        fin_off = self._fin_off
+        if fin_off is not None and una <= fin_off < ack_off:
+            self._state(TcpEvent.RCV_ACK_OF_FIN)
+            if self.state is TcpState.TIME_WAIT:
+                self._arm(_TIME_WAIT, now + self.config.time_wait)
+            self._maybe_closed()
+        # RFC 6298 5.2 / 5.3: restart the timer for what is still outstanding.
+        if self.state is not TcpState.CLOSED and self._timer_kind != _TIME_WAIT:
+            if ack_off < self._snd_max:
+                self._arm(_RTX, now + self._rtt.rto)
+            else:
+                self._disarm(_RTX)
+        if self._writable_wanted and buf is not None and len(buf) <= self.config.send_buffer // 2:
+            self._writable_wanted = False
+            self._events.append(FlowWritable(self.flow))
+
+    def _rtt_sample(self, seg: TcpRepr, ack_off: int, now: float) -> None:
+        """RFC 7323 4 (RTTM with timestamps) or RFC 6298 3 (one timed segment, Karn)."""
+        ts = seg.timestamp
+        if self._ts_ok and ts is not None and ts[1]:
+            elapsed = (self._ts_now(now) - ts[1]) & MASK
+            if elapsed < 0x80000000:
+                self._rtt.sample(elapsed / 1000.0)
+            return
+        if self._rtt_off is not None and ack_off >= self._rtt_off:
+            self._rtt.sample(now - self._rtt_time)
+            self._rtt_off = None
+
+    def _detect_loss(self) -> None:
+        """Enter fast recovery (RFC 5681 3.2, RFC 6675 5) or extend the range deemed lost."""
+        board = self._board
+        mss = self.effective_mss
+        una = self._snd_una
+        if self._recovery == _OPEN:
+            if una < self._recover:
+                return  # RFC 6582 4.1: dupacks for data sent before the last timeout
+            sacked = board.sacked if board is not None else 0
+            if self._dupacks < _DUP_THRESH and sacked <= (_DUP_THRESH - 1) * mss:
+                return
+            self._count("tcp.fast_retransmits")
+            snd_max = self._snd_max
+            self._recovery = _FAST
+            self._recover = snd_max
+            self._ssthresh = max(int((snd_max - una) * _BETA), 2 * mss)
+            self._cwnd = self._ssthresh
+            self._rtx_next = una
+            if board:
+                self._rtx_limit = board.highest
+            else:
+                self._rtx_limit = min(una + mss, snd_max)
+                self._dup_bytes = self._dupacks * mss  # RFC 6582 3.2 step 2 (cwnd + 3*SMSS)
+            self._rtx_mark = snd_max
+            self._force_rtx = True  # RFC 6675 5 step 4: the first one goes regardless of pipe
+            self._rtt_off = None
+            return
+        if not board:
+            return
+        highest = board.highest
+        if highest > self._rtx_limit:
+            self._rtx_limit = highest
+        if (
+            self._rtx_next >= self._rtx_limit
+            and highest > self._rtx_mark + (_DUP_THRESH - 1) * mss
+            and board.next_hole(una, self._rtx_mark) is not None
+        ):
+            # Data sent after our last retransmission has been SACKed while a hole below
+            # that retransmission remains: the retransmission was lost too. Go again.
+            self._count("tcp.lost_retransmits")
+            self._rtx_next = una
+            self._rtx_mark = self._snd_max
+
+    def _receive_text(self, seg: TcpRepr, payload: memoryview, rel: int, now: float) -> None:
+        """RFC 9293 3.10.7.4 seventh (text) and eighth (FIN) checks."""
+        rcv_nxt = self._rcv_nxt
+        start = rcv_nxt + rel
+        data: bytes | memoryview = payload
+        fin = bool(seg.flags & FIN)
+        if start < rcv_nxt:
+            data = data[rcv_nxt - start :]
+            start = rcv_nxt
+        right = self._adv_edge
+        if start + len(data) > right:
+            # Beyond the window we advertised: trimmed (and the FIN with it).
+            data = data[: max(right - start, 0)]
+            fin = False
+            self._count("tcp.beyond_window")
+        if fin:
+            self._peer_fin_off = start + len(data)
+        if data:
+            if start == rcv_nxt:
+                self._deliver(bytes(data))
+                rcv_nxt += len(data)
+                ooo = self._ooo
+                if ooo:
+                    for block in ooo.pop_in_order(rcv_nxt):
+                        self._deliver(block)
+                        rcv_nxt += len(block)
+                self._rcv_nxt = rcv_nxt
+            else:
+                ooo = self._ooo
+                if ooo is None:
+                    ooo = self._ooo = Reassembly()
+                ooo.add(start, data)
+                self._count("tcp.out_of_order")
+        self._ack_pending = True
+        if self._peer_fin_off is not None and self._peer_fin_off == self._rcv_nxt:
+            # The FIN, in order: it takes one sequence number (RFC 9293 3.10.7.4 eighth check).
+            self._rcv_nxt += 1
+            self._ooo = None
+            self._state(TcpEvent.RCV_FIN)
+            if self.state is TcpState.TIME_WAIT:
+                self._arm(_TIME_WAIT, now + self.config.time_wait)
+            self._half_close_pending = True
+            if not self._held:
+                self._deliver_half_close()
+
+    def _deliver(self, data: bytes) -> None:
+        if self._paused or self._held:
+            held = self._held
+            if held is None:
+                held = self._held = []
+            held.append(data)
+            self._held_bytes += len(data)
+        else:
+            self._events.append(DataReceived(self.flow, data))
+
+    def _deliver_half_close(self) -> None:
+        self._half_close_pending = False
+        self._peer_fin_delivered = True
+        if not self._done:
+            self._events.append(FlowHalfClosed(self.flow))
+        self._maybe_closed()
+
+    # ------------------------------------------------------------------ state changes
+
+    def _state(self, event: TcpEvent) -> None:
+        self.state = next_state(self.state, event)
+
+    def _queue_fin(self) -> None:
+        self._fin_off = self._buf.end if self._buf is not None else 0
+        self._state(TcpEvent.CLOSE)
+
+    def _maybe_closed(self) -> None:
+        """Both FINs exchanged and acknowledged, and the application has seen the peer's."""
+        if self._done or not self._peer_fin_delivered:
+            return
+        fin_off = self._fin_off
+        if fin_off is None or self._snd_una <= fin_off:
+            return
+        self._finish(FlowClosed(self.flow, "closed"))
+
+    def _finish(self, event: Event) -> None:
+        if not self._done:
+            self._done = True
+            self._events.append(event)
+
+    def _close(self, event: TcpEvent) -> None:
+        """Enter CLOSED and free everything but the last segment to send."""
+        self._state(event)
+        self._buf = None
+        self._ooo = None
+        self._held = None
+        self._held_bytes = 0
+        self._board = None
+        self._ack_pending = False
+        self._synack_pending = False
+        self._probe_pending = False
+        self._timer_at = None
+        self._timer_kind = _NO_TIMER
+
+    def _count(self, key: str) -> None:
+        counters = self._counters
+        counters[key] = counters.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ output
+
+    def _ts_now(self, now: float) -> int:
+        return (int(now * 1000) + self._ts_base) & MASK
+
+    def _window(self) -> int:
+        """The raw window field; never moves the right edge left (RFC 9293 3.8.6.2.2, 3.10.7.4)."""
+        rcv_nxt = self._rcv_nxt
+        wnd = self._rcv_cap - self._held_bytes
+        if self._adv_edge - rcv_nxt > wnd:
+            wnd = self._adv_edge - rcv_nxt
+        if wnd <= 0:
+            return 0
+        shift = self._rcv_shift
+        raw = (wnd + (1 << shift) - 1) >> shift
+        if raw > 0xFFFF:
+            raw = 0xFFFF
+        edge = rcv_nxt + (raw << shift)
+        if edge > self._adv_edge:
+            self._adv_edge = edge
+        return raw
+
+    def _make(
+        self,
+        flags: int,
+        seq_off: int,
+        now: float | None,
+        with_ts: bool = True,
+        sack: bool = False,
+    ) -> TcpRepr:
+        """Build one outgoing header at send offset ``seq_off`` carrying our current ACK."""
+        rcv_nxt = self._rcv_nxt
+        if flags & ACK:
+            ack = (self._irs + 1 + rcv_nxt) & MASK
+            window = self._window() if not flags & RST else 0
+            self._last_ack_sent = rcv_nxt
+        else:
+            ack = 0
+            window = 0
+        timestamp = None
+        if with_ts and self._ts_ok and now is not None:
+            timestamp = (self._ts_now(now), self._ts_recent)
+        blocks: tuple[tuple[int, int], ...] = ()
+        if sack:
+            blocks = self._sack_blocks()
+        return TcpRepr(
+            self._local_port,
+            self._remote_port,
+            (self._iss + 1 + seq_off) & MASK,
+            ack,
+            flags,
+            window,
+            timestamp=timestamp,
+            sack_blocks=blocks,
+        )
+
+    def _syn_reset(self) -> TcpRepr:
+        return TcpRepr(
+            self._local_port, self._remote_port, 0, (self._irs + 1) & MASK, RST | ACK, 0
+        )
+
+    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """RFC 2018 4: the block holding the latest segment first, then the others."""
+        ooo = self._ooo
+        if not self._sack_ok or not ooo:
+            return ()
+        limit = 3 if self._ts_ok else 4  # 40 bytes of options
+        ranges = ooo.ranges()
+        last_start, last_end = ooo.last_block
+        first = next(
+            (r for r in ranges if r[0] <= last_start and last_end <= r[1]), ranges[0]
+        )
+        chosen = [first]
+        for r in ranges:
+            if len(chosen) >= limit:
+                break
+            if r != first:
+                chosen.append(r)
+        base = self._irs + 1
+        return tuple(((base + s) & MASK, (base + e) & MASK) for s, e in chosen)
+
+    def segments_to_send(self, now: float) -> list[Segment]:
+        """Everything due now: RST, SYN-ACK, data and FIN, ACK (with SACK), window probe."""
+        out: list[Segment] = []
+        rst = self._rst
+        if rst is not None:
+            self._rst = None
+            out.append((rst, b""))
+            return out
+        if not self.accepted or self.state is TcpState.CLOSED:
+            return out
+        if self._synack_pending:
+            self._synack_pending = False
+            self._ack_pending = False
+            out.append((self._synack(now), b""))
+            self._snd_max = 0
+            if self._timer_kind != _RTX:
+                self._arm(_RTX, now + self._rtt.rto)
+                if self._retries == 0:
+                    self._rtt_off = 0
+                    self._rtt_time = now
+            return out
+        if self.state is TcpState.SYN_RECEIVED:
+            return out
+        sack_ack = self._ack_pending and bool(self._ooo) and self._sack_ok
+        if self._buf is not None or self._fin_off is not None:
+            self._send_data(out, now)
+        if self._probe_pending:
+            self._probe_pending = False
+            # Linux-style probe: an old sequence number, which the peer must answer with
+            # an ACK carrying its current window (RFC 9293 3.8.6.1, 3.10.7.4).
+            out.append((self._make(ACK, self._snd_una - 1, now), b""))
+            self._ack_pending = False
+        if self._ack_pending or sack_ack:
+            # Data segments never carry SACK blocks: the GSO size (effective_mss) leaves no
+            # room for them, so the SACK information goes on a pure ACK of its own.
+            self._ack_pending = False
+            out.append((self._make(ACK, self._snd_max, now, sack=sack_ack), b""))
+        return out
+
+    def _synack(self, now: float) -> TcpRepr:
+        """RFC 9293 3.10.7.2: <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> with our options."""
+        # RFC 7323 2.2: the window field of a SYN is not scaled.
+        window = min(self._rcv_cap - self._held_bytes, 0xFFFF)
+        self._adv_edge = max(self._adv_edge, window)
+        self._last_ack_sent = 0
+        return TcpRepr(
+            self._local_port,
+            self._remote_port,
+            self._iss & MASK,
+            (self._irs + 1) & MASK,
+            SYN | ACK,
+            window,
+            mss=self.config.mss,
+            window_scale=self._rcv_shift if self._ws_ok else None,
+            sack_permitted=self._sack_ok,
+            timestamp=(self._ts_now(now), self._ts_recent) if self._ts_ok else None,
+        )
+
+    def _pipe(self) -> int:
+        """RFC 6675 4 "pipe": bytes sent, not SACKed, not deemed lost unless resent."""
+        una = self._snd_una
+        pipe = self._snd_max - una
+        board = self._board
+        if board is not None:
+            pipe -= board.sacked
+        rtx_next = self._rtx_next
+        rtx_limit = self._rtx_limit
+        if rtx_next < rtx_limit:
+            lost = rtx_limit - rtx_next
+            if board is not None:
+                lost -= board.sacked_between(rtx_next, rtx_limit)
+            pipe -= lost
+        pipe -= self._dup_bytes
+        return pipe if pipe > 0 else 0
+
+    def _send_data(self, out: list[Segment], now: float) -> None:
+        una = self._snd_una
+        buf = self._buf
+        data_end = buf.end if buf is not None else 0
+        fin_off = self._fin_off
+        max_seg = self._max_seg
+        cwnd = self._cwnd
+        pipe = self._pipe()
+        board = self._board
+
+        # 1. Retransmissions of what is deemed lost (RFC 6675 NextSeg rule 1).
+        force = self._force_rtx
+        self._force_rtx = False
+        while self._rtx_next < self._rtx_limit and (force or pipe < cwnd):
+            start = self._rtx_next
+            if board:
+                hole = board.next_hole(start, self._rtx_limit)
+                if hole is None:
+                    self._rtx_next = self._rtx_limit
+                    break
+                start, stop = hole
+            else:
+                stop = self._rtx_limit
+            if start < una:
+                start = una
+            data_stop = min(stop, data_end, start + max_seg)
+            fin = fin_off is not None and data_stop == fin_off and stop > fin_off
+            self._emit(out, start, data_stop, fin, now)
+            self._count("tcp.retransmits")
+            self._rtt_off = None  # Karn (RFC 6298 3)
+            seg_end = data_stop + (1 if fin else 0)
+            self._rtx_next = seg_end
+            self._rtx_mark = self._snd_max
+            pipe += seg_end - start
+            force = False
+            if seg_end <= start:
+                break  # nothing could be sent (defensive: never loop forever)
+
+        # 2. New data within the peer's window and the congestion window.
+        if una < 0:
+            return
+        mss = self.effective_mss
+        wnd_edge = una + self._snd_wnd
+        while True:
+            nxt = self._snd_max
+            if nxt < data_end:
+                n = min(data_end - nxt, wnd_edge - nxt, cwnd - pipe, max_seg)
+                if n <= 0:
+                    break
+                remaining = data_end - nxt
+                if n < remaining:
+                    # RFC 9293 3.8.6.2.1 (sender SWS avoidance): wait for a full segment
+                    # unless nothing is in flight to bring the ACK that would open room.
+                    if n < mss and nxt > una:
+                        break
+                    if n > mss:
+                        n -= n % mss  # whole segments, so GSO leaves no runt in the middle
+                fin = fin_off is not None and nxt + n == fin_off
+                self._emit(out, nxt, nxt + n, fin, now)
+                if self._rtt_off is None and not self._ts_ok and self._recovery == _OPEN:
+                    self._rtt_off = nxt + n
+                    self._rtt_time = now
+                pipe += n
+                if fin:
+                    break
+            elif fin_off is not None and nxt == fin_off:
+                self._emit(out, nxt, nxt, True, now)  # the FIN alone takes no window room
+                break
+            else:
+                break
+
+        # RFC 6298 5.1: the timer runs while anything is outstanding; otherwise the
+        # persist timer runs while data waits for a zero window (RFC 9293 3.8.6.1).
+        if self._snd_una < self._snd_max:
+            if self._timer_kind != _RTX:
+                self._arm(_RTX, now + self._rtt.rto)
+        elif self._snd_wnd == 0 and (
+            self._snd_max < data_end or (fin_off is not None and self._snd_max <= fin_off)
+        ):
+            if self._timer_kind != _PERSIST:
+                self._arm(_PERSIST, now + self._rtt.rto)
+        else:
+            self._disarm(_RTX)
+            self._disarm(_PERSIST)
+
+    def _emit(self, out: list[Segment], start: int, stop: int, fin: bool, now: float) -> None:
+        """One segment with data [start, stop) and maybe the FIN; advances SND.MAX."""
+        buf = self._buf
+        payload: bytes | memoryview = b""
+        if stop > start and buf is not None:
+            payload = buf.get(start, stop)
+        flags = ACK
+        if fin:
+            flags |= FIN
+        if payload and stop == (buf.end if buf is not None else 0):
+            flags |= PSH
+        out.append((self._make(flags, start, now), payload))
+        self._ack_pending = False
+        end = stop + (1 if fin else 0)
+        if end > self._snd_max:
+            self._snd_max = end
