@@ -40,8 +40,8 @@ KEY = ("a.test", QTYPE.A, 1)
 def test_positive_answer_ages_and_expires() -> None:
     clock = Clock()
     cache = DnsCache(clock=clock)
-    assert cache.put(KEY, response("a.test", answers=[a_rr("a.test", "10.0.0.1", 60),
-                                                       a_rr("a.test", "10.0.0.2", 30)]))  # fmt: skip
+    answers = [a_rr("a.test", "10.0.0.1", 60), a_rr("a.test", "10.0.0.2", 30)]
+    assert cache.put(KEY, response("a.test", answers=answers))
     clock.now += 10
     hit = cache.get(KEY)
     assert hit is not None and hit.rcode == RCODE.NOERROR

@@ -71,7 +71,10 @@ def test_full_section_from_yaml() -> None:
     assert tls.address == "10.0.0.2" and tls.server_name == "dns.test" and tls.ca == "/ca.pem"
     doh = config.servers[3]
     assert doh.path == "/q" and doh.server_name == "doh.test" and doh.insecure
-    assert config.hosts == {"router.lan": ("192.168.1.1",), "dual.test": ("10.1.1.1", "2001:db8::7")}
+    assert config.hosts == {
+        "router.lan": ("192.168.1.1",),
+        "dual.test": ("10.1.1.1", "2001:db8::7"),
+    }
     assert config.block_response == "zero"
     assert config.hijack[1] == HijackSpec("tcp", "10.0.0.53", 5353)
     assert config.ttl == 3 and config.timeout == 1.5 and config.cache_size == 100

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import ssl
 import struct
@@ -23,10 +24,8 @@ def tls_client_hello(server_name: str) -> bytes:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()  # wants the server's answer: the ClientHello is out
     return outgoing.read()
 
 
