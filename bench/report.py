@@ -1,0 +1,283 @@
+"""What a benchmark run produced, and how it is shown: the table, the targets, the JSON.
+
+A run is a list of ``Section``s (one per MTU), each a list of ``Column``s (baseline, DIRECT,
+SOCKS5, with offloads on or off), each holding one ``Cell`` per figure. A cell keeps every
+repetition's value; the figure shown is their median, with its ratio to the same section's
+baseline column.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+# -- figures ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    test: str  # the --only group that measures it
+    digits: int = 0
+    # Latencies also show the time added over the baseline.
+    show_added: bool = False
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("tcp_up", "TCP upload, 1 stream", "Gbit/s", True, "tcp", 2),
+    Metric("tcp_down", "TCP download, 1 stream (-R)", "Gbit/s", True, "tcp", 2),
+    Metric("tcp_up_p4", "TCP upload, 4 streams (-P 4)", "Gbit/s", True, "tcp", 2),
+    Metric("cps", "connections/s (connect, 1 B echo, close)", "conn/s", True, "cps"),
+    Metric("conn_p50", "  new connection latency p50", "us", False, "cps", 0, True),
+    Metric("conn_p99", "  new connection latency p99", "us", False, "cps", 0, True),
+    Metric("rr_p50", "request/response latency p50 (64 B)", "us", False, "latency", 0, True),
+    Metric("rr_p99", "request/response latency p99 (64 B)", "us", False, "latency", 0, True),
+    Metric("udp_rr", "UDP request/response rate (64 B)", "req/s", True, "udp"),
+    Metric("dns_qps", "DNS A answers/s (fake-ip; baseline dnsmasq)", "answers/s", True, "dns"),
+    Metric("rss_rest", "tunproxy RSS at rest", "MiB", False, "mem", 1),
+    Metric("rss_per_flow", "tunproxy RSS per idle TCP flow", "KiB", False, "mem", 1),
+)
+METRIC_BY_KEY = {m.key: m for m in METRICS}
+TESTS = ("tcp", "cps", "latency", "mem", "udp", "dns")
+PATHS = ("baseline", "direct", "socks5")
+
+
+# -- results ------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    samples: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    note: str | None = None
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    @property
+    def error(self) -> str | None:
+        """Why there is no figure (the first failure), if there is none."""
+        return None if self.samples or not self.errors else self.errors[0]
+
+
+@dataclass
+class Column:
+    path: str  # baseline | direct | socks5
+    offload: bool = True
+    tests: tuple[str, ...] = TESTS
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.path == "baseline":
+            return "baseline"
+        name = {"direct": "DIRECT", "socks5": "SOCKS5"}[self.path]
+        return name if self.offload else f"{name} no-offload"
+
+    def cell(self, key: str) -> Cell:
+        return self.cells.setdefault(key, Cell())
+
+    def value(self, key: str) -> float | None:
+        cell = self.cells.get(key)
+        return cell.value if cell is not None else None
+
+
+@dataclass
+class Section:
+    mtu: int
+    columns: list[Column]
+
+    @property
+    def baseline(self) -> Column | None:
+        return next((c for c in self.columns if c.path == "baseline"), None)
+
+    def ratio(self, column: Column, key: str) -> float | None:
+        base = self.baseline
+        value = column.value(key)
+        if base is None or base is column or value is None:
+            return None
+        reference = base.value(key)
+        if not reference:
+            return None
+        return value / reference
+
+
+# -- table ----------------------------------------------------------------------
+
+
+def format_number(value: float, digits: int) -> str:
+    if digits == 0 or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def render_cell(section: Section, column: Column, metric: Metric, notes: list[str]) -> str:
+    if metric.test not in column.tests:
+        return "-"
+    cell = column.cells.get(metric.key)
+    if cell is None:
+        return "-"
+    value = cell.value
+    if value is None:
+        if cell.error is None:
+            return "-"
+        reason = cell.error
+        if reason not in notes:
+            notes.append(reason)
+        return f"n/a [{notes.index(reason) + 1}]"
+    text = format_number(value, metric.digits)
+    ratio = section.ratio(column, metric.key)
+    if ratio is not None:
+        base = section.baseline
+        assert base is not None
+        added = ""
+        reference = base.value(metric.key)
+        if metric.show_added and reference is not None:
+            added = f", +{value - reference:,.0f}" if value >= reference else \
+                f", {value - reference:,.0f}"
+        text += f" ({ratio:.2f}x{added})"
+    if cell.note:
+        if cell.note not in notes:
+            notes.append(cell.note)
+        text += f" [{notes.index(cell.note) + 1}]"
+    return text
+
+
+def render_table(sections: list[Section]) -> str:
+    notes: list[str] = []
+    blocks: list[str] = []
+    for section in sections:
+        header = [f"MTU {section.mtu}", *(c.label for c in section.columns)]
+        rows = [header]
+        for metric in METRICS:
+            if not any(metric.test in c.tests for c in section.columns):
+                continue
+            rows.append([
+                f"{metric.title} [{metric.unit}]",
+                *(render_cell(section, c, metric, notes) for c in section.columns),
+            ])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = []
+        for index, row in enumerate(rows):
+            first = row[0].ljust(widths[0])
+            rest = [text.rjust(width) for text, width in zip(row[1:], widths[1:], strict=True)]
+            lines.append("  ".join([first, *rest]).rstrip())
+            if index == 0:
+                lines.append("-" * len(lines[0]))
+        blocks.append("\n".join(lines))
+    text = "\n\n".join(blocks)
+    if notes:
+        text += "\n\n" + "\n".join(f"[{i + 1}] {note}" for i, note in enumerate(notes))
+    return text
+
+
+# -- targets (issue 7) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    path: str
+    key: str
+    # "ratio": median / same-run baseline >= limit; "max": median <= limit;
+    # "below": median < limit (absolute figures).
+    kind: str
+    limit: float
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("TCP upload via SOCKS5 >= 0.30x baseline", "socks5", "tcp_up", "ratio", 0.30),
+    Target("TCP download via SOCKS5 >= 0.30x baseline", "socks5", "tcp_down", "ratio", 0.30),
+    Target("TCP upload via DIRECT >= 0.40x baseline", "direct", "tcp_up", "ratio", 0.40),
+    Target("TCP download via DIRECT >= 0.40x baseline", "direct", "tcp_down", "ratio", 0.40),
+    Target("connections/s via SOCKS5 >= 0.35x baseline", "socks5", "cps", "ratio", 0.35),
+    Target("RSS per idle TCP flow via DIRECT <= 16 KiB", "direct", "rss_per_flow", "max", 16.0),
+    Target("RSS per idle TCP flow via SOCKS5 <= 16 KiB", "socks5", "rss_per_flow", "max", 16.0),
+    Target("RSS at rest via DIRECT < 60 MiB", "direct", "rss_rest", "below", 60.0),
+    Target("RSS at rest via SOCKS5 < 60 MiB", "socks5", "rss_rest", "below", 60.0),
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    mtu: int
+    status: str  # PASS | FAIL | SKIP
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"target": self.target.name, "mtu": self.mtu, "status": self.status,
+                "detail": self.detail}
+
+
+def check_targets(sections: list[Section]) -> list[Verdict]:
+    """Targets apply to the offload-on columns (tunproxy's default), at every MTU measured.
+
+    A figure that was planned but could not be measured FAILs (the target is not shown to
+    be met); one that was not asked for (``--only``, ``--paths``) is a SKIP.
+    """
+    verdicts = []
+    for section in sections:
+        for target in TARGETS:
+            column = next(
+                (c for c in section.columns if c.path == target.path and c.offload), None
+            )
+            metric = METRIC_BY_KEY[target.key]
+            if column is None or metric.test not in column.tests:
+                verdicts.append(Verdict(target, section.mtu, "SKIP", "not measured in this run"))
+                continue
+            cell = column.cells.get(target.key)
+            if cell is None or cell.value is None:
+                reason = cell.error if cell is not None and cell.error else "no figure"
+                verdicts.append(Verdict(target, section.mtu, "FAIL", f"n/a: {reason}"))
+                continue
+            if target.kind == "ratio":
+                ratio = section.ratio(column, target.key)
+                if ratio is None:
+                    verdicts.append(Verdict(target, section.mtu, "SKIP", "no baseline figure"))
+                    continue
+                ok = ratio >= target.limit
+                detail = f"{ratio:.2f}x (limit {target.limit:.2f}x)"
+            else:
+                value = cell.value
+                ok = value < target.limit if target.kind == "below" else value <= target.limit
+                detail = f"{value:.1f} {metric.unit} (limit {target.limit:g} {metric.unit})"
+            verdicts.append(Verdict(target, section.mtu, "PASS" if ok else "FAIL", detail))
+    return verdicts
+
+
+def render_targets(verdicts: list[Verdict]) -> str:
+    width = max((len(v.target.name) for v in verdicts), default=0)
+    return "\n".join(
+        f"{v.status:4}  MTU {v.mtu:<5} {v.target.name.ljust(width)}  {v.detail}" for v in verdicts
+    )
+
+
+# -- JSON ---------------------------------------------------------------------------
+
+
+def sections_as_dict(sections: list[Section]) -> list[dict[str, Any]]:
+    out = []
+    for section in sections:
+        columns = []
+        for column in section.columns:
+            figures = {}
+            for key, cell in column.cells.items():
+                metric = METRIC_BY_KEY[key]
+                figures[key] = {
+                    "unit": metric.unit, "median": cell.value, "samples": cell.samples,
+                    "ratio": section.ratio(column, key), "error": cell.error,
+                    "errors": cell.errors, "note": cell.note,
+                }
+            columns.append({
+                "label": column.label, "path": column.path,
+                "offload": None if column.path == "baseline" else column.offload,
+                "tests": list(column.tests), "figures": figures,
+            })
+        out.append({"mtu": section.mtu, "columns": columns})
+    return out

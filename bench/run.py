@@ -1,0 +1,686 @@
+#!/usr/bin/env python3
+"""tunproxy benchmarks (issue 7): one command builds the topology, measures, prints one table.
+
+    sudo python3 bench/run.py                  # default run, about 10 minutes on 2 cores
+    sudo python3 bench/run.py --quick          # a smoke run, well under a minute
+    sudo python3 bench/run.py --only tcp --mtu 9000 --paths baseline,direct
+    sudo python3 bench/run.py --targets        # also PASS/FAIL against issue 7's targets
+    sudo python3 bench/run.py --json out.json  # machine-readable results too ("-": stdout)
+    sudo python3 bench/run.py --profile prof/  # py-spy profiles of tunproxy under iperf3
+
+For each MTU it builds a fresh ``tests.netns.Topology`` (client and server namespaces joined
+by veth), starts the servers it needs in the server namespace (iperf3, a TCP/UDP echo
+server, microsocks, dante, dnsmasq), and measures each column in turn:
+
+* ``baseline``: plain kernel routing over the veth, no TUN, no tunproxy;
+* ``DIRECT``: tunproxy with ``MATCH,DIRECT``;
+* ``SOCKS5``: tunproxy with ``MATCH,socks`` to microsocks (UDP: to dante, which has UDP
+  ASSOCIATE);
+* the same two with the TUN offloads off (``tun.offload: false``).
+
+Each figure is the median of its repetitions, shown with its ratio to the same run's
+baseline. A tunproxy figure that cannot be measured (tunproxy fails to start, exits, carries
+no traffic, or the traffic bypassed the TUN) is ``n/a`` with the reason as a footnote.
+Everything the run creates (namespaces, processes) is removed at the end, also after
+Ctrl-C, SIGTERM or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import measure, profiling  # noqa: E402
+from bench.measure import MeasureError  # noqa: E402
+from bench.report import (  # noqa: E402
+    PATHS,
+    TESTS,
+    Column,
+    Section,
+    check_targets,
+    render_table,
+    render_targets,
+    sections_as_dict,
+)
+from bench.services import (  # noqa: E402
+    DANTE_PORT,
+    DNS_PORT,
+    DNS_ZONE,
+    ECHO_PORT,
+    MICROSOCKS_PORT,
+    SOCKS4,
+    Services,
+    prepare_namespaces,
+)
+from tests.netns import SERVER4, Topology, Tunproxy, topology  # noqa: E402
+
+TUN_NAME = "tpbench0"
+FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18.0.0/15
+
+
+@dataclass(frozen=True)
+class Settings:
+    iperf_seconds: float
+    repeat: int  # repetitions of every figure except the ones below
+    p4_repeat: int
+    cps_count: int
+    rr_count: int
+    hold_count: int
+    udp_seconds: float
+    dns_seconds: float
+    dns_window: int = 32
+
+
+QUICK = Settings(iperf_seconds=1, repeat=1, p4_repeat=1, cps_count=200, rr_count=200,
+                 hold_count=100, udp_seconds=0.5, dns_seconds=0.5)
+DEFAULT = Settings(iperf_seconds=5, repeat=3, p4_repeat=1, cps_count=2000, rr_count=2000,
+                   hold_count=1000, udp_seconds=2, dns_seconds=2)
+FULL = Settings(iperf_seconds=10, repeat=3, p4_repeat=3, cps_count=2000, rr_count=5000,
+                hold_count=1000, udp_seconds=3, dns_seconds=3)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- tunproxy configurations ------------------------------------------------------------
+
+
+def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: bool) -> str:
+    lines = [
+        "tun:",
+        f"  name: {TUN_NAME}",
+        f"  mtu: {mtu}",
+        f"  offload: {'true' if offload else 'false'}",
+    ]
+    if upstream_port is not None:
+        lines += ["upstreams:", "  socks:", "    type: socks5",
+                  f'    server: "{SOCKS4}:{upstream_port}"']
+    lines += ["rules:", f"  - MATCH,{'socks' if upstream_port is not None else 'DIRECT'}"]
+    if dns:
+        # Fake-ip answers A queries itself; the upstream is there for anything else.
+        lines += ["dns:", "  enable: true", "  mode: fake-ip", "  servers:",
+                  f'    - "udp://{SERVER4}:{DNS_PORT}"']
+    else:
+        lines += ["dns:", "  enable: false"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Tests that share one tunproxy process (one configuration)."""
+
+    name: str
+    tests: tuple[str, ...]
+    upstream_port: int | None
+    dns: bool
+    probe_tcp: bool
+
+
+def groups_for(column: Column) -> list[Group]:
+    def pick(*wanted: str) -> tuple[str, ...]:
+        return tuple(t for t in TESTS if t in wanted and t in column.tests)
+
+    if column.path == "direct":
+        groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True),
+                  Group("dns", pick("dns"), None, True, False)]
+    else:
+        # microsocks has no UDP ASSOCIATE: UDP via SOCKS5 goes to dante.
+        groups = [Group("main", pick("mem", "tcp", "cps", "latency"), MICROSOCKS_PORT, False,
+                        True),
+                  Group("udp", pick("udp"), DANTE_PORT, False, False)]
+    return [g for g in groups if g.tests]
+
+
+# -- one run ----------------------------------------------------------------------------
+
+
+def log_reason(log: str) -> str:
+    """The most telling line of a tunproxy log: its last error, else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip() and line != "<exited>"]
+    for line in reversed(lines):
+        if re.search(r"ERROR|CRITICAL|Error|error:|No module named", line):
+            return line[:300]
+    return lines[-1][:300] if lines else "(empty log)"
+
+
+class Runner:
+    def __init__(
+        self, settings: Settings, workdir: Path, profile_dir: Path | None, log_level: str
+    ) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.profile_dir = profile_dir
+        self.log_level = log_level
+        self.profiles: list[profiling.Profile] = []
+        self.tp: Tunproxy | None = None
+        self.topo: Topology | None = None
+        self.services: Services | None = None
+
+    # .. plumbing ..
+
+    def tunproxy_gone(self) -> str:
+        assert self.tp is not None
+        return f"tunproxy exited (rc={self.tp.proc.poll()}): {log_reason(self.tp.log)}"
+
+    def record(
+        self, column: Column, keys: tuple[str, ...],
+        measure_once: Callable[[], tuple[dict[str, float], float]],
+    ) -> dict[str, float] | None:
+        """Run one measurement; file its figures (or the reason there are none) under ``keys``.
+
+        ``measure_once`` returns the figures and the payload bytes the path carried; for a
+        tunproxy column, the TUN's byte counters must have moved at least half that much, or
+        the traffic did not go through tunproxy at all and the figures would be a lie.
+        """
+        assert self.topo is not None
+        tp = self.tp
+
+        def fail(reason: str) -> None:
+            for key in keys:
+                column.cell(key).errors.append(reason)
+
+        if tp is not None and tp.proc.poll() is not None:
+            fail(self.tunproxy_gone())
+            return None
+        before = measure.tun_bytes(self.topo.client, TUN_NAME) if tp is not None else None
+        log_mark = tp.line_count() if tp is not None else 0
+        try:
+            figures, carried = measure_once()
+        except MeasureError as exc:
+            reason = str(exc)
+            if tp is not None:
+                if tp.proc.poll() is not None:
+                    reason = self.tunproxy_gone()
+                else:
+                    new_log = "\n".join(tp.log.splitlines()[log_mark:])
+                    if re.search(r"ERROR|CRITICAL|Traceback", new_log):
+                        reason += f" | tunproxy log: {log_reason(new_log)}"
+            fail(reason)
+            return None
+        if tp is not None:
+            after = measure.tun_bytes(self.topo.client, TUN_NAME)
+            moved = (after or 0) - (before or 0)
+            if before is None or moved < max(1.0, 0.5 * carried):
+                fail(f"traffic bypassed the TUN ({moved} bytes through {TUN_NAME} for "
+                     f"{carried:.0f} payload bytes)")
+                return None
+        for key, value in figures.items():
+            column.cell(key).samples.append(value)
+        return figures
+
+    # .. the tests ..
+
+    def test_tcp(self, column: Column) -> None:
+        assert self.topo is not None
+        ns = self.topo.client
+        s = self.settings
+        runs = (("tcp_up", False, 1, s.repeat), ("tcp_down", True, 1, s.repeat),
+                ("tcp_up_p4", False, 4, s.p4_repeat))
+        for key, reverse, parallel, repeat in runs:
+            for index in range(repeat):
+                progress(f"  {column.label}: {key} {index + 1}/{repeat}")
+
+                def once(reverse: bool = reverse, parallel: int = parallel,
+                         key: str = key) -> tuple[dict[str, float], float]:
+                    result = measure.iperf(ns, s.iperf_seconds, reverse=reverse,
+                                           parallel=parallel)
+                    return {key: result["gbps"]}, result["bytes"]
+
+                if self.record(column, (key,), once) is None and self.services is not None:
+                    self.services.restart_iperf()
+
+    def test_cps(self, column: Column) -> None:
+        assert self.topo is not None
+        ns = self.topo.client
+        count = self.settings.cps_count
+        for index in range(self.settings.repeat):
+            progress(f"  {column.label}: connections/s {index + 1}/{self.settings.repeat}")
+
+            def once() -> tuple[dict[str, float], float]:
+                r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
+                                   "--count", str(count), "--timeout", "5")
+                return ({"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]},
+                        float(r["count"]))
+
+            self.record(column, ("cps", "conn_p50", "conn_p99"), once)
+
+    def test_latency(self, column: Column) -> None:
+        assert self.topo is not None
+        ns = self.topo.client
+        count = self.settings.rr_count
+        for index in range(self.settings.repeat):
+            progress(f"  {column.label}: request/response latency {index + 1}/"
+                     f"{self.settings.repeat}")
+
+            def once() -> tuple[dict[str, float], float]:
+                r = measure.client(ns, "rr", "--host", SERVER4, "--port", str(ECHO_PORT),
+                                   "--count", str(count), "--size", "64", "--timeout", "5")
+                return {"rr_p50": r["p50_us"], "rr_p99": r["p99_us"]}, 2.0 * 64 * r["count"]
+
+            self.record(column, ("rr_p50", "rr_p99"), once)
+
+    def test_udp(self, column: Column) -> None:
+        assert self.topo is not None
+        ns = self.topo.client
+        seconds = self.settings.udp_seconds
+        for index in range(self.settings.repeat):
+            progress(f"  {column.label}: UDP request/response {index + 1}/{self.settings.repeat}")
+
+            def once() -> tuple[dict[str, float], float]:
+                r = measure.client(ns, "udp", "--host", SERVER4, "--port", str(ECHO_PORT),
+                                   "--count", "100000000", "--max-seconds", f"{seconds:g}",
+                                   "--size", "64", "--timeout", "0.5")
+                return {"udp_rr": r["per_s"]}, 2.0 * 64 * r["count"]
+
+            self.record(column, ("udp_rr",), once)
+
+    def test_dns(self, column: Column) -> None:
+        assert self.topo is not None
+        ns = self.topo.client
+        s = self.settings
+        samples: list[str] = []
+        for index in range(s.repeat):
+            progress(f"  {column.label}: DNS answers/s {index + 1}/{s.repeat}")
+
+            def once() -> tuple[dict[str, float], float]:
+                r = measure.client(ns, "dns", "--host", SERVER4, "--port", str(DNS_PORT),
+                                   "--count", "100000000", "--max-seconds", f"{s.dns_seconds:g}",
+                                   "--window", str(s.dns_window), "--zone", DNS_ZONE,
+                                   "--timeout", "1")
+                if r.get("sample_answer"):
+                    samples.append(r["sample_answer"])
+                return {"dns_qps": r["per_s"]}, 30.0 * r["count"]
+
+            self.record(column, ("dns_qps",), once)
+        if column.path != "baseline" and samples and not samples[0].startswith(FAKE_IP_PREFIX):
+            column.cell("dns_qps").note = (
+                f"{column.label}: DNS answers were not fake IPs (e.g. {samples[0]}): the "
+                "queries were relayed, not answered by tunproxy's fake-ip"
+            )
+
+    def test_mem(self, column: Column) -> None:
+        """RSS at rest (fresh process, one probe flow done), then with N idle flows open."""
+        assert self.topo is not None and self.tp is not None
+        pid = self.tp.proc.pid
+        count = self.settings.hold_count
+        progress(f"  {column.label}: RSS with {count} idle TCP flows")
+
+        def once() -> tuple[dict[str, float], float]:
+            assert self.topo is not None
+            rest = measure.wait_rss_settled(pid)
+            with measure.idle_flows(self.topo.client, SERVER4, ECHO_PORT, count) as info:
+                held = int(info["ready"])
+                loaded = measure.wait_rss_settled(pid)
+            return {"rss_rest": rest / 1024.0, "rss_per_flow": (loaded - rest) / held}, held
+
+        self.record(column, ("rss_rest", "rss_per_flow"), once)
+
+    def profile_tcp(self, column: Column, mtu: int) -> None:
+        """Extra (unmeasured) iperf3 runs with py-spy attached: where tunproxy spends its time."""
+        assert self.topo is not None and self.tp is not None and self.profile_dir is not None
+        if not profiling.available():
+            progress("  py-spy not found (pip install py-spy): no profile")
+            return
+        seconds = max(self.settings.iperf_seconds, 5)
+        for direction, reverse in (("upload", False), ("download", True)):
+            name = f"mtu{mtu}-{column.label.replace(' ', '-')}-{direction}"
+            raw = self.profile_dir / f"{name}.txt"
+            progress(f"  {column.label}: py-spy during iperf3 {direction}")
+            spy = profiling.start_recording(self.tp.proc.pid, seconds, raw)
+            try:
+                with contextlib.suppress(MeasureError):
+                    measure.iperf(self.topo.client, seconds, reverse=reverse)
+                _, err = spy.communicate(timeout=seconds + 60)
+            finally:
+                if spy.poll() is None:
+                    spy.kill()
+                    spy.wait(timeout=10)
+            if not raw.exists():
+                progress(f"  py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
+                continue
+            profile = profiling.summarize(raw.read_text(), f"MTU {mtu} {column.label} iperf3 "
+                                          f"{direction}", str(raw))
+            self.profiles.append(profile)
+
+    # .. columns and sections ..
+
+    TEST_ORDER = ("mem", "tcp", "cps", "latency", "udp", "dns")
+
+    def run_tests(self, column: Column, tests: tuple[str, ...], mtu: int) -> None:
+        for test in self.TEST_ORDER:
+            if test in tests:
+                getattr(self, f"test_{test}")(column)
+                if (test == "tcp" and self.profile_dir is not None and self.tp is not None
+                        and column.offload):
+                    self.profile_tcp(column, mtu)
+
+    def fail_tests(self, column: Column, tests: tuple[str, ...], reason: str) -> None:
+        from bench.report import METRICS
+
+        for metric in METRICS:
+            if metric.test in tests:
+                column.cell(metric.key).errors.append(reason)
+
+    def run_tunproxy_group(self, section: Section, column: Column, group: Group) -> None:
+        assert self.topo is not None
+        config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns)
+        name = f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
+        progress(f"  {column.label}: starting tunproxy ({group.name}: {', '.join(group.tests)})")
+        try:
+            self.tp = self.topo.start_tunproxy(
+                config, "--log-level", self.log_level, name=f"{name}.yaml", wait=False
+            )
+            self.tp.wait_ready(timeout=30)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            reason = "tunproxy did not start"
+            if self.tp is not None:
+                reason += f": {log_reason(self.tp.log)}"
+            else:
+                reason += f": {exc}"
+            self.fail_tests(column, group.tests, reason)
+            self.stop_tunproxy(name)
+            return
+        try:
+            if group.probe_tcp:
+                try:
+                    measure.client(self.topo.client, "cps", "--host", SERVER4, "--port",
+                                   str(ECHO_PORT), "--count", "3", "--timeout", "5", timeout=60)
+                except MeasureError as exc:
+                    reason = f"no TCP through tunproxy: {exc}"
+                    if self.tp.proc.poll() is not None:
+                        reason = self.tunproxy_gone()
+                    elif re.search(r"ERROR|CRITICAL|Traceback", self.tp.log):
+                        reason += f" | tunproxy log: {log_reason(self.tp.log)}"
+                    self.fail_tests(column, group.tests, reason)
+                    return
+            self.run_tests(column, group.tests, section.mtu)
+        finally:
+            self.stop_tunproxy(name)
+
+    def stop_tunproxy(self, name: str) -> None:
+        tp, self.tp = self.tp, None
+        if tp is None:
+            return
+        with contextlib.suppress(Exception):
+            if tp.proc.poll() is None:
+                tp.stop(timeout=20)
+            else:
+                tp.kill()
+        with contextlib.suppress(OSError):
+            (self.workdir / f"{name}.log").write_text(tp.log)
+
+    def run_section(self, section: Section) -> None:
+        tests = {t for c in section.columns for t in c.tests}
+        paths = {c.path for c in section.columns}
+        workdir = self.workdir / f"mtu{section.mtu}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        progress(f"MTU {section.mtu}: building the topology")
+        with topology(workdir, mtu=section.mtu) as topo:
+            self.topo = topo
+            try:
+                prepare_namespaces(topo)
+                self.services = Services(topo, workdir)
+                if "tcp" in tests:
+                    self.services.iperf()
+                if tests & {"cps", "latency", "mem", "udp"}:
+                    self.services.echo()
+                if "socks5" in paths:
+                    self.services.microsocks()
+                    if "udp" in tests:
+                        self.services.dante()
+                if "dns" in tests:
+                    self.services.dnsmasq()
+                for column in section.columns:
+                    progress(f"MTU {section.mtu}: {column.label}")
+                    if column.path == "baseline":
+                        self.run_tests(column, column.tests, section.mtu)
+                    else:
+                        for group in groups_for(column):
+                            self.run_tunproxy_group(section, column, group)
+            finally:
+                self.stop_tunproxy("interrupted")
+                self.topo = None
+
+
+# -- planning -------------------------------------------------------------------------
+
+
+def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    for item in items:
+        if item not in allowed:
+            raise SystemExit(f"unknown {what} {item!r}: choose from {', '.join(allowed)}")
+    return items
+
+
+def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
+    settings = QUICK if args.quick else FULL if args.full else DEFAULT
+    if args.repeat is not None:
+        settings = replace(settings, repeat=args.repeat, p4_repeat=min(args.repeat,
+                                                                        settings.p4_repeat))
+    if args.time is not None:
+        settings = replace(settings, iperf_seconds=args.time)
+    tests = parse_list(args.only, TESTS, "test") if args.only else list(TESTS)
+    paths = parse_list(args.paths, PATHS, "path") if args.paths else list(PATHS)
+    if args.mtu:
+        mtus = [int(m) for m in args.mtu.split(",") if m.strip()]
+    else:
+        mtus = [1500] if args.quick else [1500, 9000]
+    explicit_offloads = parse_list(args.offload, ("on", "off"), "offload setting") \
+        if args.offload else None
+
+    def offloads_at(mtu: int) -> list[bool]:
+        if explicit_offloads is not None:
+            return [o == "on" for o in explicit_offloads]
+        if args.quick:
+            return [True]
+        if args.full:
+            return [True, False]
+        # Default: offloads off only at MTU 1500, where they matter most (1,500-byte packets
+        # one by one through Python), to keep the default run near 10 minutes.
+        return [True, False] if mtu == 1500 else [True]
+
+    sections = []
+    for mtu in mtus:
+        columns = []
+        if "baseline" in paths:
+            # The baseline has no tunproxy process to weigh.
+            columns.append(Column("baseline", True, tuple(t for t in tests if t != "mem")))
+        for offload in offloads_at(mtu):
+            for path in ("direct", "socks5"):
+                if path not in paths:
+                    continue
+                # Fake-ip DNS is answered inside tunproxy whatever the outbound: once is enough.
+                wanted = [t for t in tests if not (path == "socks5" and t == "dns")]
+                if not offload and not args.full and explicit_offloads is None:
+                    wanted = [t for t in wanted if t == "tcp"]
+                if wanted:
+                    columns.append(Column(path, offload, tuple(wanted)))
+        if columns:
+            sections.append(Section(mtu, columns))
+    return settings, sections
+
+
+# -- machine and output -------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(),
+                          re.MULTILINE)
+        if match:
+            cpu = match.group(1).strip()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
+                                 check=False).stdout.split("\n", 1)[0].strip(),
+        "commit": commit or "unknown",
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def render_header(meta: dict[str, Any], settings: Settings, sections: list[Section]) -> str:
+    mtus = ", ".join(str(s.mtu) for s in sections)
+    return (
+        f"tunproxy benchmark  {meta['date']}  commit {meta['commit']}\n"
+        f"machine: {meta['cpu']} x{meta['cpus']}, kernel {meta['kernel']}, "
+        f"Python {meta['python']}, {meta['iperf3']}, load at start {meta['loadavg_at_start']}\n"
+        f"MTU {mtus}; iperf3 -t {settings.iperf_seconds:g}; medians of {settings.repeat} "
+        f"(-P 4: {settings.p4_repeat}); {settings.cps_count} connections per connections/s "
+        f"run; {settings.hold_count} idle flows for RSS\n"
+        "cells: median (ratio to the same-run baseline[, latency added in us])"
+    )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every finally (teardown) runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def raise_nofile_limit() -> None:
+    # tunproxy (started from here) holds two sockets per flow for the 1,000-flow test.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"tests: {', '.join(TESTS)}; paths: {', '.join(PATHS)}",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="smallest run: MTU 1500, offloads on, 1 s iperf3, no repetitions")
+    size.add_argument("--full", action="store_true",
+                      help="everything: iperf3 -t 10, offloads on and off at every MTU, "
+                           "every test in every column (about 30 minutes)")
+    parser.add_argument("--only", metavar="TESTS", help="comma-separated subset of: "
+                        + ", ".join(TESTS))
+    parser.add_argument("--paths", metavar="PATHS", help="comma-separated subset of: "
+                        + ", ".join(PATHS) + " (ratios need the baseline)")
+    parser.add_argument("--mtu", metavar="MTUS", help="comma-separated, default 1500,9000")
+    parser.add_argument("--offload", metavar="ON,OFF",
+                        help="tunproxy offload settings to measure (default: on; off too at "
+                             "MTU 1500, TCP throughput only)")
+    parser.add_argument("--repeat", type=int, help="repetitions per figure (median shown)")
+    parser.add_argument("--time", type=float, help="iperf3 seconds per run")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON "
+                        "('-': JSON on stdout, the table on stderr)")
+    parser.add_argument("--targets", action="store_true",
+                        help="PASS/FAIL against issue 7's targets (exit 0 unless --strict)")
+    parser.add_argument("--strict", action="store_true", help="with --targets: exit 1 on FAIL")
+    parser.add_argument("--profile", metavar="DIR", type=Path,
+                        help="py-spy tunproxy during extra iperf3 runs; raw stacks go to DIR")
+    parser.add_argument("--keep", metavar="DIR", type=Path,
+                        help="keep configs and tunproxy logs in DIR (default: a temp dir, "
+                             "removed)")
+    parser.add_argument("--tunproxy-log-level", default="info",
+                        help="tunproxy's --log-level during the run (default info)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/run.py needs root: it creates network namespaces and runs tunproxy.",
+              file=sys.stderr)
+        return 2
+    settings, sections = plan(args)
+    if not sections:
+        print("nothing to measure with these --only/--paths/--mtu choices", file=sys.stderr)
+        return 2
+    raise_nofile_limit()
+    meta = machine_info()
+    if args.keep:
+        workdir = args.keep.resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="tunproxy-bench-"))
+    profile_dir = args.profile.resolve() if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level)
+    interrupted = False
+    started = time.monotonic()
+    try:
+        with sigterm_as_interrupt():
+            for section in sections:
+                runner.run_section(section)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("interrupted: everything torn down; partial results follow")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta["duration_s"] = round(time.monotonic() - started, 1)
+
+    out = sys.stderr if args.json == "-" else sys.stdout
+    text = render_header(meta, settings, sections) + "\n\n" + render_table(sections)
+    verdicts = check_targets(sections)
+    if args.targets:
+        text += "\n\nTargets (issue 7):\n" + render_targets(verdicts)
+    for profile in runner.profiles:
+        text += "\n\n" + profiling.render(profile)
+    text += f"\n\n(run took {meta['duration_s']:.0f} s)"
+    print(text, file=out, flush=True)
+    if args.json:
+        document = {
+            "meta": meta, "settings": asdict(settings), "interrupted": interrupted,
+            "sections": sections_as_dict(sections),
+            "targets": [v.as_dict() for v in verdicts],
+            "profiles": [p.as_dict() for p in runner.profiles],
+        }
+        encoded = json.dumps(document, indent=2)
+        if args.json == "-":
+            print(encoded, flush=True)
+        else:
+            Path(args.json).write_text(encoded + "\n")
+    if interrupted:
+        return 130
+    if args.targets and args.strict and any(v.status == "FAIL" for v in verdicts):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The server side of a benchmark topology: iperf3, echo, SOCKS5 (microsocks, dante), dnsmasq.
+
+Everything runs in the server namespace of a ``tests.netns.Topology`` and is started with
+``Netns.spawn``, so ``Topology.close()`` ends it by pid. Readiness is observed (``ss`` shows
+the port), never assumed after a sleep.
+
+Addresses: the services listen on ``SERVER4`` (10.232.0.1). The SOCKS5 servers listen on a
+separate address, ``SOCKS4`` (10.233.0.1), also on the server's loopback: tunproxy routes its
+upstream servers' own addresses around the TUN, so a SOCKS5 server sharing an address with
+iperf3 would silently turn the SOCKS5 measurements into baseline ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.netns import SERVER4, Netns, Topology
+
+SOCKS4 = "10.233.0.1"
+IPERF_PORT = 5201
+ECHO_PORT = 7007
+MICROSOCKS_PORT = 1080
+DANTE_PORT = 1081
+DNS_PORT = 53
+# dnsmasq answers every name under this zone locally: the DNS baseline.
+DNS_ZONE = "bench.test"
+DNS_ZONE_ANSWER = "10.9.9.9"
+
+BENCH = Path(__file__).resolve().parent
+
+
+def prepare_namespaces(topo: Topology) -> None:
+    """Sysctls and addresses the benchmarks need, all inside the topology's namespaces.
+
+    A run opens tens of thousands of short connections from the client namespace (the
+    connections-per-second client, and in DIRECT mode tunproxy's own outbound sockets too);
+    without TIME_WAIT reuse and a wide port range, later columns would measure port
+    exhaustion instead of the path.
+    """
+    for ns in (topo.client, topo.server):
+        ns.run("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+        ns.run("sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
+    topo.server.run("ip", "addr", "add", f"{SOCKS4}/32", "dev", "lo")
+
+
+class Services:
+    """Starts the server-side daemons on demand; each at most once per topology."""
+
+    def __init__(self, topo: Topology, workdir: Path) -> None:
+        self.topo = topo
+        self.workdir = workdir
+        self.server: Netns = topo.server
+        self._iperf: subprocess.Popen[bytes] | None = None
+        self._started: set[str] = set()
+
+    def _once(self, name: str) -> bool:
+        if name in self._started:
+            return False
+        self._started.add(name)
+        return True
+
+    def iperf(self) -> None:
+        if self._iperf is None or self._iperf.poll() is not None:
+            self._iperf = self.server.spawn("iperf3", "-s", "-B", SERVER4, "-p", str(IPERF_PORT))
+            self.server.wait_tcp_listening(IPERF_PORT)
+
+    def restart_iperf(self) -> None:
+        """A client that died mid-test can leave iperf3's single-test server busy; start afresh."""
+        if self._iperf is not None and self._iperf.poll() is None:
+            self._iperf.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._iperf.wait(timeout=10)
+        self._iperf = None
+        # The old listener is gone once its process is; wait_tcp_listening sees the new one.
+        self.iperf()
+
+    def echo(self) -> None:
+        if self._once("echo"):
+            self.server.spawn(
+                sys.executable, str(BENCH / "echo_server.py"), "--host", SERVER4,
+                "--tcp-port", str(ECHO_PORT), "--udp-port", str(ECHO_PORT),
+            )
+            self.server.wait_tcp_listening(ECHO_PORT)
+            self.server.wait_udp_bound(ECHO_PORT)
+
+    def microsocks(self) -> None:
+        if self._once("microsocks"):
+            self.server.spawn("microsocks", "-i", SOCKS4, "-p", str(MICROSOCKS_PORT))
+            self.server.wait_tcp_listening(MICROSOCKS_PORT)
+
+    def dante(self) -> None:
+        """danted for UDP ASSOCIATE (microsocks has no UDP)."""
+        if not self._once("dante"):
+            return
+        conf = self.workdir / "danted.conf"
+        conf.write_text(
+            f"logoutput: {self.workdir / 'danted.log'}\n"
+            f"internal: {SOCKS4} port = {DANTE_PORT}\n"
+            f"external: {SERVER4}\n"
+            "clientmethod: none\n"
+            "socksmethod: none\n"
+            "user.privileged: root\n"
+            "user.unprivileged: root\n"
+            "client pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }\n"
+            "socks pass {\n"
+            "  from: 0.0.0.0/0 to: 0.0.0.0/0\n"
+            "  command: connect udpassociate udpreply\n"
+            "  protocol: tcp udp\n"
+            "}\n"
+        )
+        self.server.spawn("danted", "-f", str(conf), "-p", str(self.workdir / "danted.pid"))
+        self.server.wait_tcp_listening(DANTE_PORT)
+
+    def dnsmasq(self) -> None:
+        if self._once("dnsmasq"):
+            self.server.spawn(
+                "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                "--no-hosts", f"--listen-address={SERVER4}", "--bind-interfaces",
+                f"--port={DNS_PORT}", f"--address=/{DNS_ZONE}/{DNS_ZONE_ANSWER}",
+                f"--pid-file={self.workdir / 'dnsmasq.pid'}", "--user=root", "--group=root",
+            )
+            self.server.wait_udp_bound(DNS_PORT)
