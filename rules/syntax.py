@@ -261,6 +261,8 @@ def parse_condition(text: str, rule_sets: Container[str] | None = None) -> Node:
     ``rule_sets`` (a container of names, or None to skip the check) validates RULE-SET names.
     Raises ValueError."""
     kind, parts = _split(text)
+    if kind == "MATCH":
+        raise ValueError("MATCH cannot be a sub-rule or a rule-set entry")
     if kind in _JOINED_PAYLOAD:
         return _node(kind, ",".join(parts[1:]), [], rule_sets)
     if len(parts) < 2:
