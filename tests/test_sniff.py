@@ -22,7 +22,7 @@ from tunproxy.sniff import (
 
 DATA = pathlib.Path(__file__).parent / "data" / "dns"
 sys.path.insert(0, str(DATA))
-from make_fixtures import (  # noqa: E402
+from dnstest_fixtures import (  # noqa: E402
     quic_initial_datagrams,
     tls_client_hello,
     unpack_datagrams,
