@@ -14,13 +14,16 @@ from tests.conftest import needs_root
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tunproxy(*args: str, user: int | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+def tunproxy(
+    *args: str, user: int | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
     kwargs: dict[str, object] = {}
     if user is not None:
         kwargs.update(user=user, group=user, extra_groups=[])
     return subprocess.run(
         [sys.executable, "-m", "tunproxy", *args], capture_output=True, text=True, timeout=60,
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, **kwargs,  # type: ignore[call-overload]
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+        **kwargs,  # type: ignore[call-overload]
     )
 
 

@@ -28,9 +28,9 @@ from tunproxy.journal import Journal
 from tunproxy.outbounds.base import Outbound, Target
 from tunproxy.relay import Relay, Router
 from tunproxy.routing import check_clashes, setup_link, setup_routing
-from tunproxy.tun import open_tun
+from tunproxy.tun import TunDevice, open_tun
 
-__all__ = ["Proxy", "run"]
+__all__ = ["Host", "Proxy", "run"]
 
 log = logging.getLogger("tunproxy")
 
@@ -84,12 +84,54 @@ def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
     )
 
 
-class Proxy:
+class Host:
+    """The host side: TUN device and policy routing, through the journal.
+
+    Runs on a plain asyncio loop (pyroute2's asyncio netlink socket does not run
+    on uvloop); ``setup`` and ``teardown`` each get their own short-lived loop.
+    """
+
     def __init__(self, config: Config, state_dir: Path) -> None:
         self.config = config
-        self.state_dir = state_dir
+        self.journal = Journal(state_dir, config.tun.name)
+        self.tun: TunDevice | None = None
+
+    async def setup(self, hijack_dns: bool) -> TunDevice:
+        config = self.config
+        journal = self.journal
+        await journal.open()
+        try:
+            if config.tun.auto_route:
+                await check_clashes(journal, config.tun)
+            excluded = await _upstream_addresses(config.upstreams)
+            if await journal.ipr.link_lookup(ifname=config.tun.name):
+                raise SetupError(
+                    f"an interface named {config.tun.name} already exists; set tun.name to "
+                    "another name"
+                )
+            self.tun = open_tun(config.tun.name, offload=config.tun.offload,
+                                queues=config.tun.queues)
+            index = await setup_link(journal, config.tun)
+            if config.tun.auto_route:
+                await setup_routing(journal, config.tun, index, excluded_addresses=excluded,
+                                    hijack_dns=hijack_dns)
+        finally:
+            journal.release()
+        return self.tun
+
+    async def teardown(self) -> None:
+        if self.tun is not None:
+            self.tun.close()
+        await self.journal.close()
+        log.info("host configuration restored")
+
+
+class Proxy:
+    """The data path: stack, relay, outbounds and DNS around one TUN device."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
         self.stopping = asyncio.Event()
-        self.exit_code = 0
         self.router: Router | None = None
 
     def reload(self) -> None:
@@ -103,35 +145,18 @@ class Proxy:
             self.router.ruleset = fresh.ruleset
         log.info("reloaded %s: %d rules", fresh.path, fresh.rule_count)
 
-    async def run(self) -> int:
+    async def serve(self, tun: TunDevice) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        journal = Journal(self.state_dir, config.tun.name)
-        tun = None
         driver = relay = dns = None
         outbounds: dict[str, Outbound] = {}
-        await journal.open()
         try:
-            if config.tun.auto_route:
-                await check_clashes(journal, config.tun)
-            excluded = await _upstream_addresses(config.upstreams)
-            if await journal.ipr.link_lookup(ifname=config.tun.name):
-                raise SetupError(
-                    f"an interface named {config.tun.name} already exists; set tun.name to "
-                    "another name"
-                )
-            tun = open_tun(config.tun.name, offload=config.tun.offload, queues=config.tun.queues)
-            index = await setup_link(journal, config.tun)
             dns = self._make_dns()
-            if config.tun.auto_route:
-                await setup_routing(journal, config.tun, index, excluded_addresses=excluded,
-                                    hijack_dns=dns is not None)
             stack = Stack(_stack_config(config, tun.vnet_hdr, tun.tso))
             outbounds = build_outbounds(config, dns.resolve if dns is not None else None)
             self.router = Router(config.ruleset, outbounds, dns, self._processes())
-            flow_log = FlowLog()
             driver_ref: list[TunDriver] = []
-            relay = Relay(loop, stack, self.router, config.relay, flow_log,
+            relay = Relay(loop, stack, self.router, config.relay, FlowLog(),
                           lambda: driver_ref[0].flush_soon())
             driver = TunDriver(loop, tun, stack, relay.handle_event,
                                faults=config.fault_injection)
@@ -161,23 +186,21 @@ class Proxy:
             if dns is not None:
                 with _logged("closing DNS"):
                     await dns.aclose()
-            if tun is not None:
-                tun.close()
-            await journal.close()
-            log.info("host configuration restored")
-        return self.exit_code
 
     def _stop(self, sig: int) -> None:
         log.info("received %s", signal.Signals(sig).name)
         self.stopping.set()
 
-    def _make_dns(self) -> Any | None:
+    def dns_enabled(self) -> bool:
         dns_config = self.config.dns
-        if dns_config is None or not getattr(dns_config, "enable", True):
+        return dns_config is not None and bool(getattr(dns_config, "enable", True))
+
+    def _make_dns(self) -> Any | None:
+        if not self.dns_enabled():
             return None
         from tunproxy.dns.service import DnsService
 
-        return DnsService(dns_config, self._resolver_outbound)
+        return DnsService(self.config.dns, self._resolver_outbound)
 
     def _resolver_outbound(self, network: str, target: Target) -> Outbound:
         """Resolver flows are decided by the rules like any other flow."""
@@ -211,14 +234,22 @@ def _logged(what: str) -> Any:
         log.exception("error while %s", what)
 
 
-def run(config: Config, state_dir: Path) -> int:
-    proxy = Proxy(config, state_dir)
+def _data_loop_runner() -> asyncio.Runner:
     try:
         import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        return runner.run(proxy.run())
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
+
+def run(config: Config, state_dir: Path) -> int:
+    """Set up the host, serve until SIGINT/SIGTERM, and always put the host back."""
+    host = Host(config, state_dir)
+    proxy = Proxy(config)
+    try:
+        tun = asyncio.run(host.setup(hijack_dns=proxy.dns_enabled()))
+        with _data_loop_runner() as runner:
+            runner.run(proxy.serve(tun))
+    finally:
+        asyncio.run(host.teardown())
+    return 0

@@ -43,6 +43,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 narrates every netlink message at debug level; ours say what matters.
+    logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.root.level))
 
 
 def _parser() -> argparse.ArgumentParser:

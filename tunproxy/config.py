@@ -99,11 +99,12 @@ class Config:
 class _Node:
     """A YAML value with the line it starts on (1-based)."""
 
-    __slots__ = ("line", "value")
+    __slots__ = ("flow", "line", "value")
 
-    def __init__(self, value: Any, line: int) -> None:
+    def __init__(self, value: Any, line: int, flow: bool = False) -> None:
         self.value = value
         self.line = line
+        self.flow = flow  # a [flow, style] sequence
 
 
 def _plain(node: yaml.Node, loader: yaml.SafeLoader) -> _Node:
@@ -117,7 +118,7 @@ def _plain(node: yaml.Node, loader: yaml.SafeLoader) -> _Node:
             items[key] = _plain(value_node, loader)
         return _Node(items, line)
     if isinstance(node, yaml.SequenceNode):
-        return _Node([_plain(item, loader) for item in node.value], line)
+        return _Node([_plain(item, loader) for item in node.value], line, bool(node.flow_style))
     return _Node(loader.construct_object(node), line)  # type: ignore[no-untyped-call]
 
 
@@ -365,13 +366,37 @@ def _parse_rule_lines(node: _Node | None, file: str) -> list[Any]:
                           file, node.line if node else 1)
     if not isinstance(node.value, list):
         raise ConfigError("'rules' must be a list of rule lines", file, node.line)
+    items = _rejoin_flow_rules(node.value) if node.flow else node.value
     lines = []
-    for item in node.value:
+    for item in items:
         if not isinstance(item.value, str):
             raise ConfigError(f"a rule line must be a string like 'MATCH,DIRECT', got "
                               f"{item.value!r}", file, item.line)
         lines.append(RuleSource(text=item.value, file=file, line=item.line))
     return lines
+
+
+def _rejoin_flow_rules(items: list[_Node]) -> list[_Node]:
+    """``rules: [MATCH,DIRECT]`` is YAML for two items; read it as the one rule it means.
+
+    In a flow sequence YAML splits at every comma, so the pieces are joined back
+    and a new rule starts at each rule type (outside parentheses).
+    """
+    from rules.syntax import LEAF_KINDS, LOGIC_KINDS
+
+    kinds = LEAF_KINDS | LOGIC_KINDS | {"MATCH", "RULE-SET"}
+    joined: list[_Node] = []
+    depth = 0
+    for item in items:
+        if not isinstance(item.value, str):
+            return items  # not rule pieces; let the caller report it
+        text = item.value.strip()
+        if (depth == 0 and text.upper() in kinds) or not joined:
+            joined.append(_Node(text, item.line))
+        else:
+            joined[-1] = _Node(f"{joined[-1].value},{text}", joined[-1].line)
+        depth += text.count("(") - text.count(")")
+    return joined
 
 
 def _parse_rule_sets(node: _Node | None, file: str) -> dict[str, dict[str, Any]]:

@@ -117,6 +117,12 @@ class Journal:
             self.path.unlink(missing_ok=True)
         self._write()
 
+    def release(self) -> None:
+        """Close the netlink socket (it belongs to the loop that opened it); keep the record."""
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
     async def close(self) -> None:
         """Undo every change in reverse order and remove the state file."""
         ipr = self._ipr or AsyncIPRoute()

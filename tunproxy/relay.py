@@ -24,7 +24,7 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import rules
 from stack import (
@@ -151,7 +151,7 @@ class _Flow:
 class TcpFlow(_Flow, asyncio.Protocol):
     """One TCP flow: the stack side is ``relay.stack``/``id``, the other an upstream transport."""
 
-    __slots__ = ("accepted", "app_fin", "relay", "transport", "upstream_eof")
+    __slots__ = ("accepted", "app_fin", "first_fin", "relay", "transport", "upstream_eof")
 
     def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
         super().__init__(flow_id, record)
@@ -160,10 +160,12 @@ class TcpFlow(_Flow, asyncio.Protocol):
         self.accepted = False
         self.app_fin = False
         self.upstream_eof = False
+        self.first_fin: str | None = None  # "client" or "server": who closed first
 
     # -- upstream side (asyncio.Protocol) -----------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.relay.config.buffer_size)
 
@@ -178,6 +180,7 @@ class TcpFlow(_Flow, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.upstream_eof = True
+        self.first_fin = self.first_fin or "server"
         self.relay.stack.shutdown_write(self.id, self.relay.now())
         self.relay.flush_soon()
         return True  # keep our write side open: the app may still be sending
@@ -207,6 +210,7 @@ class TcpFlow(_Flow, asyncio.Protocol):
 
     def on_half_closed(self) -> None:
         self.app_fin = True
+        self.first_fin = self.first_fin or "client"
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
 
@@ -217,9 +221,8 @@ class TcpFlow(_Flow, asyncio.Protocol):
     def on_closed(self, reason: str) -> None:
         if self.transport is not None:
             self.transport.close()
-        if reason == "closed":
-            reason = "closed-by-server" if self.upstream_eof and not self.app_fin else (
-                "closed-by-client" if not self.upstream_eof else "closed")
+        if reason == "closed" and self.first_fin is not None:
+            reason = f"closed-by-{self.first_fin}"
         self.relay.end(self, reason)
 
     def on_reset(self, reason: str) -> None:

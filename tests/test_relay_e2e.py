@@ -1,0 +1,303 @@
+"""Real traffic through tunproxy: a client namespace whose default route is the TUN,
+real servers (Python peers, Debian's dante) in the server namespace.
+
+Sizes: ``TUNPROXY_E2E_MB`` (default 100) megabytes each way for the bulk tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_peer import payload_chunks, payload_sha256
+from tests.netns import GATEWAY4, REPO, SERVER4, SERVER6, Topology, topology
+
+pytestmark = pytest.mark.netns
+
+BULK = int(os.environ.get("TUNPROXY_E2E_MB", "100")) * 1024 * 1024
+TCP_PORT = 7000
+UDP_PORT = 7001
+CLOSED_PORT = 7009
+SOCKS_PORT = 1080
+
+DANTE_CONF = """\
+logoutput: stderr
+internal: {internal} port = {port}
+external: {external}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }}
+"""
+
+
+def config(target: str = "DIRECT", extra_rules: str = "", mtu: int = 1500,
+           offload: bool = True, faults: str = "") -> str:
+    return f"""\
+tun:
+  name: tp0
+  mtu: {mtu}
+  offload: {"true" if offload else "false"}
+upstreams:
+  socks: {{type: socks5, server: "{SERVER4}:{SOCKS_PORT}"}}
+relay:
+  connect-timeout: 3
+{faults}
+rules:
+{extra_rules}  - MATCH,{target}
+"""
+
+
+class Lab:
+    """A topology with the test servers running in the server namespace."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        peer = str(REPO / "tests" / "e2e_peer.py")
+        for host in (SERVER4, SERVER6):
+            topo.server.spawn(sys.executable, peer, "tcp", host, str(TCP_PORT))
+            topo.server.spawn(sys.executable, peer, "udp", host, str(UDP_PORT))
+        topo.server.spawn(sys.executable, peer, "tcp", GATEWAY4, str(TCP_PORT))
+        self.dante: object | None = None
+        self.start_dante()
+        topo.server.wait_tcp_listening(TCP_PORT)
+        topo.server.wait_udp_bound(UDP_PORT)
+
+    def start_dante(self) -> None:
+        conf = self.topo.workdir / "danted.conf"
+        conf.write_text(DANTE_CONF.format(internal=SERVER4, port=SOCKS_PORT, external=SERVER4))
+        log = (self.topo.workdir / "danted.log").open("ab")
+        self.dante = self.topo.server.spawn(
+            "/usr/sbin/danted", "-f", str(conf), "-N", "1",
+            "-p", str(self.topo.workdir / "danted.pid"), stderr=log,
+        )
+        self.topo.server.wait_tcp_listening(SOCKS_PORT)
+
+    def stop_dante(self) -> None:
+        proc = self.dante
+        assert proc is not None
+        proc.kill()  # type: ignore[attr-defined]
+        proc.wait(timeout=10)  # type: ignore[attr-defined]
+        # danted forks workers; end the rest of the process group's children too.
+        out = self.topo.server.run("pgrep", "-f", f"danted -f {self.topo.workdir}", check=False)
+        for pid in out.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+
+    def connect(self, host: str = SERVER4, port: int = TCP_PORT, timeout: float = 20.0
+                ) -> socket.socket:
+        return self.topo.client.connect(host, port, timeout=timeout)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with topology(tmp_path) as topo:
+        yield Lab(topo)
+
+
+def upload(lab: Lab, host: str, size: int, seed: int = 7) -> None:
+    with lab.connect(host) as sock:
+        sock.sendall(b"SINK\n")
+        for chunk in payload_chunks(seed, size):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.makefile("rb").readline().strip().decode()
+    assert answer == payload_sha256(seed, size)
+
+
+def download(lab: Lab, host: str, size: int, seed: int = 11) -> None:
+    with lab.connect(host) as sock:
+        sock.sendall(f"SOURCE {size} {seed}\n".encode())
+        digest = hashlib.sha256()
+        received = 0
+        while data := sock.recv(1 << 20):
+            digest.update(data)
+            received += len(data)
+    assert received == size
+    assert digest.hexdigest() == payload_sha256(seed, size)
+
+
+def test_tcp_direct_both_ways(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("DIRECT"))
+    upload(lab, SERVER4, BULK)
+    download(lab, SERVER4, BULK)
+    tp.stop()
+    assert "via DIRECT: closed-by-client" in tp.log
+
+
+def test_tcp_direct_ipv6(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT"))
+    upload(lab, SERVER6, BULK // 4)
+    download(lab, SERVER6, BULK // 4)
+
+
+def test_tcp_through_socks5_both_ways(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("socks"))
+    upload(lab, SERVER4, BULK)
+    download(lab, SERVER4, BULK)
+    tp.stop()
+    assert "via socks" in tp.log
+
+
+def test_tcp_without_offloads(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT", offload=False))
+    upload(lab, SERVER4, BULK // 4)
+    download(lab, SERVER4, BULK // 4)
+
+
+def _echo_after_half_close(lab: Lab, size: int, seed: int) -> None:
+    data = b"".join(payload_chunks(seed, size))
+    with lab.connect() as sock:
+        sock.sendall(b"ECHO\n" + data)
+        sock.shutdown(socket.SHUT_WR)  # our side is done; the server keeps sending
+        received = bytearray()
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    assert bytes(received) == data
+
+
+@pytest.mark.parametrize("target", ["DIRECT", "socks"])
+def test_half_close_client_first(lab: Lab, target: str) -> None:
+    lab.topo.start_tunproxy(config(target))
+    _echo_after_half_close(lab, 3 * 1024 * 1024, seed=3)
+
+
+def test_half_close_server_first(lab: Lab) -> None:
+    # The server sends everything and FINs while our side is still open and sending.
+    lab.topo.start_tunproxy(config("DIRECT"))
+    with lab.connect() as sock:
+        sock.sendall(b"SOURCE 100000 5\n")
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+        sock.sendall(b"still here after your FIN\n")  # half-open: allowed
+    assert len(received) == 100000
+
+
+def test_many_concurrent_flows(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("DIRECT"))
+
+    def one(i: int) -> None:
+        _echo_after_half_close(lab, 64 * 1024, seed=i)
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        list(pool.map(one, range(200)))
+    tp.stop()
+    assert tp.log.count("closed-by-client") >= 200
+
+
+def _udp_round_trip(lab: Lab, host: str, count: int = 20) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = lab.topo.client.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(5)
+        sock.connect((host, UDP_PORT))
+        for i in range(count):
+            message = f"datagram {i} ".encode() * (i + 1)
+            sock.send(message)
+            assert sock.recv(65535) == message
+
+
+@pytest.mark.parametrize("target", ["DIRECT", "socks"])
+def test_udp_request_response(lab: Lab, target: str) -> None:
+    tp = lab.topo.start_tunproxy(config(target))
+    _udp_round_trip(lab, SERVER4)
+    tp.wait_for_log(rf"open #\d+ udp .* via {target}")
+
+
+def test_udp_direct_ipv6(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT"))
+    _udp_round_trip(lab, SERVER6)
+
+
+def test_reject_is_connection_refused_within_a_second(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT", extra_rules=f"  - DST-PORT,{TCP_PORT},REJECT\n"))
+    start = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        lab.connect()
+    assert time.monotonic() - start < 1.0
+
+
+def test_drop_makes_the_client_time_out(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT", extra_rules=f"  - DST-PORT,{TCP_PORT},DROP\n"))
+    with pytest.raises(TimeoutError):
+        lab.connect(timeout=1.5)
+
+
+def test_refused_destination_looks_refused(lab: Lab) -> None:
+    # Connect before accept: the app sees exactly what it would see without tunproxy.
+    tp = lab.topo.start_tunproxy(config("DIRECT"))
+    start = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        lab.connect(port=CLOSED_PORT)
+    assert time.monotonic() - start < 1.0
+    tp.wait_for_log(r"via DIRECT: refused")
+
+
+def test_dead_socks5_fails_promptly(lab: Lab) -> None:
+    lab.stop_dante()
+    tp = lab.topo.start_tunproxy(config("socks"))
+    start = time.monotonic()
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+        lab.connect()
+    assert time.monotonic() - start < 2.0
+    tp.wait_for_log(r"via socks: proxy-error")
+
+
+def test_socks5_dying_mid_transfer_resets_then_recovers(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("socks"))
+    sock = lab.connect()
+    sock.sendall(f"SOURCE {1 << 30} 1\n".encode())
+    assert sock.recv(65536)  # the transfer is under way
+    lab.stop_dante()
+    with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+        while sock.recv(1 << 20):
+            pass
+    sock.close()
+    tp.wait_for_log(r"via socks: upstream-(reset|closed)")
+    lab.start_dante()
+    download(lab, SERVER4, 1024 * 1024)
+
+
+def test_flows_from_other_threads_do_not_interfere(lab: Lab) -> None:
+    # Bulk both ways at once on two flows: each direction's backpressure is per flow.
+    lab.topo.start_tunproxy(config("DIRECT"))
+    errors: list[BaseException] = []
+
+    def guard(fn: object, *args: object) -> None:
+        try:
+            fn(*args)  # type: ignore[operator]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=guard, args=(upload, lab, SERVER4, BULK // 4)),
+        threading.Thread(target=guard, args=(download, lab, SERVER4, BULK // 4)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+
+
+def test_the_gateway_is_not_tunnelled(lab: Lab) -> None:
+    # Connected subnets keep working through the main table (suppress_prefixlength 0).
+    tp = lab.topo.start_tunproxy(config("REJECT"))
+    with lab.connect(GATEWAY4) as sock:
+        sock.sendall(b"ECHO\nhello")
+        assert sock.recv(5) == b"hello"
+    with pytest.raises(ConnectionRefusedError):
+        lab.connect(SERVER4)  # while everything else is tunnelled (and rejected)
+    assert f"-> {GATEWAY4}" not in tp.log
