@@ -172,7 +172,7 @@ class Peer:
         seg = TcpRepr(
             CLIENT_PORT,
             SERVER_PORT,
-            self.seq(self.snd_nxt if offset is None else offset),
+            self.seq(self.snd_nxt + (1 if self.fin_sent else 0) if offset is None else offset),
             self.ack_seq(),
             flags,
             self.window_field(),
@@ -293,14 +293,17 @@ class Conn:
         accept: bool = True,
         iss: int = SERVER_ISS,
         now: float = 100.0,
+        syn: TcpRepr | None = None,
     ) -> None:
         self.now = now
         self.config = config or make_config()
         self.peer = peer or Peer()
         self.events: collections.deque[Event] = collections.deque()
         self.counters: dict[str, int] = {}
-        syn, _ = wire(self.peer.syn(), b"")
-        self.ep = TcpEndpoint(FLOW, self.config, syn, self.now, iss, self.events, self.counters)
+        parsed, _ = wire(syn or self.peer.syn(), b"")
+        self.ep = TcpEndpoint(
+            FLOW, self.config, parsed, self.now, iss, self.events, self.counters
+        )
         self.drop_to_peer: Filter = lambda seg, data: False
         self.drop_to_server: Filter = lambda seg, data: False
         if accept:

@@ -121,6 +121,7 @@ class TcpEndpoint:
         "_paused",
         "_peer_fin_delivered",
         "_peer_fin_off",
+        "_persist_backoff",
         "_probe_pending",
         "_probes",
         "_rcv_cap",
@@ -238,7 +239,8 @@ class TcpEndpoint:
         self._rtt_off: int | None = None
         self._rtt_time = 0.0
         self._retries = 0
-        self._probes = 0
+        self._probes = 0  # zero-window probes without any answer
+        self._persist_backoff = 0  # reset when the window opens
 
         # -- receive side
         self._ooo: Reassembly | None = None
@@ -446,7 +448,9 @@ class TcpEndpoint:
             return
         self._count("tcp.window_probes")
         self._probe_pending = True
-        interval = min(self._rtt.rto * (1 << min(self._probes, 16)), self.config.max_rto)
+        if self._persist_backoff < 16:
+            self._persist_backoff += 1
+        interval = min(self._rtt.rto * (1 << self._persist_backoff), self.config.max_rto)
         self._arm(_PERSIST, now + interval)
 
     def _give_up(self) -> None:
@@ -575,6 +579,8 @@ class TcpEndpoint:
             if wnd != self._snd_wnd:
                 window_changed = True
                 self._snd_wnd = wnd
+                if wnd:
+                    self._persist_backoff = 0
                 if wnd > self._max_snd_wnd:
                     self._max_snd_wnd = wnd
             self._wl1 = seg_off
@@ -668,7 +674,11 @@ class TcpEndpoint:
                 self._arm(_RTX, now + self._rtt.rto)
             else:
                 self._disarm(_RTX)
-        if self._writable_wanted and buf is not None and len(buf) <= self.config.send_buffer // 2:
+        if (
+            self._writable_wanted
+            and self._buf is not None
+            and len(self._buf) <= self.config.send_buffer // 2
+        ):
             self._writable_wanted = False
             self._events.append(FlowWritable(self.flow))
 
@@ -792,7 +802,9 @@ class TcpEndpoint:
     # ------------------------------------------------------------------ state changes
 
     def _state(self, event: TcpEvent) -> None:
-        self.state = next_state(self.state, event)
+        self.state = state = next_state(self.state, event)
+        if state is TcpState.CLOSED:
+            self._release()
 
     def _queue_fin(self) -> None:
         self._fin_off = self._buf.end if self._buf is not None else 0
@@ -813,13 +825,18 @@ class TcpEndpoint:
             self._events.append(event)
 
     def _close(self, event: TcpEvent) -> None:
-        """Enter CLOSED and free everything but the last segment to send."""
+        """Enter CLOSED (anything but a last RST already queued is forgotten)."""
         self._state(event)
+
+    def _release(self) -> None:
+        """CLOSED: free the buffers and stop the timer. Data held for a paused application
+        stays until it resumes (the final event must come after it)."""
         self._buf = None
         self._ooo = None
-        self._held = None
-        self._held_bytes = 0
         self._board = None
+        if self._done:
+            self._held = None
+            self._held_bytes = 0
         self._ack_pending = False
         self._synack_pending = False
         self._probe_pending = False
@@ -836,18 +853,22 @@ class TcpEndpoint:
         return (int(now * 1000) + self._ts_base) & MASK
 
     def _window(self) -> int:
-        """The raw window field; never moves the right edge left (RFC 9293 3.8.6.2.2, 3.10.7.4)."""
-        rcv_nxt = self._rcv_nxt
+        """The raw window field: the free space, rounded down to the scale unit.
+
+        The acceptance limit ``_adv_edge`` is the highest right edge ever advertised
+        and never moves left (RFC 9293 3.8.6.2.2), so rounding down can only make
+        the advertised window look up to 2**shift - 1 bytes smaller than what we
+        still accept (RFC 7323 2.4); rounding up instead would let a trickling peer
+        creep the edge past the memory bound.
+        """
         wnd = self._rcv_cap - self._held_bytes
-        if self._adv_edge - rcv_nxt > wnd:
-            wnd = self._adv_edge - rcv_nxt
         if wnd <= 0:
             return 0
         shift = self._rcv_shift
-        raw = (wnd + (1 << shift) - 1) >> shift
+        raw = wnd >> shift
         if raw > 0xFFFF:
             raw = 0xFFFF
-        edge = rcv_nxt + (raw << shift)
+        edge = self._rcv_nxt + (raw << shift)
         if edge > self._adv_edge:
             self._adv_edge = edge
         return raw

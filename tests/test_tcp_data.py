@@ -1,0 +1,200 @@
+"""Data both ways: segment sizes, ACK batching, window scaling, flow control, wraparound."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+
+from stack.events import DataReceived, FlowWritable
+from stack.tcp import TcpState
+from stack.wire.tcp import ACK, PSH
+from tests.tcp_peer import (
+    CLIENT_ISS,
+    SEND_TEMPL,
+    SERVER_ISS,
+    Conn,
+    Peer,
+    data_of,
+    make_config,
+)
+
+MASK = 0xFFFFFFFF
+
+
+def test_send_is_cut_into_effective_mss_segments_without_gso() -> None:
+    c = Conn()
+    data = os.urandom(5000)
+    c.ep.send(data, c.now)
+    segs = c.from_server()
+    mss = c.ep.effective_mss
+    assert mss == 1448  # 1460 minus the timestamp option
+    assert [len(p) for _, p in segs] == [mss, mss, mss, 5000 - 3 * mss]
+    first, _ = segs[0]
+    assert first == dataclasses.replace(
+        SEND_TEMPL,
+        seq=SERVER_ISS + 1,
+        ack=CLIENT_ISS + 1,
+        flags=ACK,
+        window=first.window,
+        timestamp=first.timestamp,
+    )
+    assert [s.flags for s, _ in segs] == [ACK, ACK, ACK, ACK | PSH]  # PSH on the last one
+    assert all(s.seq == (SERVER_ISS + 1 + i * mss) & MASK for i, (s, _) in enumerate(segs))
+    for seg, payload in segs:
+        c.peer.receive(seg, payload)
+    assert bytes(c.peer.received) == data
+
+
+def test_gso_emits_super_segments_of_whole_mss_multiples() -> None:
+    c = Conn(config=make_config(max_payload=65000, send_buffer=1 << 20), peer=Peer())
+    c.peer.receive_window = 1 << 20
+    c.to_server(*c.peer.ack())  # the peer advertises 1 MiB
+    data = os.urandom(200_000)
+    c.ep.send(data, c.now)
+    segs = c.from_server()
+    mss = c.ep.effective_mss
+    sizes = [len(p) for _, p in segs]
+    assert sizes[0] == 65000 // mss * mss  # as large as max_payload allows, whole segments
+    assert all(n % mss == 0 for n in sizes[:-1])
+    # Up to the initial congestion window, in whole segments (sender SWS avoidance).
+    assert 65536 - mss < sum(sizes) <= 65536
+    for seg, payload in segs:
+        c.peer.receive(seg, payload)
+    c.pump()
+    assert bytes(c.peer.received) == data
+
+
+def test_peer_data_is_delivered_per_segment_and_acked_once_per_batch() -> None:
+    c = Conn()
+    c.peer.write(b"a" * 3000)
+    batch = c.peer.data_segments(c.now)
+    assert len(batch) == 3
+    for seg, payload in batch:
+        c.to_server(seg, payload)
+    events = c.take_events()
+    assert [len(e.data) for e in events if isinstance(e, DataReceived)] == [1448, 1448, 104]
+    [(ack, _)] = c.from_server()
+    assert ack.ack == (CLIENT_ISS + 1 + 3000) & MASK and ack.flags == ACK
+
+
+def test_window_stays_open_while_not_paused() -> None:
+    c = Conn()
+    c.peer.write(os.urandom(300_000))
+    c.pump()
+    assert data_of(c.take_events()) == bytes(c.peer.outgoing)
+    ack = c.peer.log[-1][0]
+    assert ack.window << 1 == 65536  # full window: nothing held
+
+
+def test_backpressure_pause_closes_window_and_resume_reopens_it() -> None:
+    c = Conn()
+    c.ep.pause_receiving()
+    payload = os.urandom(200_000)
+    c.peer.write(payload)
+    c.pump()
+    assert c.take_events() == []  # nothing delivered while paused
+    last_ack = c.peer.log[-1][0]
+    assert last_ack.window == 0  # the window shrank to zero ...
+    # ... after one receive window of data (less than one window scale unit).
+    assert 65536 - 2 < c.peer.snd_nxt <= 65536
+    assert c.ep.get_timer() is None  # (a zero window is the peer's to probe, not ours)
+    # The peer probes the zero window (Linux: an old sequence number); we answer with ACK.
+    c.to_server(*c.peer.ack(seq=(CLIENT_ISS + c.peer.snd_una) & MASK))
+    [(probe_ack, _)] = c.from_server()
+    held = c.peer.snd_nxt
+    assert probe_ack.window == 0 and probe_ack.ack == (CLIENT_ISS + 1 + held) & MASK
+    c.ep.resume_receiving(c.now)
+    assert data_of(c.take_events()) == payload[:held]
+    [(update, _)] = c.from_server()  # a window update without being asked
+    assert update.window << 1 == 65536
+    c.peer.receive(update, b"")
+    c.pump()
+    assert data_of(c.take_events()) == payload[held:]
+
+
+def test_data_in_a_zero_window_is_refused_but_its_ack_is_used() -> None:
+    c = Conn()
+    c.ep.pause_receiving()
+    c.peer.write(os.urandom(65536))
+    c.pump()
+    assert c.peer.snd_wnd == 0
+    c.ep.send(b"reply", c.now)
+    [(reply, data)] = c.from_server()
+    c.peer.receive(reply, data)
+    # The peer sends one byte into the zero window (an RFC 9293 style probe) that
+    # acknowledges our reply.
+    held = c.peer.snd_nxt
+    c.to_server(c.peer.segment(ACK | PSH, offset=held), b"x")
+    [(ack, _)] = c.from_server()
+    assert ack.ack == (CLIENT_ISS + 1 + held) & MASK and ack.window == 0  # byte not taken
+    assert c.ep.send_buffer_free() == c.config.send_buffer  # ... but our reply was acked
+
+
+def test_zero_window_from_peer_is_probed_until_it_opens() -> None:
+    c = Conn()
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())  # the peer closes its window
+    c.ep.send(b"z" * 1000, c.now)
+    assert c.from_server() == []  # nothing may be sent into a zero window
+    t = c.ep.get_timer()
+    assert t is not None  # the persist timer runs
+    probes = []
+    for _ in range(3):
+        c.now = c.ep.get_timer() or c.now
+        c.ep.handle_timer(c.now)
+        [(probe, data)] = c.from_server()
+        assert data == b"" and probe.seq == SERVER_ISS  # SND.UNA - 1: elicits an ACK
+        probes.append(c.now)
+        c.to_server(*c.peer.ack())  # still closed
+        assert c.from_server() == []
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps[1] > gaps[0]  # backed off
+    assert c.ep.state is TcpState.ESTABLISHED  # answered probes never time out
+    c.peer.receive_window = 1 << 20
+    c.to_server(*c.peer.ack())  # window update
+    [(_seg, data)] = c.from_server()
+    assert data == b"z" * 1000
+
+
+def test_send_buffer_free_and_writable_event() -> None:
+    c = Conn(config=make_config(send_buffer=100_000))
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())
+    assert c.ep.send_buffer_free() == 100_000
+    c.ep.send(b"a" * 60_000, c.now)
+    assert c.ep.send_buffer_free() == 40_000
+    c.ep.send(b"b" * 60_000, c.now)  # never refused, even beyond the buffer size
+    assert c.ep.send_buffer_free() == 0
+    c.peer.receive_window = 1 << 20
+    c.to_server(*c.peer.ack())
+    c.pump()
+    assert c.peer.received == b"a" * 60_000 + b"b" * 60_000
+    assert c.take_events() == [FlowWritable(7)]  # exactly once
+
+
+def test_sequence_numbers_wrap_around_in_both_directions() -> None:
+    peer = Peer(iss=MASK - 5000)
+    c = Conn(peer=peer, iss=MASK - 3000)
+    out = os.urandom(100_000)
+    inp = os.urandom(100_000)
+    c.ep.send(out, c.now)
+    c.peer.write(inp)
+    c.pump()
+    assert bytes(c.peer.received) == out
+    assert data_of(c.take_events()) == inp
+    ack = c.peer.log[-1][0]
+    assert ack.seq == (MASK - 3000 + 1 + 100_000) & MASK
+
+
+def test_many_small_sends_are_coalesced_into_full_segments() -> None:
+    c = Conn()
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())
+    for i in range(1000):
+        c.ep.send(bytes([i % 256]) * 10, c.now)
+    c.peer.receive_window = 1 << 20
+    c.to_server(*c.peer.ack())
+    segs = c.from_server()
+    assert len(segs) == -(-10_000 // c.ep.effective_mss)
+    assert b"".join(p for _, p in segs) == b"".join(bytes([i % 256]) * 10 for i in range(1000))
