@@ -33,7 +33,7 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from tests.netns import Netns, run
-from tunproxy.errors import ConnectRefused, ProxyError, Unreachable
+from tunproxy.errors import ConnectRefused, ConnectTimeout, ProxyError, Unreachable
 from tunproxy.outbounds import DirectOutbound, Socks5Outbound, Target
 from tunproxy.outbounds.base import DatagramReceiver, DatagramSession
 
@@ -229,11 +229,15 @@ class Silent(asyncio.Protocol):
 # --- a scripted SOCKS5 server for what real ones never do --------------------------------------
 
 
+STALL_PORT = 9  # CONNECT to this port: the fake never replies
+REPLY_CODE_PORT = 60000  # CONNECT to 60000 + n: the fake replies REP = n
+
+
 class FakeSocks5:
     """No-auth SOCKS5. CONNECT: replies success with ``early`` glued to the reply,
-    then echoes. UDP ASSOCIATE: replies BND.ADDR 0.0.0.0 and, for each datagram,
-    sends back a fragment, junk, a datagram from another socket, then the real
-    answer. Records each request's bytes."""
+    then echoes (but see STALL_PORT, REPLY_CODE_PORT). UDP ASSOCIATE: replies
+    BND.ADDR 0.0.0.0 and, for each datagram, sends back a fragment, junk, a
+    datagram from another socket, then the real answer. Records each request."""
 
     early = b"early bytes"
 
@@ -273,7 +277,14 @@ class FakeSocks5Conn(asyncio.Protocol):
             request = bytes(self.buf[: 4 + addr_len + 2])
             self.server.requests.append(request)
             del self.buf[: len(request)]
-            if request[1] == 1:
+            port = struct.unpack("!H", request[-2:])[0]
+            if request[1] == 1 and port == STALL_PORT:
+                self.stage = "stalled"  # as if the destination never answered the proxy
+            elif request[1] == 1 and port >= REPLY_CODE_PORT:
+                self.transport.write(
+                    bytes((5, port - REPLY_CODE_PORT)) + b"\x00\x01\x00\x00\x00\x00\x00\x00"
+                )
+            elif request[1] == 1:
                 self.transport.write(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x00" + FakeSocks5.early)
                 self.stage = "echo"
             else:
@@ -702,10 +713,66 @@ def test_silent_proxy_times_out_as_proxy_error(env: tuple[NsLoop, Servers]) -> N
         silent = Socks5Outbound("silent", "127.0.0.1", servers.silent, fwmark=MARK)
         with pytest.raises(ProxyError, match="did not answer"):
             await silent.open_stream(Target(servers.tcp_echo, "127.0.0.1"), Sink(), timeout=0.3)
-        return time.monotonic() - start
+        elapsed = time.monotonic() - start
+        with pytest.raises(ProxyError, match="no UDP ASSOCIATE"):
+            await silent.open_datagram(
+                Target(servers.udp_echo, "127.0.0.1"), Inbox(), timeout=0.3
+            )
+        return elapsed
 
     elapsed = nsloop.run(go())
     assert 0.25 <= elapsed < 1.5  # uvloop's clock has millisecond granularity
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (1, ProxyError),
+        (2, ProxyError),
+        (3, Unreachable),
+        (4, Unreachable),
+        (5, ConnectRefused),
+        (6, ConnectTimeout),
+        (7, ProxyError),
+        (8, ProxyError),
+        (0x42, ProxyError),
+    ],
+)
+def test_socks5_reply_codes_map_to_what_the_app_would_see(
+    env: tuple[NsLoop, Servers], code: int, error: type[Exception]
+) -> None:
+    nsloop, servers = env
+
+    async def go() -> None:
+        outbound = Socks5Outbound("fake", "127.0.0.1", servers.fake_socks, fwmark=MARK)
+        await outbound.open_stream(Target(REPLY_CODE_PORT + code, "127.0.0.1"), Sink(), timeout=5)
+
+    with pytest.raises(error) as info:
+        nsloop.run(go())
+    assert type(info.value) is error
+
+
+def test_destination_timeout_behind_the_proxy_is_connect_timeout(
+    env: tuple[NsLoop, Servers],
+) -> None:
+    nsloop, servers = env
+
+    async def go() -> None:
+        outbound = Socks5Outbound("fake", "127.0.0.1", servers.fake_socks, fwmark=MARK)
+        await outbound.open_stream(Target(STALL_PORT, "127.0.0.1"), Sink(), timeout=0.3)
+
+    with pytest.raises(ConnectTimeout):
+        nsloop.run(go())
+
+
+def test_target_socks5_cannot_carry_is_unreachable(env: tuple[NsLoop, Servers]) -> None:
+    nsloop, _ = env
+
+    async def go() -> None:
+        await dante().open_stream(Target(80, domain="a" * 300), Sink(), timeout=5)
+
+    with pytest.raises(Unreachable):
+        nsloop.run(go())
 
 
 @pytest.mark.parametrize("by", ["ip", "domain"])

@@ -42,9 +42,11 @@ from tunproxy.protocols.socks5 import (
     Failed,
     Reply,
     Socks5Client,
+    Socks5LocalError,
     Socks5RemoteError,
     State,
     UdpDatagram,
+    emit_address,
 )
 
 __all__ = ["Socks5Outbound"]
@@ -126,6 +128,7 @@ class Socks5Outbound(Outbound):
     async def open_stream(
         self, target: Target, protocol: asyncio.Protocol, *, timeout: float
     ) -> asyncio.Transport:
+        _check_expressible(target)
         holder: list[_Handshake] = []
         try:
             async with asyncio.timeout(timeout):
@@ -172,6 +175,7 @@ class Socks5Outbound(Outbound):
     ) -> DatagramSession:
         if not self.udp:
             raise ProxyError(f"{self.name}: UDP is disabled for SOCKS5 proxy {self._proxy}")
+        _check_expressible(target)
         loop = asyncio.get_running_loop()
         holder: list[_Handshake] = []
         udp_sock: socket.socket | None = None
@@ -252,6 +256,14 @@ class _Refused(Exception):
     def __init__(self, event: Failed) -> None:
         super().__init__(event.message)
         self.event = event
+
+
+def _check_expressible(target: Target) -> None:
+    """Refuse up front a target SOCKS5 cannot carry (a domain over 255 bytes, ...)."""
+    try:
+        emit_address(target.host, target.port)
+    except Socks5LocalError as exc:
+        raise Unreachable(f"{target}: cannot be sent through SOCKS5: {exc}") from None
 
 
 def _abandon(holder: list[_Handshake]) -> None:
