@@ -31,7 +31,7 @@ import ipaddress
 import logging
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from dnslib import (
     AAAA,
@@ -99,7 +99,10 @@ class DnsService:
         outbound_for: OutboundFor,
         *,
         clock: Callable[[], float] = time.monotonic,
+        resolvers: Sequence[Resolver] | None = None,
     ) -> None:
+        """``clock`` drives cache expiry (tests pass a hand-set one); ``resolvers``
+        replaces the ones built from ``config.servers`` (tests, embedding)."""
         self.config = config
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -120,7 +123,11 @@ class DnsService:
         self.realip = RealIpMemory(config.realip_size)
         self.cache = DnsCache(config.cache_size, clock=clock)
         self.coalescer: Coalescer[CacheKey, DNSRecord] = Coalescer()
-        self.resolvers: list[Resolver] = [make_resolver(s, outbound_for) for s in config.servers]
+        self.resolvers: list[Resolver] = (
+            list(resolvers)
+            if resolvers is not None
+            else [make_resolver(s, outbound_for) for s in config.servers]
+        )
         self._filter = DomainSet(config.fake_ip_filter)
         self._block = DomainSet(config.block)
         self._hosts: DomainMap[tuple[str, ...]] = DomainMap(config.hosts.items())
