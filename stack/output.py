@@ -103,7 +103,7 @@ class PacketBuilder:
                 gso_type = virtio.GSO_TCPV6 if v6 else virtio.GSO_TCPV4
                 virtio.emit_header(hdr, 0, virtio.F_NEEDS_CSUM, gso_type, ip_len + th_len, mss,
                                    ip_len, tcp_wire.CHECKSUM_OFFSET)  # fmt: skip
-                self.counters["tcp_wire.gso_out"] += 1
+                self.counters["tcp.gso_out"] += 1
             else:
                 virtio.emit_header(hdr, 0, virtio.F_NEEDS_CSUM, virtio.GSO_NONE, 0, 0, ip_len,
                                    tcp_wire.CHECKSUM_OFFSET)  # fmt: skip

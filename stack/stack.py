@@ -446,14 +446,26 @@ class Stack:
         """The earliest time ``handle_timer`` must be called, or None."""
         heap = self._timers
         flows = self._flows
-        # Pop stale entries so the answer is a real deadline (at worst an early wake-up
-        # for a TCP timer that moved later: handle_timer then re-arms it).
+        idle = self.config.udp_idle_timeout
+        # Settle the top of the heap so the answer is exact: drop entries of gone
+        # flows, and move entries whose flow's real deadline went later (or away).
         while heap:
             deadline, fid = heap[0]
             flow = flows.get(fid)
-            if flow is not None and flow.armed == deadline:
+            if flow is None or flow.armed != deadline:
+                heapq.heappop(heap)
+                continue
+            real = (
+                flow.endpoint.get_timer()
+                if isinstance(flow, _TcpFlow)
+                else flow.expires_at(idle)
+            )
+            if real == deadline:
                 break
             heapq.heappop(heap)
+            flow.armed = real
+            if real is not None:
+                heapq.heappush(heap, (real, fid))
         first = heap[0][0] if heap else None
         reassembly = self._reassembler.get_timer()
         if reassembly is not None and (first is None or reassembly < first):
@@ -475,7 +487,10 @@ class Stack:
     def _touch(self, flow: _TcpFlow) -> None:
         """After every call into an endpoint: remember it for packets_to_send, re-arm."""
         self._dirty[flow.flow] = flow
-        timer = flow.endpoint.get_timer()
+        endpoint = flow.endpoint
+        if flow.half_open and (endpoint.closed or endpoint.state is not TcpState.SYN_RECEIVED):
+            self._leave_half_open(flow)
+        timer = endpoint.get_timer()
         if timer is not None and (flow.armed is None or timer < flow.armed):
             flow.armed = timer
             heapq.heappush(self._timers, (timer, flow.flow))
