@@ -130,7 +130,7 @@ def _start_fails(topo: Topology, config: str) -> str:
 
 
 def test_interface_name_taken(topo: Topology) -> None:
-    topo.client.run("ip", "link", "add", "tp0", "type", "dummy")
+    topo.client.run("ip", "link", "add", "tp0", "type", "veth", "peer", "name", "tp0peer")
     before = topo.client.routing_snapshot()
     message = _start_fails(topo, CONFIG)
     assert message == ("tunproxy: an interface named tp0 already exists; set tun.name to "
