@@ -648,6 +648,28 @@ def test_socks5_bytes_glued_to_the_reply_reach_the_protocol(env: tuple[NsLoop, S
     assert head == FakeSocks5.early + b"+echo"
 
 
+def test_proxy_dying_mid_stream_reaches_the_protocol(env: tuple[NsLoop, Servers]) -> None:
+    nsloop, servers = env
+
+    async def go() -> list[str]:
+        outbound = Socks5Outbound("fake", "127.0.0.1", servers.fake_socks, fwmark=MARK)
+        sink = Sink()
+        transport = await outbound.open_stream(Target(80, "203.0.113.9"), sink, timeout=5)
+        transport.write(b"x" * 1000)
+        await sink.received_at_least(len(FakeSocks5.early) + 1000)
+        # The proxy goes away hard: linger 0 turns the close into an RST.
+        proxy_side = servers.fake.controls[-1]
+        proxy_side.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        proxy_side.abort()
+        exc = await asyncio.wait_for(sink.lost, 5)
+        return [*sink.calls, type(exc).__name__]
+
+    calls = nsloop.run(go())
+    assert calls == ["connection_made", "data_received", "connection_lost", "ConnectionResetError"]
+
+
 def test_socks5_wrong_password_is_proxy_error(env: tuple[NsLoop, Servers]) -> None:
     nsloop, servers = env
 
