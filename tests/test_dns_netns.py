@@ -1,0 +1,190 @@
+"""DNS against real servers in network namespaces.
+
+The resolver side (a DnsService in ``dnstest_probe.py``) runs in the client
+namespace; Debian's dnsmasq, and DoH / DoT / DoQ servers fronting it, run in
+the server namespace (tests/netns.py's Topology: two namespaces joined by a
+veth, removed afterwards). dnsmasq logs every query it receives, so each test
+checks on the server side which queries reached it and from where.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.netns import CLIENT4, SERVER4, Netns, Topology, topology
+
+pytestmark = pytest.mark.netns
+
+DATA = pathlib.Path(__file__).parent / "data" / "dns"
+PROBE = str(DATA / "dnstest_probe.py")
+SERVERS = str(DATA / "dnstest_servers.py")
+BIG_TXT = [f"chunk{i}-" + "y" * 240 for i in range(6)]  # ~1.5 kB: more than 1232 bytes
+
+
+class Dnsmasq:
+    """dnsmasq in the foreground with local records only, logging every query."""
+
+    def __init__(self, ns: Netns, workdir: pathlib.Path) -> None:
+        self.log_path = workdir / "dnsmasq.log"
+        self.log_path.write_text("")
+        txt = ",".join(f'"{t}"' for t in BIG_TXT)
+        self.proc = ns.spawn(
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+            "--conf-file=/dev/null", "--user=root", "--pid-file",
+            f"--listen-address={SERVER4}", "--bind-interfaces", "--port=53",
+            "--address=/name.test/10.9.8.7", "--local-ttl=60", f"--txt-record=big.test,{txt}",
+            "--log-queries", f"--log-facility={self.log_path}",
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while "started, version" not in self.log_path.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dnsmasq did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.02)
+        ns.wait_udp_bound(53)
+
+    def queries(self, name: str, qtype: str = "A", source: str | None = None) -> int:
+        pattern = rf"query\[{qtype}\] {re.escape(name)} from {re.escape(source or '')}"
+        return len(re.findall(pattern, self.log_path.read_text()))
+
+
+@pytest.fixture
+def net(tmp_path: pathlib.Path) -> Iterator[Topology]:
+    with topology(tmp_path) as topo:
+        yield topo
+
+
+@pytest.fixture
+def dnsmasq(net: Topology, tmp_path: pathlib.Path) -> Dnsmasq:
+    return Dnsmasq(net.server, tmp_path)
+
+
+def probe(net: Topology, dns: dict[str, Any], *steps: dict[str, Any]) -> dict[str, Any]:
+    spec = json.dumps({"dns": dns, "steps": list(steps)})
+    done = net.client.run(sys.executable, PROBE, spec, timeout=60)
+    return dict(json.loads(done.stdout))
+
+
+def start_server(ns: Netns, kind: str, port: int, cert: tuple[str, str]) -> None:
+    proc = ns.spawn(
+        sys.executable, SERVERS, kind, "--host", SERVER4, "--port", str(port),
+        "--cert", cert[0], "--key", cert[1], "--forward", f"{SERVER4}:53",
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    if not ready or proc.stdout.readline().strip() != b"ready":
+        raise RuntimeError(f"{kind} server did not start (rc={proc.poll()})")
+
+
+def test_udp_upstream_coalesces_identical_queries(net: Topology, dnsmasq: Dnsmasq) -> None:
+    out = probe(
+        net,
+        {"mode": "real-ip", "servers": [f"udp://{SERVER4}"]},
+        {"op": "query", "name": "name.test", "count": 20},
+        {"op": "query", "name": "name.test"},
+    )
+    burst, (later,) = out["results"]
+    assert sorted(r["id"] for r in burst) == list(range(1, 21))
+    assert all(r["rcode"] == "NOERROR" and r["answers"] == ["10.9.8.7"] for r in burst)
+    assert later["answers"] == ["10.9.8.7"]
+    # 20 concurrent queries made one upstream query; the 21st came from the cache.
+    assert dnsmasq.queries("name.test", "A", CLIENT4) == 1
+    assert out["counters"]["coalesced"] == 19 and out["counters"]["cache_hits"] == 1
+    assert out["mapped"] == {"10.9.8.7": "name.test"}
+
+
+def test_fake_ip_keeps_queries_local_until_direct_resolves(net: Topology, dnsmasq: Dnsmasq) -> None:
+    out = probe(
+        net,
+        {"servers": [f"udp://{SERVER4}"], "fake-ip-filter": ["+.lan.name.test"]},
+        {"op": "query", "name": "name.test"},
+        {"op": "query", "name": "name.test", "type": "AAAA"},
+        {"op": "query", "name": "pc.lan.name.test"},
+        {"op": "resolve", "name": "name.test"},
+    )
+    (a,), (aaaa,), (filtered,), resolved = out["results"]
+    (fake4,) = a["answers"]
+    (fake6,) = aaaa["answers"]
+    assert fake4.startswith("198.18.") and fake6.startswith("fc00:")
+    assert out["mapped"][fake4] == "name.test" and out["mapped"][fake6] == "name.test"
+    assert filtered["answers"] == ["10.9.8.7"]
+    assert out["mapped"]["10.9.8.7"] == "pc.lan.name.test"
+    assert resolved["addresses"] == ["10.9.8.7"]
+    # The fake answers asked nobody; only the filter and the DIRECT-style resolve did.
+    assert dnsmasq.queries("pc.lan.name.test", "A") == 1
+    assert dnsmasq.queries("name.test", "A") == 1
+    assert dnsmasq.queries("name.test", "AAAA") == 1
+
+
+def test_truncated_udp_answer_is_retried_over_tcp(net: Topology, dnsmasq: Dnsmasq) -> None:
+    out = probe(
+        net,
+        {"mode": "real-ip", "servers": [f"udp://{SERVER4}"]},
+        {"op": "query", "name": "big.test", "type": "TXT", "network": "tcp"},
+    )
+    ((answer,),) = out["results"]
+    assert answer["rcode"] == "NOERROR" and not answer["tc"]
+    assert len(answer["answers"]) == 1
+    assert all(chunk in answer["answers"][0] for chunk in BIG_TXT)
+    # Once over UDP (answered TC=1), once over TCP.
+    assert dnsmasq.queries("big.test", "TXT", CLIENT4) == 2
+
+
+def test_dead_upstream_answers_servfail_within_the_timeout(net: Topology) -> None:
+    dead = "10.232.0.99"  # routed to the server namespace, which drops it silently
+    for server in (f"udp://{dead}", f"tcp://{dead}"):
+        out = probe(
+            net,
+            {"mode": "real-ip", "servers": [server], "timeout": 1},
+            {"op": "query", "name": "name.test"},
+        )
+        ((answer,),) = out["results"]
+        assert answer["rcode"] == "SERVFAIL", server
+        assert 0.9 <= answer["elapsed"] < 1.5, server
+
+
+@pytest.fixture
+def cert(tmp_path: pathlib.Path) -> tuple[str, str]:
+    sys.path.insert(0, str(DATA))
+    from dnstest_servers import make_certificate
+
+    return make_certificate(tmp_path, ["dns.test"], [SERVER4])
+
+
+@pytest.mark.parametrize(
+    ("kind", "url"),
+    [
+        ("doh", "https://dns.test:8443/dns-query#ip={ip}&ca={ca}"),
+        ("doq", "quic://{ip}:8853#sni=dns.test&ca={ca}"),
+        ("dot", "tls://{ip}:8853#sni=dns.test&ca={ca}"),
+    ],
+)
+def test_encrypted_upstreams_reach_the_real_resolver(
+    net: Topology, dnsmasq: Dnsmasq, cert: tuple[str, str], kind: str, url: str
+) -> None:
+    port = 8443 if kind == "doh" else 8853
+    start_server(net.server, kind, port, cert)
+    name = f"{kind}.name.test"
+    out = probe(
+        net,
+        {"mode": "real-ip", "servers": [url.format(ip=SERVER4, ca=cert[0])]},
+        {"op": "query", "name": name, "count": 3},
+        {"op": "query", "name": "other.name.test"},
+    )
+    burst, (other,) = out["results"]
+    assert [r["answers"] for r in burst] == [["10.9.8.7"]] * 3
+    assert other["rcode"] == "NOERROR" and other["answers"] == ["10.9.8.7"]
+    # dnsmasq heard it from the encrypted server in its own namespace, never from the client.
+    assert dnsmasq.queries(name, "A", SERVER4) == 1
+    assert dnsmasq.queries(name, "A", CLIENT4) == 0
+    assert out["counters"]["upstream_failures"] == 0
