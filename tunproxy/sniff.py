@@ -27,7 +27,7 @@ import re
 import struct
 from collections.abc import Iterable
 
-from aioquic.quic.crypto import CryptoError, CryptoPair
+from aioquic.quic.crypto import CryptoPair
 
 __all__ = [
     "NEED_MORE",
@@ -283,7 +283,7 @@ class QuicSniffer:
         self._datagrams += 1
         try:
             self._receive(datagram)
-        except (_Malformed, CryptoError, ValueError, IndexError, struct.error):
+        except (_Malformed, ValueError, IndexError, struct.error):  # CryptoError is a ValueError
             self._result = None
             return None
         stream = self._contiguous()

@@ -67,6 +67,7 @@ QTYPE_HTTPS = 65
 ADDRESS_TYPES = (QTYPE.A, QTYPE.AAAA)
 UPSTREAM_UDP_SIZE = 1232  # EDNS buffer size of DNS Flag Day 2020: no IP fragmentation
 MAX_UDP_ANSWER = 1232  # what we send back over UDP before setting TC
+MAX_UPSTREAM_INFLIGHT = 256  # distinct upstream queries at once; more wait (within the timeout)
 
 
 def _reverse_address(name: str) -> str | None:
@@ -128,6 +129,7 @@ class DnsService:
             if resolvers is not None
             else [make_resolver(s, outbound_for) for s in config.servers]
         )
+        self._upstream_slots = asyncio.Semaphore(MAX_UPSTREAM_INFLIGHT)
         self._filter = DomainSet(config.fake_ip_filter)
         self._block = DomainSet(config.block)
         self._hosts: DomainMap[tuple[str, ...]] = DomainMap(config.hosts.items())
@@ -146,7 +148,7 @@ class DnsService:
         return self.config.mode == "fake-ip" and self.pool.contains(address)
 
     def domain_for(self, address: str) -> str | None:
-        if self.pool.contains(address):
+        if self.is_fake(address):
             # A fake address we do not know is refused by the caller, never guessed.
             return self.pool.domain_for(address)
         return self.realip.domain_for(address)
@@ -180,6 +182,12 @@ class DnsService:
     async def handle_query(
         self, query: bytes, *, network: str, client: tuple[str, int]
     ) -> bytes | None:
+        """Answer one DNS message (over TCP: without its 2-byte length prefix).
+
+        ``network`` is "udp" or "tcp" (UDP answers are truncated to what the client
+        can take); ``client`` is the querier's address (for logs). Never raises:
+        None means drop (no readable header, or a response sent to us).
+        """
         self.counters["queries"] += 1
         try:
             request = DNSRecord.parse(query)
@@ -281,9 +289,9 @@ class DnsService:
             return reply
 
         if qtype == QTYPE.PTR:
-            address = _reverse_address(name)
-            if address is not None and self.pool.contains(address):
-                domain = self.pool.domain_for(address)
+            reversed_address = _reverse_address(name)
+            if reversed_address is not None and self.pool.contains(reversed_address):
+                domain = self.pool.domain_for(reversed_address)
                 if domain is None:
                     return self._reply(request, RCODE.NXDOMAIN)
                 reply = self._reply(request, RCODE.NOERROR)
@@ -294,9 +302,9 @@ class DnsService:
         if fake and qtype in ADDRESS_TYPES:
             self.counters["fake_answers"] += 1
             reply = self._reply(request, RCODE.NOERROR)
-            address = self.pool.address_for(name, 4 if qtype == QTYPE.A else 6)
-            if address is not None:  # no range of this family: NODATA
-                rdata = A(address) if qtype == QTYPE.A else AAAA(address)
+            fake_address = self.pool.address_for(name, 4 if qtype == QTYPE.A else 6)
+            if fake_address is not None:  # no range of this family: NODATA
+                rdata = A(fake_address) if qtype == QTYPE.A else AAAA(fake_address)
                 reply.add_answer(RR(qname, qtype, CLASS.IN, config.ttl, rdata))
             return reply
         if fake and qtype in (QTYPE_HTTPS, QTYPE_SVCB):
@@ -306,9 +314,11 @@ class DnsService:
         self.counters["forwarded"] += 1
         answer = await self._lookup(name, qtype, qclass)
         reply = self._reply(request, answer.rcode)
-        sections = (answer.rr, answer.auth, answer.ar)
+        if answer.rcode == RCODE.SERVFAIL:
+            self.counters["servfail"] += 1
+        sections: list[list[RR]] = [answer.rr, answer.auth, answer.ar]
         if fake:
-            sections = tuple([rr for rr in s if rr.rtype not in ADDRESS_TYPES] for s in sections)
+            sections = [[rr for rr in s if rr.rtype not in ADDRESS_TYPES] for s in sections]
         else:
             self._remember(name, answer)
         reply.rr, reply.auth, reply.ar = (self._strip_svcb(s) for s in sections)
@@ -360,6 +370,11 @@ class DnsService:
         name, qtype, qclass = key
         if not self.resolvers:
             raise ResolverError("no upstream resolvers configured")
+        async with self._upstream_slots:
+            return await self._fetch_now(key)
+
+    async def _fetch_now(self, key: CacheKey) -> DNSRecord:
+        name, qtype, qclass = key
         self.counters["upstream_queries"] += 1
         query = DNSRecord(DNSHeader(id=0, rd=1), q=DNSQuestion(name + ".", qtype, qclass))
         query.add_ar(EDNS0(udp_len=UPSTREAM_UDP_SIZE))
