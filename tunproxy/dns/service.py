@@ -367,7 +367,6 @@ class DnsService:
         )
 
     async def _fetch(self, key: CacheKey) -> DNSRecord:
-        name, qtype, qclass = key
         if not self.resolvers:
             raise ResolverError("no upstream resolvers configured")
         async with self._upstream_slots:
