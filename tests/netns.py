@@ -41,6 +41,9 @@ CLIENT6 = "fd00:231::1"
 GATEWAY6 = "fd00:231::2"
 SERVER4 = "10.232.0.1"
 SERVER6 = "fd00:232::1"
+# A second address in the server namespace for proxies: upstream servers' own addresses
+# bypass the tunnel, so they must not be the addresses the tests reach through it.
+PROXY4 = "10.232.0.2"
 
 REPO = Path(__file__).resolve().parent.parent
 _CLONE_NEWNET = 0x40000000
@@ -281,6 +284,7 @@ class Topology:
         s.run("ip", "addr", "add", f"{GATEWAY6}/126", "dev", self.veth_server, "nodad")
         s.run("ip", "addr", "add", f"{SERVER4}/32", "dev", "lo")
         s.run("ip", "addr", "add", f"{SERVER6}/128", "dev", "lo")
+        s.run("ip", "addr", "add", f"{PROXY4}/32", "dev", "lo")
         s.run("ip", "link", "set", self.veth_server, "up")
 
     def start_tunproxy(
@@ -300,6 +304,8 @@ class Topology:
         for tp in self._tunproxies:
             with contextlib.suppress(Exception):
                 tp.kill()
+            # Captured by pytest and shown when the test fails.
+            print(f"---- tunproxy log ({tp.config_path.name}) ----\n{tp.log}")
         for ns in self._made:
             ns.kill_spawned()
             # Anything else still inside (a client a test forgot): end it so the namespace goes.
