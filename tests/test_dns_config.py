@@ -141,5 +141,7 @@ def test_section_must_be_a_mapping() -> None:
 def test_server_url_defaults() -> None:
     assert parse_server_url("tls://1.1.1.1").port == 853
     assert parse_server_url("quic://1.1.1.1").port == 853
+    h3 = parse_server_url("h3://10.0.0.5")
+    assert h3.scheme == "h3" and h3.port == 443 and h3.path == "/dns-query"
     https = parse_server_url("https://dns.test")
     assert https.port == 443 and https.path == "/dns-query" and https.address is None

@@ -166,13 +166,14 @@ def cert(tmp_path: pathlib.Path) -> tuple[str, str]:
     [
         ("doh", "https://dns.test:8443/dns-query#ip={ip}&ca={ca}"),
         ("doq", "quic://{ip}:8853#sni=dns.test&ca={ca}"),
+        ("doh3", "h3://{ip}:8443/dns-query#sni=dns.test&ca={ca}"),
         ("dot", "tls://{ip}:8853#sni=dns.test&ca={ca}"),
     ],
 )
 def test_encrypted_upstreams_reach_the_real_resolver(
     net: Topology, dnsmasq: Dnsmasq, cert: tuple[str, str], kind: str, url: str
 ) -> None:
-    port = 8443 if kind == "doh" else 8853
+    port = 8443 if kind.startswith("doh") else 8853
     start_server(net.server, kind, port, cert)
     name = f"{kind}.name.test"
     out = probe(

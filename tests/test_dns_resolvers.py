@@ -29,6 +29,7 @@ from dnstest_servers import (
     make_certificate,
     server_tls,
     start_doh,
+    start_doh3,
     start_doq,
     start_tcp,
     start_udp,
@@ -256,6 +257,46 @@ def test_doq_one_connection_one_stream_per_query(cert: tuple[str, str]) -> None:
         assert [w[:2] for w in results] == [b"\x00\x64", b"\x00\x65", b"\x00\x66"]
         assert stats.connections == 1 and stats.requests == 3
         assert {n for n, _ in flows} == {"udp"}
+        await resolver.aclose()
+        server.close()
+
+    run(main())
+
+
+def test_doh_over_http3(cert: tuple[str, str]) -> None:
+    async def main() -> None:
+        zone = Zone(ZONE_LINES)
+        port = free_port_pair()
+        server, stats = await start_doh3(zone, "127.0.0.1", port, *cert)
+        url = f"h3://127.0.0.1:{port}/dns-query#sni=dns.test&ca={cert[0]}"
+        resolver = make_resolver(parse_server_url(url), outbound_for)
+        results = await asyncio.gather(
+            *(resolver.exchange(query(n, ident=7 + i), timeout=3)
+              for i, n in enumerate(["name.test", "fast.test", "nothing.test"]))
+        )  # fmt: skip
+        assert [answers(w) for w in results] == [["10.9.8.7"], ["10.0.0.2"], []]
+        assert DNSRecord.parse(results[2]).header.rcode == RCODE.NXDOMAIN
+        assert [w[:2] for w in results] == [b"\x00\x07", b"\x00\x08", b"\x00\x09"]
+        assert stats.connections == 1 and stats.requests == 3
+        await resolver.aclose()
+        bad = make_resolver(parse_server_url(url.replace("/dns-query", "/nope")), outbound_for)
+        with pytest.raises(ResolverError, match="HTTP status 404"):
+            await bad.exchange(query("name.test"), timeout=3)
+        await bad.aclose()
+        server.close()
+
+    run(main())
+
+
+def test_doq_server_certificate_is_verified(cert: tuple[str, str]) -> None:
+    async def main() -> None:
+        port = free_port_pair()
+        server, stats = await start_doq(Zone(ZONE_LINES), "127.0.0.1", port, *cert)
+        url = f"quic://127.0.0.1:{port}#sni=wrong.test&ca={cert[0]}"
+        resolver = make_resolver(parse_server_url(url), outbound_for)
+        with pytest.raises(ResolverError):
+            await resolver.exchange(query("name.test"), timeout=3)
+        assert stats.requests == 0
         await resolver.aclose()
         server.close()
 

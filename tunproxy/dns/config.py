@@ -10,6 +10,7 @@ Server URLs (``servers:``)::
     tls://1.1.1.1            DNS over TLS (RFC 7858, port 853)
     https://1.1.1.1/dns-query  DNS over HTTPS (RFC 8484, HTTP/1.1 POST, keep-alive)
     quic://1.1.1.1           DNS over QUIC (RFC 9250, port 853)
+    h3://1.1.1.1/dns-query   DNS over HTTPS over HTTP/3 (RFC 8484 + RFC 9114, port 443)
 
 A fragment carries options for the encrypted transports, e.g.
 ``tls://10.0.0.1#sni=dns.test&ca=/etc/tunproxy/ca.pem``: ``sni`` (name to verify, default
@@ -45,17 +46,17 @@ DEFAULT_FAKE_IP_RANGES: tuple[IPNetwork, ...] = (
     ipaddress.IPv6Network("fc00::/18"),
 )
 
-DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443, "quic": 853}
+DEFAULT_PORTS = {"udp": 53, "tcp": 53, "tls": 853, "https": 443, "quic": 853, "h3": 443}
 
 
 @dataclass(frozen=True, slots=True)
 class ServerSpec:
     """One upstream resolver."""
 
-    scheme: Literal["udp", "tcp", "tls", "https", "quic"]
+    scheme: Literal["udp", "tcp", "tls", "https", "quic", "h3"]
     host: str  # IP literal or domain name
     port: int
-    path: str = "/dns-query"  # DoH only
+    path: str = "/dns-query"  # DoH (https://, h3://) only
     sni: str | None = None  # name verified in the certificate (TLS, HTTPS, QUIC)
     ca: str | None = None
     insecure: bool = False
@@ -156,7 +157,7 @@ def parse_server_url(url: str, file: str = "<config>") -> ServerSpec:
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         raise _fail(
-            f"bad server URL {url!r}: scheme must be one of udp, tcp, tls, https, quic",
+            f"bad server URL {url!r}: scheme must be one of udp, tcp, tls, https, quic, h3",
             file, "servers",
         )  # fmt: skip
     host = parts.hostname

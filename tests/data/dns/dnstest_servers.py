@@ -24,8 +24,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aioquic.asyncio import QuicConnectionProtocol, serve
+from aioquic.h3.connection import H3Connection
+from aioquic.h3.events import DataReceived as H3DataReceived
+from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import QuicEvent, StreamDataReceived
+from aioquic.quic.events import ProtocolNegotiated, QuicEvent, StreamDataReceived
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -308,6 +311,66 @@ async def start_doq(
     return server, stats
 
 
+# --- DoH over HTTP/3 (RFC 8484 + RFC 9114) ------------------------------------------------------
+
+
+async def start_doh3(
+    answer: Answerer, host: str, port: int, cert: str, key: str, path: str = "/dns-query"
+) -> tuple[asyncio.AbstractServer, StreamStats]:
+    stats = StreamStats()
+
+    class Doh3ServerProtocol(QuicConnectionProtocol):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self._http: H3Connection | None = None
+            self._requests: dict[int, tuple[dict[bytes, bytes], bytearray]] = {}
+            self._tasks: set[asyncio.Task[None]] = set()
+            stats.connections += 1
+
+        def quic_event_received(self, event: QuicEvent) -> None:
+            if isinstance(event, ProtocolNegotiated) and event.alpn_protocol == "h3":
+                self._http = H3Connection(self._quic)
+            if self._http is None:
+                return
+            for h3_event in self._http.handle_event(event):
+                if isinstance(h3_event, HeadersReceived):
+                    self._requests[h3_event.stream_id] = (dict(h3_event.headers), bytearray())
+                    ended = h3_event.stream_ended
+                elif isinstance(h3_event, H3DataReceived):
+                    self._requests[h3_event.stream_id][1].extend(h3_event.data)
+                    ended = h3_event.stream_ended
+                else:
+                    continue
+                if ended:
+                    headers, body = self._requests.pop(h3_event.stream_id)
+                    stats.requests += 1
+                    task = asyncio.ensure_future(
+                        self._reply(h3_event.stream_id, headers, bytes(body))
+                    )
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+        async def _reply(self, stream_id: int, headers: dict[bytes, bytes], body: bytes) -> None:
+            assert self._http is not None
+            if headers.get(b":method") != b"POST" or headers.get(b":path") != path.encode():
+                status, out, ctype = b"404", b"not here", b"text/plain"
+            else:
+                status, out, ctype = b"200", await answer(body), b"application/dns-message"
+            self._http.send_headers(
+                stream_id,
+                [(b":status", status), (b"content-type", ctype),
+                 (b"content-length", str(len(out)).encode())],
+            )  # fmt: skip
+            self._http.send_data(stream_id, out, end_stream=True)
+            self.transmit()
+
+    configuration = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
+    configuration.load_cert_chain(cert, key)
+    server = await serve(host, port, configuration=configuration,
+                         create_protocol=Doh3ServerProtocol)  # fmt: skip
+    return server, stats
+
+
 # --- script entry ------------------------------------------------------------------------------
 
 
@@ -321,6 +384,8 @@ async def _main(args: argparse.Namespace) -> None:
         await start_doh(answer, args.host, args.port, server_tls(args.cert, args.key, ["http/1.1"]))
     elif args.kind == "doq":
         await start_doq(answer, args.host, args.port, args.cert, args.key)
+    elif args.kind == "doh3":
+        await start_doh3(answer, args.host, args.port, args.cert, args.key)
     elif args.kind == "dot":
         await start_tcp(answer, args.host, args.port, tls=server_tls(args.cert, args.key, ["dot"]))
     print("ready", flush=True)
@@ -329,7 +394,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["doh", "doq", "dot"])
+    parser.add_argument("kind", choices=["doh", "doh3", "doq", "dot"])
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--cert", required=True)
