@@ -1,9 +1,12 @@
 """What a benchmark run produced, and how it is shown: the table, the targets, the JSON.
 
 A run is a list of ``Section``s (one per MTU), each a list of ``Column``s (baseline, DIRECT,
-SOCKS5, with offloads on or off), each holding one ``Cell`` per figure. A cell keeps every
-repetition's value; the figure shown is their median, with its ratio to the same section's
-baseline column.
+SOCKS5, with offloads on or off), each holding one ``Cell`` per figure. A section is
+measured in rounds: every round measures the baseline and then every column once, so each
+tunproxy sample has a baseline sample taken a minute or two before it on the same machine.
+The figure shown is the median of a cell's samples; its ratio is the median of the per-round
+ratios (sample / that round's baseline sample), which cancels most of the drift of a shared,
+noisy machine.
 """
 
 from __future__ import annotations
@@ -52,8 +55,13 @@ PATHS = ("baseline", "direct", "socks5")
 @dataclass
 class Cell:
     samples: list[float] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # the round each sample was taken in
     errors: list[str] = field(default_factory=list)
     note: str | None = None
+
+    def add(self, value: float, round_index: int) -> None:
+        self.samples.append(value)
+        self.rounds.append(round_index)
 
     @property
     def value(self) -> float | None:
@@ -97,12 +105,20 @@ class Section:
         return next((c for c in self.columns if c.path == "baseline"), None)
 
     def ratio(self, column: Column, key: str) -> float | None:
+        """Median of the per-round ratios to the baseline; without pairs, ratio of medians."""
         base = self.baseline
-        value = column.value(key)
-        if base is None or base is column or value is None:
+        if base is None or base is column:
             return None
-        reference = base.value(key)
-        if not reference:
+        cell, base_cell = column.cells.get(key), base.cells.get(key)
+        if cell is None or base_cell is None or not cell.samples or not base_cell.samples:
+            return None
+        by_round = dict(zip(base_cell.rounds, base_cell.samples, strict=True))
+        pairs = [value / by_round[r] for value, r in zip(cell.samples, cell.rounds, strict=True)
+                 if by_round.get(r)]
+        if pairs:
+            return statistics.median(pairs)
+        reference, value = base_cell.value, cell.value
+        if not reference or value is None:
             return None
         return value / reference
 
@@ -271,6 +287,7 @@ def sections_as_dict(sections: list[Section]) -> list[dict[str, Any]]:
                 metric = METRIC_BY_KEY[key]
                 figures[key] = {
                     "unit": metric.unit, "median": cell.value, "samples": cell.samples,
+                    "rounds": cell.rounds,
                     "ratio": section.ratio(column, key), "error": cell.error,
                     "errors": cell.errors, "note": cell.note,
                 }

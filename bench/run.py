@@ -54,6 +54,7 @@ if str(REPO) not in sys.path:
 from bench import measure, profiling  # noqa: E402
 from bench.measure import MeasureError  # noqa: E402
 from bench.report import (  # noqa: E402
+    METRICS,
     PATHS,
     TESTS,
     Column,
@@ -82,8 +83,9 @@ FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18
 @dataclass(frozen=True)
 class Settings:
     iperf_seconds: float
-    repeat: int  # repetitions of every figure except the ones below
-    p4_repeat: int
+    rounds: int  # every column is measured once per round; medians over rounds
+    p4_rounds: int  # rounds that include iperf3 -P 4
+    mem_rounds: int  # rounds that measure RSS (each round starts a fresh tunproxy)
     cps_count: int
     rr_count: int
     hold_count: int
@@ -92,12 +94,12 @@ class Settings:
     dns_window: int = 32
 
 
-QUICK = Settings(iperf_seconds=1, repeat=1, p4_repeat=1, cps_count=200, rr_count=200,
-                 hold_count=100, udp_seconds=0.5, dns_seconds=0.5)
-DEFAULT = Settings(iperf_seconds=5, repeat=3, p4_repeat=1, cps_count=2000, rr_count=2000,
-                   hold_count=1000, udp_seconds=2, dns_seconds=2)
-FULL = Settings(iperf_seconds=10, repeat=3, p4_repeat=3, cps_count=2000, rr_count=5000,
-                hold_count=1000, udp_seconds=3, dns_seconds=3)
+QUICK = Settings(iperf_seconds=1, rounds=1, p4_rounds=1, mem_rounds=1, cps_count=200,
+                 rr_count=200, hold_count=100, udp_seconds=0.5, dns_seconds=0.5)
+DEFAULT = Settings(iperf_seconds=4, rounds=3, p4_rounds=1, mem_rounds=1, cps_count=2000,
+                   rr_count=2000, hold_count=1000, udp_seconds=2, dns_seconds=2)
+FULL = Settings(iperf_seconds=10, rounds=3, p4_rounds=3, mem_rounds=3, cps_count=2000,
+                rr_count=5000, hold_count=1000, udp_seconds=3, dns_seconds=3)
 
 
 def progress(message: str) -> None:
@@ -177,12 +179,19 @@ class Runner:
         self.tp: Tunproxy | None = None
         self.topo: Topology | None = None
         self.services: Services | None = None
+        self.round = 0
+        self.section_dir = workdir
+        # (column label, group) pairs whose tunproxy never started: not retried every round.
+        self.broken: dict[tuple[str, str], str] = {}
 
     # .. plumbing ..
 
     def tunproxy_gone(self) -> str:
         assert self.tp is not None
         return f"tunproxy exited (rc={self.tp.proc.poll()}): {log_reason(self.tp.log)}"
+
+    def step(self, column: Column, what: str) -> None:
+        progress(f"  round {self.round + 1}/{self.settings.rounds} {column.label}: {what}")
 
     def record(
         self, column: Column, keys: tuple[str, ...],
@@ -227,105 +236,101 @@ class Runner:
                      f"{carried:.0f} payload bytes)")
                 return None
         for key, value in figures.items():
-            column.cell(key).samples.append(value)
+            column.cell(key).add(value, self.round)
         return figures
 
-    # .. the tests ..
+    # .. the tests: each takes one sample per round ..
 
     def test_tcp(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
         s = self.settings
-        runs = (("tcp_up", False, 1, s.repeat), ("tcp_down", True, 1, s.repeat),
-                ("tcp_up_p4", False, 4, s.p4_repeat))
-        for key, reverse, parallel, repeat in runs:
-            for index in range(repeat):
-                progress(f"  {column.label}: {key} {index + 1}/{repeat}")
+        runs = [("tcp_up", False, 1), ("tcp_down", True, 1)]
+        if self.round < s.p4_rounds:
+            runs.append(("tcp_up_p4", False, 4))
+        for key, reverse, parallel in runs:
+            self.step(column, f"iperf3 {key}")
 
-                def once(reverse: bool = reverse, parallel: int = parallel,
-                         key: str = key) -> tuple[dict[str, float], float]:
-                    result = measure.iperf(ns, s.iperf_seconds, reverse=reverse,
-                                           parallel=parallel)
-                    return {key: result["gbps"]}, result["bytes"]
+            def once(reverse: bool = reverse, parallel: int = parallel,
+                     key: str = key) -> tuple[dict[str, float], float]:
+                result = measure.iperf(ns, s.iperf_seconds, reverse=reverse, parallel=parallel)
+                return {key: result["gbps"]}, result["bytes"]
 
-                if self.record(column, (key,), once) is None and self.services is not None:
-                    self.services.restart_iperf()
+            if self.record(column, (key,), once) is None and self.services is not None:
+                self.services.restart_iperf()
 
     def test_cps(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
         count = self.settings.cps_count
-        for index in range(self.settings.repeat):
-            progress(f"  {column.label}: connections/s {index + 1}/{self.settings.repeat}")
+        self.step(column, f"{count} connections")
 
-            def once() -> tuple[dict[str, float], float]:
-                r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
-                                   "--count", str(count), "--timeout", "5")
-                return ({"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]},
-                        float(r["count"]))
+        def once() -> tuple[dict[str, float], float]:
+            r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
+                               "--count", str(count), "--timeout", "5")
+            return ({"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]},
+                    float(r["count"]))
 
-            self.record(column, ("cps", "conn_p50", "conn_p99"), once)
+        self.record(column, ("cps", "conn_p50", "conn_p99"), once)
 
     def test_latency(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
         count = self.settings.rr_count
-        for index in range(self.settings.repeat):
-            progress(f"  {column.label}: request/response latency {index + 1}/"
-                     f"{self.settings.repeat}")
+        self.step(column, f"{count} request/response round trips")
 
-            def once() -> tuple[dict[str, float], float]:
-                r = measure.client(ns, "rr", "--host", SERVER4, "--port", str(ECHO_PORT),
-                                   "--count", str(count), "--size", "64", "--timeout", "5")
-                return {"rr_p50": r["p50_us"], "rr_p99": r["p99_us"]}, 2.0 * 64 * r["count"]
+        def once() -> tuple[dict[str, float], float]:
+            r = measure.client(ns, "rr", "--host", SERVER4, "--port", str(ECHO_PORT),
+                               "--count", str(count), "--size", "64", "--timeout", "5")
+            return {"rr_p50": r["p50_us"], "rr_p99": r["p99_us"]}, 2.0 * 64 * r["count"]
 
-            self.record(column, ("rr_p50", "rr_p99"), once)
+        self.record(column, ("rr_p50", "rr_p99"), once)
 
     def test_udp(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
         seconds = self.settings.udp_seconds
-        for index in range(self.settings.repeat):
-            progress(f"  {column.label}: UDP request/response {index + 1}/{self.settings.repeat}")
+        self.step(column, "UDP request/response")
 
-            def once() -> tuple[dict[str, float], float]:
-                r = measure.client(ns, "udp", "--host", SERVER4, "--port", str(ECHO_PORT),
-                                   "--count", "100000000", "--max-seconds", f"{seconds:g}",
-                                   "--size", "64", "--timeout", "0.5")
-                return {"udp_rr": r["per_s"]}, 2.0 * 64 * r["count"]
+        def once() -> tuple[dict[str, float], float]:
+            r = measure.client(ns, "udp", "--host", SERVER4, "--port", str(ECHO_PORT),
+                               "--count", "100000000", "--max-seconds", f"{seconds:g}",
+                               "--size", "64", "--timeout", "0.5")
+            return {"udp_rr": r["per_s"]}, 2.0 * 64 * r["count"]
 
-            self.record(column, ("udp_rr",), once)
+        self.record(column, ("udp_rr",), once)
 
     def test_dns(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
         s = self.settings
-        samples: list[str] = []
-        for index in range(s.repeat):
-            progress(f"  {column.label}: DNS answers/s {index + 1}/{s.repeat}")
+        self.step(column, "DNS queries")
+        sample: list[str] = []
 
-            def once() -> tuple[dict[str, float], float]:
-                r = measure.client(ns, "dns", "--host", SERVER4, "--port", str(DNS_PORT),
-                                   "--count", "100000000", "--max-seconds", f"{s.dns_seconds:g}",
-                                   "--window", str(s.dns_window), "--zone", DNS_ZONE,
-                                   "--timeout", "1")
-                if r.get("sample_answer"):
-                    samples.append(r["sample_answer"])
-                return {"dns_qps": r["per_s"]}, 30.0 * r["count"]
+        def once() -> tuple[dict[str, float], float]:
+            r = measure.client(ns, "dns", "--host", SERVER4, "--port", str(DNS_PORT),
+                               "--count", "100000000", "--max-seconds", f"{s.dns_seconds:g}",
+                               "--window", str(s.dns_window), "--zone", DNS_ZONE,
+                               "--timeout", "1")
+            if r.get("sample_answer"):
+                sample.append(r["sample_answer"])
+            return {"dns_qps": r["per_s"]}, 30.0 * r["count"]
 
-            self.record(column, ("dns_qps",), once)
-        if column.path != "baseline" and samples and not samples[0].startswith(FAKE_IP_PREFIX):
+        self.record(column, ("dns_qps",), once)
+        if column.path != "baseline" and sample and not sample[0].startswith(FAKE_IP_PREFIX):
             column.cell("dns_qps").note = (
-                f"{column.label}: DNS answers were not fake IPs (e.g. {samples[0]}): the "
+                f"{column.label}: DNS answers were not fake IPs (e.g. {sample[0]}): the "
                 "queries were relayed, not answered by tunproxy's fake-ip"
             )
 
     def test_mem(self, column: Column) -> None:
         """RSS at rest (fresh process, one probe flow done), then with N idle flows open."""
         assert self.topo is not None and self.tp is not None
+        if self.round >= self.settings.mem_rounds:
+            return
         pid = self.tp.proc.pid
         count = self.settings.hold_count
-        progress(f"  {column.label}: RSS with {count} idle TCP flows")
+        self.step(column, f"RSS with {count} idle TCP flows")
 
         def once() -> tuple[dict[str, float], float]:
             assert self.topo is not None
@@ -347,7 +352,7 @@ class Runner:
         for direction, reverse in (("upload", False), ("download", True)):
             name = f"mtu{mtu}-{column.label.replace(' ', '-')}-{direction}"
             raw = self.profile_dir / f"{name}.txt"
-            progress(f"  {column.label}: py-spy during iperf3 {direction}")
+            self.step(column, f"py-spy during iperf3 {direction} (not measured)")
             spy = profiling.start_recording(self.tp.proc.pid, seconds, raw)
             try:
                 with contextlib.suppress(MeasureError):
@@ -373,21 +378,23 @@ class Runner:
             if test in tests:
                 getattr(self, f"test_{test}")(column)
                 if (test == "tcp" and self.profile_dir is not None and self.tp is not None
-                        and column.offload):
+                        and column.offload and self.round == 0):
                     self.profile_tcp(column, mtu)
 
     def fail_tests(self, column: Column, tests: tuple[str, ...], reason: str) -> None:
-        from bench.report import METRICS
-
         for metric in METRICS:
             if metric.test in tests:
                 column.cell(metric.key).errors.append(reason)
 
     def run_tunproxy_group(self, section: Section, column: Column, group: Group) -> None:
         assert self.topo is not None
+        broken = self.broken.get((f"{section.mtu} {column.label}", group.name))
+        if broken is not None:
+            return  # the reason is already in every cell of the group
         config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns)
-        name = f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
-        progress(f"  {column.label}: starting tunproxy ({group.name}: {', '.join(group.tests)})")
+        name = (f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
+                f"-round{self.round + 1}")
+        self.step(column, f"starting tunproxy ({group.name}: {', '.join(group.tests)})")
         try:
             self.tp = self.topo.start_tunproxy(
                 config, "--log-level", self.log_level, name=f"{name}.yaml", wait=False
@@ -395,11 +402,9 @@ class Runner:
             self.tp.wait_ready(timeout=30)
         except (RuntimeError, TimeoutError, OSError) as exc:
             reason = "tunproxy did not start"
-            if self.tp is not None:
-                reason += f": {log_reason(self.tp.log)}"
-            else:
-                reason += f": {exc}"
+            reason += f": {log_reason(self.tp.log)}" if self.tp is not None else f": {exc}"
             self.fail_tests(column, group.tests, reason)
+            self.broken[(f"{section.mtu} {column.label}", group.name)] = reason
             self.stop_tunproxy(name)
             return
         try:
@@ -429,12 +434,15 @@ class Runner:
             else:
                 tp.kill()
         with contextlib.suppress(OSError):
-            (self.workdir / f"{name}.log").write_text(tp.log)
+            (self.section_dir / f"{name}.log").write_text(tp.log)
+        # The log is saved; Topology.close() need not print or kill this one again.
+        with contextlib.suppress(AttributeError, ValueError):
+            self.topo._tunproxies.remove(tp)  # type: ignore[union-attr]
 
     def run_section(self, section: Section) -> None:
         tests = {t for c in section.columns for t in c.tests}
         paths = {c.path for c in section.columns}
-        workdir = self.workdir / f"mtu{section.mtu}"
+        workdir = self.section_dir = self.workdir / f"mtu{section.mtu}"
         workdir.mkdir(parents=True, exist_ok=True)
         progress(f"MTU {section.mtu}: building the topology")
         with topology(workdir, mtu=section.mtu) as topo:
@@ -452,13 +460,15 @@ class Runner:
                         self.services.dante()
                 if "dns" in tests:
                     self.services.dnsmasq()
-                for column in section.columns:
-                    progress(f"MTU {section.mtu}: {column.label}")
-                    if column.path == "baseline":
-                        self.run_tests(column, column.tests, section.mtu)
-                    else:
-                        for group in groups_for(column):
-                            self.run_tunproxy_group(section, column, group)
+                for round_index in range(self.settings.rounds):
+                    self.round = round_index
+                    for column in section.columns:
+                        if column.path == "baseline":
+                            self.step(column, "plain kernel routing, no TUN")
+                            self.run_tests(column, column.tests, section.mtu)
+                        else:
+                            for group in groups_for(column):
+                                self.run_tunproxy_group(section, column, group)
             finally:
                 self.stop_tunproxy("interrupted")
                 self.topo = None
@@ -477,9 +487,10 @@ def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
     settings = QUICK if args.quick else FULL if args.full else DEFAULT
-    if args.repeat is not None:
-        settings = replace(settings, repeat=args.repeat, p4_repeat=min(args.repeat,
-                                                                        settings.p4_repeat))
+    if args.rounds is not None:
+        settings = replace(settings, rounds=args.rounds,
+                           p4_rounds=min(args.rounds, settings.p4_rounds),
+                           mem_rounds=min(args.rounds, settings.mem_rounds))
     if args.time is not None:
         settings = replace(settings, iperf_seconds=args.time)
     tests = parse_list(args.only, TESTS, "test") if args.only else list(TESTS)
@@ -554,10 +565,10 @@ def render_header(meta: dict[str, Any], settings: Settings, sections: list[Secti
         f"tunproxy benchmark  {meta['date']}  commit {meta['commit']}\n"
         f"machine: {meta['cpu']} x{meta['cpus']}, kernel {meta['kernel']}, "
         f"Python {meta['python']}, {meta['iperf3']}, load at start {meta['loadavg_at_start']}\n"
-        f"MTU {mtus}; iperf3 -t {settings.iperf_seconds:g}; medians of {settings.repeat} "
-        f"(-P 4: {settings.p4_repeat}); {settings.cps_count} connections per connections/s "
-        f"run; {settings.hold_count} idle flows for RSS\n"
-        "cells: median (ratio to the same-run baseline[, latency added in us])"
+        f"MTU {mtus}; iperf3 -t {settings.iperf_seconds:g}; medians of {settings.rounds} rounds "
+        f"(-P 4: {settings.p4_rounds}, RSS: {settings.mem_rounds}); {settings.cps_count} "
+        f"connections per connections/s run; {settings.hold_count} idle flows for RSS\n"
+        "cells: median (median ratio to the same round's baseline[, latency added in us])"
     )
 
 
@@ -602,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offload", metavar="ON,OFF",
                         help="tunproxy offload settings to measure (default: on; off too at "
                              "MTU 1500, TCP throughput only)")
-    parser.add_argument("--repeat", type=int, help="repetitions per figure (median shown)")
+    parser.add_argument("--rounds", "--repeat", type=int,
+                        help="rounds (each measures every column once; medians shown)")
     parser.add_argument("--time", type=float, help="iperf3 seconds per run")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON "
                         "('-': JSON on stdout, the table on stderr)")

@@ -38,24 +38,29 @@ def test_quick_baseline_run_produces_figures() -> None:
     assert "connections/s" in proc.stderr
 
 
-def _section(direct_up: float, socks_cps: float | None, socks_error: str | None) -> Section:
+def _section(
+    direct_up: list[float], socks_cps: float | None, socks_error: str | None
+) -> Section:
     baseline = Column("baseline", tests=("tcp", "cps"))
-    baseline.cell("tcp_up").samples += [10.0, 12.0, 11.0]
-    baseline.cell("cps").samples += [1000.0]
+    for round_index, value in enumerate([10.0, 20.0, 11.0]):
+        baseline.cell("tcp_up").add(value, round_index)
+    baseline.cell("cps").add(1000.0, 0)
     direct = Column("direct", tests=("tcp",))
-    direct.cell("tcp_up").samples += [direct_up]
+    for round_index, value in enumerate(direct_up):
+        direct.cell("tcp_up").add(value, round_index)
     socks = Column("socks5", tests=("cps",))
     if socks_cps is not None:
-        socks.cell("cps").samples.append(socks_cps)
+        socks.cell("cps").add(socks_cps, 0)
     if socks_error is not None:
         socks.cell("cps").errors.append(socks_error)
     return Section(1500, [baseline, direct, socks])
 
 
-def test_targets_use_the_median_baseline_ratio() -> None:
-    section = _section(direct_up=5.5, socks_cps=340.0, socks_error=None)
+def test_targets_use_the_median_of_per_round_ratios() -> None:
+    section = _section(direct_up=[5.0, 10.0, 4.4], socks_cps=340.0, socks_error=None)
     verdicts = {v.target.name: v for v in check_targets([section])}
-    # 5.5 / median(10, 12, 11) = 0.50; 340 / 1000 = 0.34 is just under 0.35.
+    # Per round 0.5, 0.5, 0.4 -> 0.50 (the ratio of the medians, 5 / 11, would be 0.45).
+    # 340 / 1000 = 0.34 is just under 0.35.
     assert verdicts["TCP upload via DIRECT >= 0.40x baseline"].status == "PASS"
     assert "0.50x" in verdicts["TCP upload via DIRECT >= 0.40x baseline"].detail
     assert verdicts["connections/s via SOCKS5 >= 0.35x baseline"].status == "FAIL"
@@ -65,14 +70,14 @@ def test_targets_use_the_median_baseline_ratio() -> None:
 
 
 def test_unmeasurable_figure_fails_its_target_and_is_footnoted() -> None:
-    section = _section(direct_up=1.0, socks_cps=None, socks_error="tunproxy did not start: X")
+    section = _section(direct_up=[1.0], socks_cps=None, socks_error="tunproxy did not start: X")
     verdicts = {v.target.name: v for v in check_targets([section])}
     cps = verdicts["connections/s via SOCKS5 >= 0.35x baseline"]
     assert cps.status == "FAIL" and "did not start" in cps.detail
     table = render_table([section])
     assert "n/a [1]" in table
     assert "[1] tunproxy did not start: X" in table
-    assert "1.00 (0.09x)" in table  # 1.0 / 11.0
+    assert "1.00 (0.10x)" in table  # 1.0 / 10.0, the baseline of the same round
 
 
 def test_profile_summary_counts_self_and_total_time() -> None:
