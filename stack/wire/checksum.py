@@ -18,10 +18,9 @@ def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
 
     The result is in ``0 .. 0xFFFE``; it can be fed back as ``initial``.
     """
+    value = int.from_bytes(data, "big")
     if len(data) & 1:
-        value = int.from_bytes(data, "big") << 8
-    else:
-        value = int.from_bytes(data, "big")
+        value <<= 8  # pad with a zero byte
     return (value + initial) % _MOD
 
 
