@@ -371,14 +371,19 @@ def test_reply_round_trip_in_random_segments(
 
 
 @given(
-    server=st.binary(max_size=80),
+    # A valid prefix lets the random part reach the later parsers (auth, reply).
+    prefix=st.sampled_from(
+        [b"", METHOD_NOAUTH, METHOD_USERPASS, METHOD_USERPASS + AUTH_OK, METHOD_NOAUTH + b"\x05"]
+    ),
+    junk=st.binary(max_size=80),
     chunks=st.lists(st.integers(1, 16), max_size=20),
     auth=st.booleans(),
     udp=st.booleans(),
 )
 def test_random_server_bytes_give_events_or_remote_error(
-    server: bytes, chunks: list[int], auth: bool, udp: bool
+    prefix: bytes, junk: bytes, chunks: list[int], auth: bool, udp: bool
 ) -> None:
+    server = prefix + junk
     client = Socks5Client(auth=("user", "secret") if auth else None)
     if udp:
         client.udp_associate()
