@@ -68,8 +68,10 @@ def dnsmasq(net: Topology, tmp_path: pathlib.Path) -> Dnsmasq:
     return Dnsmasq(net.server, tmp_path)
 
 
-def probe(net: Topology, dns: dict[str, Any], *steps: dict[str, Any]) -> dict[str, Any]:
-    spec = json.dumps({"dns": dns, "steps": list(steps)})
+def probe(
+    net: Topology, dns: dict[str, Any], *steps: dict[str, Any], socks5: str | None = None
+) -> dict[str, Any]:
+    spec = json.dumps({"dns": dns, "steps": list(steps), "socks5": socks5})
     done = net.client.run(sys.executable, PROBE, spec, timeout=60)
     return dict(json.loads(done.stdout))
 
@@ -189,3 +191,48 @@ def test_encrypted_upstreams_reach_the_real_resolver(
     assert dnsmasq.queries(name, "A", SERVER4) == 1
     assert dnsmasq.queries(name, "A", CLIENT4) == 0
     assert out["counters"]["upstream_failures"] == 0
+
+
+DANTE_CONF = f"""\
+logoutput: stderr
+internal: {SERVER4} port = 1080
+external: {SERVER4}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }}
+"""
+
+
+@pytest.mark.parametrize("scheme", ["udp", "tcp", "quic"])
+def test_upstream_flows_follow_the_rules_through_socks5(
+    net: Topology, dnsmasq: Dnsmasq, tmp_path: pathlib.Path, cert: tuple[str, str], scheme: str
+) -> None:
+    conf = tmp_path / "danted.conf"
+    conf.write_text(DANTE_CONF)
+    net.server.spawn(
+        "/usr/sbin/danted", "-f", str(conf), "-N", "1", "-p", str(tmp_path / "danted.pid")
+    )
+    net.server.wait_tcp_listening(1080)
+    if scheme == "quic":
+        start_server(net.server, "doq", 8853, cert)
+        url = f"quic://{SERVER4}:8853#sni=dns.test&ca={cert[0]}"
+    else:
+        url = f"{scheme}://{SERVER4}"
+    name = f"{scheme}.socks.name.test"
+    out = probe(
+        net,
+        {"mode": "real-ip", "servers": [url]},
+        {"op": "query", "name": name},
+        socks5=f"{SERVER4}:1080",
+    )
+    ((answer,),) = out["results"]
+    assert answer["rcode"] == "NOERROR" and answer["answers"] == ["10.9.8.7"]
+    network = "tcp" if scheme == "tcp" else "udp"
+    port = 8853 if scheme == "quic" else 53
+    assert out["flows"] == [[network, f"{SERVER4}:{port}"]]
+    # dnsmasq heard the query from the proxy's side, never from the client directly.
+    assert dnsmasq.queries(name, "A", SERVER4) == 1
+    assert dnsmasq.queries(name, "A", CLIENT4) == 0

@@ -2,6 +2,7 @@
 
     ip netns exec NS python3 dnstest_probe.py '{"dns": {...}, "steps": [...]}'
 
+``"socks5": "host:port"`` sends every upstream flow through that proxy.
 Steps: ``{"op": "query", "name": "a.test", "type": "A", "network": "udp",
 "count": 1, "edns": false}`` (``count`` identical queries at once) and
 ``{"op": "resolve", "name": "a.test"}``. Prints one JSON object: a result list
@@ -22,12 +23,24 @@ from tunproxy.dns.config import parse_dns_config
 from tunproxy.dns.service import DnsService
 from tunproxy.outbounds.base import Outbound, Target
 from tunproxy.outbounds.direct import DirectOutbound
+from tunproxy.outbounds.socks5 import Socks5Outbound
 
 DIRECT = DirectOutbound()
+flows: list[list[str]] = []  # what the "rules" were asked: [network, target]
 
 
-def outbound_for(network: str, target: Target) -> Outbound:
-    return DIRECT
+def make_outbound_for(spec: dict[str, Any]) -> Any:
+    """DIRECT, or every upstream flow through the SOCKS5 proxy in ``spec["socks5"]``."""
+    outbound: Outbound = DIRECT
+    if spec.get("socks5"):
+        host, _, port = spec["socks5"].rpartition(":")
+        outbound = Socks5Outbound("proxy", host, int(port))
+
+    def outbound_for(network: str, target: Target) -> Outbound:
+        flows.append([network, str(target)])
+        return outbound
+
+    return outbound_for
 
 
 async def query(svc: DnsService, step: dict[str, Any], ident: int) -> dict[str, Any]:
@@ -54,7 +67,7 @@ async def query(svc: DnsService, step: dict[str, Any], ident: int) -> dict[str, 
 
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
-    svc = DnsService(parse_dns_config(spec["dns"], "probe"), outbound_for)
+    svc = DnsService(parse_dns_config(spec["dns"], "probe"), make_outbound_for(spec))
     results: list[Any] = []
     mapped: dict[str, str | None] = {}
     try:
@@ -74,7 +87,7 @@ async def main(spec: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"unknown op {step['op']!r}")
     finally:
         await svc.aclose()
-    return {"results": results, "counters": svc.counters, "mapped": mapped}
+    return {"results": results, "counters": svc.counters, "mapped": mapped, "flows": flows}
 
 
 if __name__ == "__main__":
