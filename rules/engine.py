@@ -210,8 +210,13 @@ class _Index:
             if not src and not no_resolve and parsed:
                 self.resolve_first = min(self.resolve_first, base)
         else:
+            before = self.resolve_first
             for i, node in enumerate(parsed):
                 self.add(node, base + i, no_resolve, src)  # type: ignore[arg-type]
+            if self.resolve_first < before:
+                # mihomo resolves before trying a classical set that holds an IP rule, so
+                # every entry of the set (no-resolve ones too) sees the address.
+                self.resolve_first = base
 
     def _add_leaf(self, leaf: Leaf, order: int, no_resolve: bool, src: bool) -> None:
         kind, v = leaf.kind, leaf.value

@@ -1,0 +1,342 @@
+"""The indexed engine against a plain first-match interpreter, on random rules and flows.
+
+The reference walks the rules one by one with mihomo's semantics (``tunnel.match``): the
+first rule that needs an address resolves the domain, and every later IP rule sees it. Both
+must name the same rule (and rule-set entry), call the process lookup only when a linear
+scan would reach a process rule, and never call the resolver when a linear scan would not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rules
+from rules import FlowMeta, ProcessInfo, RuleSource
+from rules.provider import DomainEntry
+from rules.syntax import Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
+
+LABELS = ["a", "b", "ab", "c"]
+TLDS = ["com", "net"]
+DOMAINS = [f"{x}.{t}" for x in LABELS for t in TLDS] + [
+    f"{y}.{x}.{t}" for y in LABELS for x in LABELS[:2] for t in TLDS
+]
+V4 = ["10.0.0.1", "10.0.1.7", "10.1.0.1", "192.0.2.9", "::ffff:10.0.0.1"]
+V6 = ["2001:db8::1", "2001:db8:1::1", "fd00::5"]
+CIDRS = [
+    "10.0.0.0/8",
+    "10.0.0.0/24",
+    "10.0.1.0/24",
+    "10.0.0.1/32",
+    "192.0.2.0/24",
+    "2001:db8::/32",
+    "2001:db8::/48",
+    "fd00::/8",
+    "::ffff:10.0.0.0/120",
+]
+PORTS = ["80", "443", "400-500", "80/8080", "1-1000"]
+PROCS = [ProcessInfo(1, "curl", "/usr/bin/curl", 1000), ProcessInfo(2, "apt", "/usr/bin/apt", 0)]
+
+DOMAIN_SET = ["+.a.com", ".b.net", "*.ab.com", "c.net", "a.*.com"]
+IP_SET = ["10.0.1.0/24", "2001:db8:1::/48", "192.0.2.9"]
+CLASSICAL_SET = [
+    "DOMAIN-KEYWORD,ab",
+    "IP-CIDR,10.1.0.0/16,no-resolve",
+    "IP-CIDR,192.0.2.0/28",
+    "UID,0",
+    "AND,((NETWORK,udp),(DST-PORT,443))",
+]
+
+
+def leaf_texts() -> st.SearchStrategy[str]:
+    opt = st.sampled_from(["", ",no-resolve"])
+    return st.one_of(
+        st.builds(lambda d: f"DOMAIN,{d}", st.sampled_from(DOMAINS)),
+        st.builds(lambda d: f"DOMAIN-SUFFIX,{d}", st.sampled_from(DOMAINS + TLDS)),
+        st.builds(lambda k: f"DOMAIN-KEYWORD,{k}", st.sampled_from(["a", "b.", "ab", "c.n", "x"])),
+        st.builds(lambda r: f"DOMAIN-REGEX,{r}", st.sampled_from([r"^a\.", r"b\.(com|net)$"])),
+        st.builds(lambda c, o: f"IP-CIDR,{c}{o}", st.sampled_from(CIDRS), opt),
+        st.builds(lambda c: f"SRC-IP-CIDR,{c}", st.sampled_from(["10.9.0.0/16", "10.9.9.9/32"])),
+        st.builds(lambda p: f"DST-PORT,{p}", st.sampled_from(PORTS)),
+        st.builds(lambda p: f"SRC-PORT,{p}", st.sampled_from(PORTS)),
+        st.builds(lambda n: f"NETWORK,{n}", st.sampled_from(["tcp", "udp"])),
+        st.builds(lambda n: f"PROCESS-NAME,{n}", st.sampled_from(["curl", "apt"])),
+        st.just("PROCESS-PATH,/usr/bin/apt"),
+        st.builds(lambda u: f"UID,{u}", st.sampled_from(["0", "1000", "500-2000"])),
+    )
+
+
+def _logic(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    def wrap(op: str, parts: list[str]) -> str:
+        if op == "NOT":
+            parts = parts[:1]
+        return op + ",(" + ",".join(f"({p})" for p in parts) + ")"
+
+    return st.builds(
+        wrap, st.sampled_from(["AND", "OR", "NOT"]), st.lists(children, min_size=1, max_size=3)
+    )
+
+
+conditions = st.recursive(leaf_texts(), _logic, max_leaves=6)
+
+
+def rule_texts() -> st.SearchStrategy[str]:
+    target = st.sampled_from(["DIRECT", "REJECT", "proxy"])
+    sets = st.builds(
+        lambda n, o: f"RULE-SET,{n}", st.sampled_from(["dom", "ips", "cls"]), st.just("")
+    )
+    set_opts = st.sampled_from(["", ",no-resolve", ",src"])
+
+    def line(cond: str, tgt: str) -> str:
+        # Options follow the target on a rule line (inside logic they follow the value).
+        if cond.endswith(",no-resolve") and not cond.startswith(("AND", "OR", "NOT")):
+            return f"{cond[: -len(',no-resolve')]},{tgt},no-resolve"
+        return f"{cond},{tgt}"
+
+    return st.one_of(
+        st.builds(line, conditions, target),
+        st.builds(lambda s, t, o: f"{s},{t}{o}", sets, target, set_opts),
+    )
+
+
+rule_lists = st.builds(
+    lambda body, match: body + match,
+    st.lists(rule_texts(), min_size=1, max_size=12),
+    st.sampled_from([[], ["MATCH,proxy"]]),
+)
+
+
+@st.composite
+def flows(draw: st.DrawFn) -> dict[str, Any]:
+    domain = draw(st.sampled_from([None, *DOMAINS, "A.COM.", "x.ab.com", "a.b.ab.com", "c.x.com"]))
+    # Domain-only flows (fake-ip) half the time when there is a domain: resolution matters.
+    dst = None if domain and draw(st.booleans()) else draw(st.sampled_from(V4 + V6))
+    return {
+        "network": draw(st.sampled_from(["tcp", "udp"])),
+        "src_ip": draw(st.sampled_from(["10.9.9.9", "10.8.0.1", "10.0.1.1"])),
+        "src_port": draw(st.sampled_from([80, 443, 8080, 50000])),
+        "dst_ip": dst,
+        "dst_port": draw(st.sampled_from([80, 443, 450, 8080, 5353])),
+        "domain": domain,
+        "process": draw(st.sampled_from([None, *PROCS])),
+        "resolved": draw(st.lists(st.sampled_from(V4 + V6), min_size=1, max_size=2)),
+    }
+
+
+SETS = {
+    "dom": rules.parse_rule_set(
+        "dom", "\n".join(DOMAIN_SET), behavior="domain", format="text", file="dom.txt"
+    ),
+    "ips": rules.parse_rule_set(
+        "ips", "\n".join(IP_SET), behavior="ipcidr", format="text", file="ips.txt"
+    ),
+    "cls": rules.parse_rule_set(
+        "cls", "\n".join(CLASSICAL_SET), behavior="classical", format="text", file="cls.txt"
+    ),
+}
+
+
+# --- the reference: one rule after the other --------------------------------------------------
+
+
+def _addr(text: str) -> tuple[int, int]:
+    a = ipaddress.ip_address(text)
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    return a.version, int(a)
+
+
+def _cidr_has(c: Cidr, text: str | None) -> bool:
+    if text is None:
+        return False
+    version, n = _addr(text)
+    return (version == 6) == c.v6 and c.lo <= n <= c.hi
+
+
+@dataclass
+class Ref:
+    f: dict[str, Any]
+    resolved: bool = False
+    resolve_calls: int = 0
+    process_calls: int = 0
+    _proc: list[ProcessInfo | None] = field(default_factory=list)
+
+    def domain(self) -> str | None:
+        d = self.f["domain"]
+        return d.lower().rstrip(".") if d else None
+
+    def dst_ips(self) -> list[str]:
+        if self.f["dst_ip"] is not None:
+            return [self.f["dst_ip"]]
+        return list(self.f["resolved"]) if self.resolved else []
+
+    def process(self) -> ProcessInfo | None:
+        if not self._proc:
+            self.process_calls += 1
+            self._proc.append(self.f["process"])
+        return self._proc[0]
+
+    def leaf(self, leaf: Leaf, no_resolve: bool, src: bool) -> bool:
+        kind, v = leaf.kind, leaf.value
+        d = self.domain()
+        if kind == "DOMAIN":
+            return d == v
+        if kind == "DOMAIN-SUFFIX":
+            return d is not None and (d == v or d.endswith("." + str(v)))
+        if kind == "DOMAIN-KEYWORD":
+            return d is not None and str(v) in d
+        if kind == "DOMAIN-REGEX":
+            return d is not None and re.search(str(v), d, re.IGNORECASE) is not None
+        if kind in ("IP-CIDR", "IP-CIDR6"):
+            assert isinstance(v, Cidr)
+            if src or leaf.src:
+                return _cidr_has(v, self.f["src_ip"])
+            return any(_cidr_has(v, ip) for ip in self.dst_ips())
+        if kind == "SRC-IP-CIDR":
+            assert isinstance(v, Cidr)
+            return _cidr_has(v, self.f["src_ip"])
+        if kind in ("DST-PORT", "SRC-PORT"):
+            port = self.f["dst_port" if kind == "DST-PORT" else "src_port"]
+            return any(lo <= port <= hi for lo, hi in v)  # type: ignore[attr-defined]
+        if kind == "NETWORK":
+            return bool(self.f["network"] == v)
+        p = self.process()
+        if p is None:
+            return False
+        if kind == "PROCESS-NAME":
+            return p.name == v
+        if kind == "PROCESS-PATH":
+            return p.path == v
+        return any(lo <= p.uid <= hi for lo, hi in v)  # type: ignore[attr-defined]
+
+    def node(self, n: Node, no_resolve: bool = False, src: bool = False) -> bool:
+        if isinstance(n, Leaf):
+            return self.leaf(n, no_resolve, src)
+        if isinstance(n, Logic):
+            results = (self.node(c, no_resolve, src) for c in n.children)
+            if n.op == "AND":
+                return all(results)
+            if n.op == "OR":
+                return any(results)
+            return not next(results)
+        return self.set_entry(n) is not None
+
+    def set_entry(self, ref: SetRef) -> int | None:
+        data = SETS[ref.name]
+        for i, e in enumerate(data.parsed):
+            if isinstance(e, DomainEntry):
+                d = self.domain()
+                if d is None:
+                    continue
+                dom = e.domain
+                hit = {
+                    "exact": d == dom,
+                    "plus": d == dom or d.endswith("." + dom),
+                    "sub": d.endswith("." + dom),
+                    "one": d.endswith("." + dom) and "." not in d[: -len(dom) - 1],
+                    "pattern": re.fullmatch(dom.replace(".", r"\.").replace("*", "[^.]+"), d)
+                    is not None,
+                }[e.mode]
+            elif isinstance(e, Cidr):
+                if ref.src:
+                    hit = _cidr_has(e, self.f["src_ip"])
+                else:
+                    hit = any(_cidr_has(e, ip) for ip in self.dst_ips())
+            else:
+                hit = self.node(e, ref.no_resolve, ref.src)
+            if hit:
+                return i
+        return None
+
+
+def _leaf_resolves(n: Node, no_resolve: bool, src: bool) -> bool:
+    if isinstance(n, Leaf):
+        return (
+            n.kind in ("IP-CIDR", "IP-CIDR6")
+            and not (no_resolve or n.no_resolve)
+            and not (src or n.src)
+        )
+    if isinstance(n, Logic):
+        return any(_leaf_resolves(c, no_resolve, src) for c in n.children)
+    return _set_resolves(n, no_resolve or n.no_resolve, src or n.src)
+
+
+def _set_resolves(ref: SetRef, no_resolve: bool, src: bool) -> bool:
+    data = SETS[ref.name]
+    if data.behavior == "ipcidr":
+        return not no_resolve and not src and len(data) > 0
+    if data.behavior == "classical":
+        return any(_leaf_resolves(e, no_resolve, src) for e in data.parsed)  # type: ignore[arg-type]
+    return False
+
+
+def reference(
+    lines: list[str], f: dict[str, Any]
+) -> tuple[tuple[str, int | None, str | None], Ref]:
+    ref = Ref(f)
+    for n, text in enumerate(lines, 1):
+        parsed = parse_rule_line(text, "cfg", n, targets={"proxy"}, rule_sets=SETS)
+        node = parsed.node
+        if node is None:
+            return (parsed.target, n, None), ref
+        if (
+            f["dst_ip"] is None
+            and f["domain"]
+            and not ref.resolved
+            and _leaf_resolves(node, False, False)
+        ):
+            ref.resolved = True
+            ref.resolve_calls += 1
+        if isinstance(node, SetRef):
+            i = ref.set_entry(node)
+            if i is not None:
+                return (parsed.target, n, SETS[node.name].describe(i)), ref
+        elif ref.node(node):
+            return (parsed.target, n, None), ref
+    return ("DIRECT", None, None), ref
+
+
+def _counted(value: Any) -> tuple[Callable[[], Any], list[int]]:
+    calls = [0]
+
+    def get() -> Any:
+        calls[0] += 1
+        return value
+
+    return get, calls
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rule_lists, st.lists(flows(), min_size=1, max_size=8))
+def test_engine_agrees_with_linear_scan(lines: list[str], flow_list: list[dict[str, Any]]) -> None:
+    compiled = rules.compile(
+        [RuleSource(t, "cfg", n) for n, t in enumerate(lines, 1)], SETS, ["proxy"]
+    )
+    for f in flow_list:
+        expected, ref = reference(lines, f)
+        proc, proc_calls = _counted(f["process"])
+        res, res_calls = _counted(f["resolved"])
+        v = compiled.match(
+            FlowMeta(
+                f["network"],
+                f["src_ip"],
+                f["src_port"],
+                f["dst_ip"],
+                f["dst_port"],
+                f["domain"],
+                proc,
+                res,
+            )
+        )
+        got = (v.target, v.rule.line if v.rule else None, v.rule_set_entry)
+        assert got == expected, (lines, f)
+        assert proc_calls[0] == ref.process_calls, (lines, f)
+        assert res_calls[0] <= 1
+        if ref.resolve_calls == 0:
+            assert res_calls[0] == 0, (lines, f)
