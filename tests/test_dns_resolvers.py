@@ -225,6 +225,25 @@ def test_doh_keeps_one_connection_alive(cert: tuple[str, str]) -> None:
     run(main())
 
 
+@pytest.mark.parametrize(("style", "connections"), [("chunked", 1), ("close", 2)])
+def test_doh_chunked_and_connection_close(
+    cert: tuple[str, str], style: str, connections: int
+) -> None:
+    async def main() -> None:
+        port = free_port_pair()
+        tls = server_tls(*cert, ["http/1.1"])
+        server, stats = await start_doh(Zone(ZONE_LINES), "127.0.0.1", port, tls, style=style)
+        url = f"https://127.0.0.1:{port}/dns-query#sni=dns.test&ca={cert[0]}"
+        resolver = make_resolver(parse_server_url(url), outbound_for)
+        for name, address in (("name.test", "10.9.8.7"), ("fast.test", "10.0.0.2")):
+            assert answers(await resolver.exchange(query(name), timeout=3)) == [address]
+        assert stats.connections == connections and stats.requests == 2
+        await resolver.aclose()
+        server.close()
+
+    run(main())
+
+
 def test_doh_http_error_is_a_resolver_error(cert: tuple[str, str]) -> None:
     async def main() -> None:
         port = free_port_pair()

@@ -207,6 +207,18 @@ class BufferedReader:
         del self._buffer[:n]
         return data
 
+    async def read_to_eof(self, limit: int = 65536) -> bytes:
+        """Everything up to the end of the stream (at most ``limit`` bytes)."""
+        while True:
+            if len(self._buffer) > limit:
+                raise ProxyError("upstream sent more than expected")
+            data = await self.channel.read()
+            if not data:
+                out = bytes(self._buffer)
+                self._buffer.clear()
+                return out
+            self._buffer += data
+
     async def read_until(self, separator: bytes, limit: int = 65536) -> bytes:
         while True:
             index = self._buffer.find(separator)

@@ -385,7 +385,7 @@ class HttpsResolver(Resolver):
                 data = await conn.read_exactly(int(headers["content-length"]))
             else:
                 keep_alive = False
-                data = await self._read_to_eof(conn)
+                data = await conn.read_to_eof(65535)
         except BaseException:
             conn.channel.close()
             raise
@@ -410,17 +410,6 @@ class HttpsResolver(Resolver):
                 return bytes(data)
             data += await conn.read_exactly(size)
             await conn.read_exactly(2)
-            if len(data) > 65535:
-                raise ResolverError("DoH answer larger than a DNS message")
-
-    @staticmethod
-    async def _read_to_eof(conn: BufferedReader) -> bytes:
-        data = bytearray()
-        while True:
-            chunk = await conn.channel.read()
-            if not chunk:
-                return bytes(data)
-            data += chunk
             if len(data) > 65535:
                 raise ResolverError("DoH answer larger than a DNS message")
 

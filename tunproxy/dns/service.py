@@ -84,11 +84,12 @@ def _reverse_address(name: str) -> str | None:
     return None
 
 
-def _formerr_from_header(query: bytes) -> bytes | None:
-    """FORMERR for a message whose header at least is readable (RFC 1035 4.1.1)."""
+def _error_from_header(query: bytes, rcode: int = RCODE.FORMERR) -> bytes | None:
+    """An empty answer with ``rcode`` built from the header alone: FORMERR for a message
+    whose header at least is readable (RFC 1035 4.1.1)."""
     if len(query) < 12 or query[2] & 0x80:  # no header, or it is a response: drop
         return None
-    flags = ((query[2] | 0x80) << 8) | 0x80 | RCODE.FORMERR  # QR, opcode and RD kept, RA set
+    flags = ((query[2] | 0x80) << 8) | 0x80 | rcode  # QR set, opcode and RD kept, RA set
     flags &= ~0x0600  # AA, TC clear
     return query[:2] + struct.pack("!HHHHH", flags, 0, 0, 0, 0)
 
@@ -193,7 +194,7 @@ class DnsService:
             request = DNSRecord.parse(query)
         except Exception:  # dnslib raises several types on garbage
             self.counters["malformed"] += 1
-            return _formerr_from_header(query)
+            return _error_from_header(query)
         header = request.header
         if header.qr:
             self.counters["dropped"] += 1  # a response sent to us: never answer it (loops)
@@ -214,7 +215,13 @@ class DnsService:
             self.counters["errors"] += 1
             self.counters["servfail"] += 1
             reply = self._reply(request, RCODE.SERVFAIL)
-        return self._finish(request, reply, network)
+        try:
+            return self._finish(request, reply, network)
+        except Exception:  # an upstream record dnslib cannot write back, say
+            log.exception("DNS answer for %s could not be encoded", request.q.qname)
+            self.counters["errors"] += 1
+            self.counters["servfail"] += 1
+            return _error_from_header(query, RCODE.SERVFAIL)
 
     def save(self) -> None:
         """Write the fake-ip table to ``fake-ip-persist`` (if configured)."""

@@ -222,8 +222,16 @@ async def start_tcp(
 
 
 async def start_doh(
-    answer: Answerer, host: str, port: int, tls: ssl.SSLContext, path: str = "/dns-query"
+    answer: Answerer,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext,
+    path: str = "/dns-query",
+    *,
+    style: str = "length",
 ) -> tuple[asyncio.Server, StreamStats]:
+    """``style``: "length" (Content-Length, keep-alive), "chunked" (chunked transfer
+    coding, keep-alive) or "close" (no length, body ends with the connection)."""
     stats = StreamStats()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -246,13 +254,20 @@ async def start_doh(
                     status, out, ctype = "415 Unsupported Media Type", b"", "text/plain"
                 else:
                     status, out, ctype = "200 OK", await answer(body), "application/dns-message"
-                writer.write(
-                    (
-                        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                        f"Content-Length: {len(out)}\r\nCache-Control: max-age=30\r\n\r\n"
-                    ).encode()
-                    + out
-                )
+                head = f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                if style == "chunked":
+                    half = len(out) // 2
+                    body = b"".join(
+                        b"%x\r\n%s\r\n" % (len(part), part) for part in (out[:half], out[half:])
+                    )
+                    writer.write(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + body)
+                    writer.write(b"0\r\n\r\n")
+                elif style == "close":
+                    writer.write(f"{head}Connection: close\r\n\r\n".encode() + out)
+                    await writer.drain()
+                    break
+                else:
+                    writer.write(f"{head}Content-Length: {len(out)}\r\n\r\n".encode() + out)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
