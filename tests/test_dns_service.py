@@ -475,3 +475,17 @@ def test_edns_answered_with_edns(network: str) -> None:
         assert not plain.ar
 
     run(main())
+
+
+def test_a_server_named_by_domain_is_not_resolved_through_itself() -> None:
+    async def main() -> None:
+        config = parse_dns_config(
+            {"servers": ["https://doh.test/dns-query"], "hosts": {"pinned.test": "10.1.1.1"}}, "t"
+        )
+        stub = StubResolver(Zone(ZONE))
+        svc = DnsService(config, no_outbound, resolvers=[stub])
+        assert await svc.resolve("doh.test") == []  # at once, not after the timeout
+        assert stub.calls == 0
+        assert await svc.resolve("pinned.test") == ["10.1.1.1"]
+
+    run(main())

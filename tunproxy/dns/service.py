@@ -131,6 +131,10 @@ class DnsService:
             else [make_resolver(s, outbound_for) for s in config.servers]
         )
         self._upstream_slots = asyncio.Semaphore(MAX_UPSTREAM_INFLIGHT)
+        # Servers given by name without "#ip=": resolving them through ourselves would
+        # wait on the very lookup that needs them (until the timeout). A proxy can still
+        # reach them by name; DIRECT cannot, and is told so at once.
+        self._server_names = {normalize_domain(s.host) for s in config.servers if s.address is None}
         self._filter = DomainSet(config.fake_ip_filter)
         self._block = DomainSet(config.block)
         self._hosts: DomainMap[tuple[str, ...]] = DomainMap(config.hosts.items())
@@ -162,6 +166,12 @@ class DnsService:
         static = self._hosts.get(name)
         if static is not None:
             return sorted(static, key=lambda a: ":" in a)
+        if name in self._server_names:
+            log.warning(
+                "dns.servers: %s is needed to resolve itself; give its address with "
+                "'#ip=' in the URL, or a 'hosts' entry", name,
+            )  # fmt: skip
+            return []
         results = await asyncio.gather(
             self._lookup(name, QTYPE.A, CLASS.IN),
             self._lookup(name, QTYPE.AAAA, CLASS.IN),
