@@ -34,7 +34,7 @@ BIG_TXT = [f"chunk{i}-" + "y" * 240 for i in range(6)]  # ~1.5 kB: more than 123
 class Dnsmasq:
     """dnsmasq in the foreground with local records only, logging every query."""
 
-    def __init__(self, ns: Netns, workdir: pathlib.Path) -> None:
+    def __init__(self, ns: Netns, workdir: pathlib.Path, answer: str = "10.9.8.7") -> None:
         self.log_path = workdir / "dnsmasq.log"
         self.log_path.write_text("")
         txt = ",".join(f'"{t}"' for t in BIG_TXT)
@@ -42,7 +42,7 @@ class Dnsmasq:
             "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
             "--conf-file=/dev/null", "--user=root", "--pid-file",
             f"--listen-address={SERVER4}", "--bind-interfaces", "--port=53",
-            "--address=/name.test/10.9.8.7", "--local-ttl=60", f"--txt-record=big.test,{txt}",
+            f"--address=/name.test/{answer}", "--local-ttl=60", f"--txt-record=big.test,{txt}",
             "--log-queries", f"--log-facility={self.log_path}",
         )  # fmt: skip
         deadline = time.monotonic() + 10
