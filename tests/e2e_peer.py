@@ -4,7 +4,7 @@
         SINK\\n             read to EOF, answer the sha256 hex of what came, close
         SOURCE n seed\\n    send n bytes of seeded data, then close (FIN)
         ECHO\\n             echo to EOF, then half-close back
-        HOLD\\n             read and discard until the peer goes (idle flows)
+        HOLD\n (or junk)    read and discard until the peer's FIN, then close
     python tests/e2e_peer.py udp HOST PORT     echo every datagram back to its sender
 
 Seeded data is the same on both sides (``payload(seed, n)``), so each side can
@@ -72,7 +72,7 @@ def _serve_tcp_conn(conn: socket.socket) -> None:
             while data := conn.recv(CHUNK):
                 conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
-        elif words[0] == b"HOLD":
+        else:  # HOLD, or anything else: read to EOF, then close cleanly (FIN, not RST)
             while conn.recv(CHUNK):
                 pass
 

@@ -7,10 +7,12 @@ Sizes: ``TUNPROXY_E2E_MB`` (default 100) megabytes each way for the bulk tests.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -45,7 +47,7 @@ socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udprep
 
 
 def config(target: str = "DIRECT", extra_rules: str = "", mtu: int = 1500,
-           offload: bool = True, faults: str = "") -> str:
+           offload: bool = True, faults: str = "", sniff: bool = False) -> str:
     return f"""\
 tun:
   name: tp0
@@ -55,6 +57,7 @@ upstreams:
   socks: {{type: socks5, server: "{PROXY4}:{SOCKS_PORT}"}}
 relay:
   connect-timeout: 3
+  sniff: {"true" if sniff else "false"}
 {faults}
 rules:
 {extra_rules}  - MATCH,{target}
@@ -310,3 +313,62 @@ def test_the_gateway_is_not_tunnelled(lab: Lab) -> None:
     with pytest.raises(ConnectionRefusedError):
         lab.connect(SERVER4)  # while everything else is tunnelled (and rejected)
     assert f"-> {GATEWAY4}" not in tp.log
+
+
+def _client_hello(server_name: str) -> bytes:
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def _outcome(lab: Lab, first_bytes: bytes) -> str:
+    """'reset' if tunproxy refused the flow after sniffing, 'relayed' if the server answered."""
+    with lab.connect() as sock:
+        try:
+            sock.sendall(first_bytes)
+            sock.shutdown(socket.SHUT_WR)
+            # The peer finds no command, reads to our FIN, and closes: a clean EOF.
+            while sock.recv(65536):
+                pass
+        except OSError as exc:
+            # The RST may land before our shutdown (ENOTCONN) or during the read.
+            if exc.errno in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):
+                return "reset"
+            raise
+    return "relayed"
+
+
+SNIFF_RULES = "  - DOMAIN-SUFFIX,blocked.test,REJECT\n"
+
+
+def test_tls_sni_sniffing_routes_by_domain(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("DIRECT", extra_rules=SNIFF_RULES, sniff=True))
+    assert _outcome(lab, _client_hello("www.blocked.test") + b"\n") == "reset"
+    assert _outcome(lab, _client_hello("www.allowed.test") + b"\n") == "relayed"
+    tp.wait_for_log(r"-> www\.blocked\.test:7000 via REJECT")
+    tp.wait_for_log(r"-> www\.allowed\.test:7000 via DIRECT")
+
+
+def test_http_host_sniffing_routes_by_domain(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT", extra_rules=SNIFF_RULES, sniff=True))
+    request = b"GET / HTTP/1.1\r\nHost: web.blocked.test\r\n\r\n"
+    assert _outcome(lab, request) == "reset"
+    assert _outcome(lab, request.replace(b"blocked", b"allowed")) == "relayed"
+
+
+def test_without_sniffing_the_domain_is_unknown(lab: Lab) -> None:
+    lab.topo.start_tunproxy(config("DIRECT", extra_rules=SNIFF_RULES, sniff=False))
+    assert _outcome(lab, _client_hello("www.blocked.test") + b"\n") == "relayed"
+
+
+def test_sniffing_does_not_break_a_silent_client(lab: Lab) -> None:
+    # The client says nothing at first (as with server-speaks-first protocols): after the
+    # bounded wait the flow is routed without a domain and works.
+    tp = lab.topo.start_tunproxy(config("DIRECT", sniff=True))
+    with lab.connect() as sock:
+        tp.wait_for_log(r"open #\d+ tcp .* via DIRECT")  # routed while we were silent
+        sock.sendall(b"ECHO\nhello")
+        assert sock.recv(5) == b"hello"

@@ -45,6 +45,7 @@ from tunproxy.config import RelayConfig
 from tunproxy.errors import OutboundError, Unreachable
 from tunproxy.flows import FlowLog, FlowRecord
 from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound, Target
+from tunproxy.sniff import NEED_MORE, QuicSniffer, sniff_stream
 
 __all__ = ["Decision", "Relay", "Router"]
 
@@ -52,6 +53,9 @@ log = logging.getLogger("tunproxy.relay")
 
 MAX_PENDING_DATAGRAMS = 64
 DNS_TCP_MAX_BUFFER = 128 * 1024
+MAX_SNIFF_BYTES = 16 * 1024
+# Where the server talks first, a client's first bytes never come: don't wait for them.
+SERVER_SPEAKS_FIRST = frozenset({21, 22, 25, 110, 143, 587, 3306, 5432, 5900})
 
 
 @dataclass(slots=True)
@@ -86,7 +90,7 @@ class Router:
         dns = self.dns
         fake = False
         if dns is not None:
-            record.domain = dns.domain_for(dst_ip)
+            record.domain = record.domain or dns.domain_for(dst_ip)
             fake = dns.is_fake(dst_ip)
         process = None
         if self.processes is not None and self.ruleset.needs_process:
@@ -151,7 +155,10 @@ class _Flow:
 class TcpFlow(_Flow, asyncio.Protocol):
     """One TCP flow: the stack side is ``relay.stack``/``id``, the other an upstream transport."""
 
-    __slots__ = ("accepted", "app_fin", "first_fin", "relay", "transport", "upstream_eof")
+    __slots__ = (
+        "accepted", "app_fin", "first_fin", "relay", "sniff_timer", "sniffed", "transport",
+        "upstream_eof",
+    )
 
     def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
         super().__init__(flow_id, record)
@@ -161,6 +168,9 @@ class TcpFlow(_Flow, asyncio.Protocol):
         self.app_fin = False
         self.upstream_eof = False
         self.first_fin: str | None = None  # "client" or "server": who closed first
+        # While sniffing: the client's first bytes, held until the upstream is connected.
+        self.sniffed: bytearray | None = None
+        self.sniff_timer: asyncio.TimerHandle | None = None
 
     # -- upstream side (asyncio.Protocol) -----------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -207,12 +217,28 @@ class TcpFlow(_Flow, asyncio.Protocol):
         self.record.bytes_up += len(data)
         if self.transport is not None:
             self.transport.write(data)
+        elif self.sniffed is not None:
+            self.sniffed += data
+            self.relay.sniff_progress(self)
+        # else: connecting after sniffing; nothing arrives (receiving is paused)
 
     def on_half_closed(self) -> None:
         self.app_fin = True
         self.first_fin = self.first_fin or "client"
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
+        elif self.sniffed is not None:
+            self.relay.sniff_done(self)
+
+    def upstream_ready(self) -> None:
+        """Connected after sniffing: pass on what the client already sent."""
+        assert self.transport is not None
+        if self.sniffed:
+            self.transport.write(bytes(self.sniffed))
+        self.sniffed = None
+        if self.app_fin and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.relay.stack.resume_receiving(self.id, self.relay.now())
 
     def on_writable(self) -> None:
         if self.transport is not None:
@@ -232,13 +258,15 @@ class TcpFlow(_Flow, asyncio.Protocol):
 
 
 class UdpFlow(_Flow, DatagramReceiver):
-    __slots__ = ("pending", "relay", "session")
+    __slots__ = ("pending", "relay", "session", "sniff_result", "sniffer")
 
     def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
         super().__init__(flow_id, record)
         self.relay = relay
         self.session: DatagramSession | None = None
         self.pending: list[bytes] | None = []
+        self.sniffer: QuicSniffer | None = None
+        self.sniff_result: asyncio.Future[str | None] | None = None
 
     def on_datagram(self, data: bytes) -> None:
         self.record.bytes_up += len(data)
@@ -246,6 +274,10 @@ class UdpFlow(_Flow, DatagramReceiver):
             self.session.send(data)
         elif self.pending is not None and len(self.pending) < MAX_PENDING_DATAGRAMS:
             self.pending.append(data)
+            if self.sniffer is not None and self.sniff_result is not None:
+                result = self.sniffer.receive(data)
+                if result is not NEED_MORE and not self.sniff_result.done():
+                    self.sniff_result.set_result(result if isinstance(result, str) else None)
 
     def datagram_received(self, data: bytes) -> None:
         if self.closed:
@@ -447,10 +479,59 @@ class Relay:
         flow = TcpFlow(self, flow_id, record) if key.protocol == TCP else UdpFlow(
             self, flow_id, record)
         self.flows[flow_id] = flow
+        if self._should_sniff(key, record):
+            if isinstance(flow, TcpFlow):
+                # Sniffing needs the client's first bytes: accept before choosing a route.
+                flow.sniffed = bytearray()
+                flow.accepted = True
+                self.stack.accept(flow_id, self.now())
+                flow.sniff_timer = self.loop.call_later(
+                    self.config.sniff_timeout, self.sniff_done, flow)
+                return
+            if key.dst_port == 443:
+                flow.sniffer = QuicSniffer()
+                flow.sniff_result = self.loop.create_future()
+        flow.task = self.spawn(self._connect(flow, key))
+
+    def _should_sniff(self, key: FlowKey, record: FlowRecord) -> bool:
+        if not self.config.sniff or key.dst_port in SERVER_SPEAKS_FIRST:
+            return False
+        dns = self.dns
+        return dns is None or (dns.domain_for(record.dst) is None and not dns.is_fake(record.dst))
+
+    # -- sniffing -----------------------------------------------------------------
+    def sniff_progress(self, flow: TcpFlow) -> None:
+        assert flow.sniffed is not None
+        result = sniff_stream(bytes(flow.sniffed))
+        if result is NEED_MORE and len(flow.sniffed) < MAX_SNIFF_BYTES:
+            return
+        if isinstance(result, str):
+            flow.record.domain = result
+        self.sniff_done(flow)
+
+    def sniff_done(self, flow: TcpFlow) -> None:
+        """Sniffing ends (domain found, not sniffable, FIN, or time is up): connect upstream."""
+        if flow.closed or flow.task is not None:
+            return
+        if flow.sniff_timer is not None:
+            flow.sniff_timer.cancel()
+            flow.sniff_timer = None
+        # Hold further client bytes in the stack (its window closes) while we connect.
+        self.stack.pause_receiving(flow.id)
+        key = self.stack.flow_key(flow.id)
+        if key is None:
+            return
         flow.task = self.spawn(self._connect(flow, key))
 
     async def _connect(self, flow: TcpFlow | UdpFlow, key: FlowKey) -> None:
         record = flow.record
+        if isinstance(flow, UdpFlow) and flow.sniff_result is not None:
+            try:
+                domain = await asyncio.wait_for(flow.sniff_result, self.config.sniff_timeout)
+            except TimeoutError:
+                domain = None
+            record.domain = domain or record.domain
+            flow.sniffer = flow.sniff_result = None
         try:
             decision = await self.router.decide(key, record)
         except Exception:
@@ -461,8 +542,13 @@ class Relay:
         self.flow_log.opened(record)
         if flow.closed:
             return
+        already_accepted = isinstance(flow, TcpFlow) and flow.accepted
         if decision.refusal is not None:
-            self.stack.refuse(flow.id, decision.refusal, self.now())
+            if already_accepted:
+                # Accepted for sniffing: too late for silence; RST ends it cleanly.
+                self.stack.abort(flow.id, self.now())
+            else:
+                self.stack.refuse(flow.id, decision.refusal, self.now())
             self.end(flow, decision.reason or "refused")
             self.flush_soon()
             return
@@ -479,7 +565,9 @@ class Relay:
             if flow.closed:
                 return
             log.info("%s via %s failed: %s", record.describe(), record.outbound, exc)
-            if isinstance(flow, TcpFlow):
+            if already_accepted:
+                self.stack.abort(flow.id, self.now())
+            elif isinstance(flow, TcpFlow):
                 how = Refusal.UNREACHABLE if isinstance(exc, Unreachable) else Refusal.RESET
             else:
                 how = Refusal.UNREACHABLE
@@ -492,7 +580,10 @@ class Relay:
         except Exception as exc:
             log.exception("bug: opening %s failed", record.describe())
             if not flow.closed:
-                self.stack.refuse(flow.id, Refusal.RESET, self.now())
+                if already_accepted:
+                    self.stack.abort(flow.id, self.now())
+                else:
+                    self.stack.refuse(flow.id, Refusal.RESET, self.now())
                 self.end(flow, f"internal-error: {type(exc).__name__}")
                 self.flush_soon()
             return
@@ -504,8 +595,11 @@ class Relay:
                 flow.session.close()
             return
         if isinstance(flow, TcpFlow):
-            flow.accepted = True
-            self.stack.accept(flow.id, self.now())
+            if already_accepted:
+                flow.upstream_ready()
+            else:
+                flow.accepted = True
+                self.stack.accept(flow.id, self.now())
         else:
             pending, flow.pending = flow.pending or [], None
             assert flow.session is not None
@@ -517,6 +611,8 @@ class Relay:
         if flow.closed:
             return
         flow.closed = True
+        if isinstance(flow, TcpFlow) and flow.sniff_timer is not None:
+            flow.sniff_timer.cancel()
         self.flows.pop(flow.id, None)
         if flow.task is not None and not flow.task.done():
             flow.task.cancel()
