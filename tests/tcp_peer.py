@@ -151,8 +151,9 @@ class Peer:
 
     def window_field(self) -> int:
         shift = (self.window_scale or 0) if self.established else 0
-        free = self.receive_window - sum(len(b) for b in self.ooo.values())
-        return min(0xFFFF, max(free, 0) >> shift)
+        # Like Linux, out-of-order data does not shrink the advertised window (so that
+        # duplicate ACKs stay duplicates for a sender without SACK).
+        return min(0xFFFF, max(self.receive_window, 0) >> shift)
 
     def sack_blocks(self) -> tuple[tuple[int, int], ...]:
         if not (self.sack and self.peer_sack) or not self.ooo:

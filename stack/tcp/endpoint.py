@@ -727,6 +727,11 @@ class TcpEndpoint:
         if highest > self._rtx_limit:
             self._rtx_limit = highest
         if (
+            self._rtx_next < self._rtx_limit
+            and board.next_hole(self._rtx_next, self._rtx_limit) is None
+        ):
+            self._rtx_next = self._rtx_limit  # every hole has been retransmitted
+        if (
             self._rtx_next >= self._rtx_limit
             and highest > self._rtx_mark + (_DUP_THRESH - 1) * mss
             and board.next_hole(una, self._rtx_mark) is not None

@@ -1,0 +1,319 @@
+"""Loss, reordering and duplication: timers, fast retransmit with SACK, reassembly."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stack.events import DataReceived, Event, FlowClosed, FlowHalfClosed, FlowReset
+from stack.tcp import TcpState
+from stack.wire.tcp import ACK, PSH, RST, TcpRepr
+from tests.tcp_peer import CLIENT_ISS, Conn, Peer, data_of, make_config
+
+MASK = 0xFFFFFFFF
+
+
+def server_offset(c: Conn, seg: TcpRepr) -> int:
+    return (seg.seq - c.peer.irs - 1) & MASK
+
+
+def sent_offsets(c: Conn, segs: list[tuple[TcpRepr, bytes]]) -> list[int]:
+    return [server_offset(c, s) for s, p in segs if p]
+
+
+def test_tail_loss_is_repaired_by_the_retransmission_timer() -> None:
+    c = Conn()
+    c.ep.send(b"only segment", c.now)
+    [(seg, data)] = c.from_server()  # lost
+    rto_at = c.ep.get_timer()
+    assert rto_at is not None and rto_at - c.now >= 0.2  # min RTO
+    c.now = rto_at
+    c.ep.handle_timer(c.now)
+    [(again, data2)] = c.from_server()
+    assert (again.seq, data2) == (seg.seq, data)
+    assert c.counters["tcp.retransmits"] == 1 and c.counters["tcp.rto"] == 1
+    c.peer.receive(again, data2)
+    c.pump()
+    assert c.peer.received == b"only segment"
+    assert c.ep.get_timer() is None  # nothing outstanding: timer stopped
+
+
+def test_rto_backs_off_and_gives_up_with_reset() -> None:
+    c = Conn(config=make_config(max_retries=4))
+    c.ep.send(b"into the void", c.now)
+    c.from_server()
+    times = []
+    while c.ep.state is not TcpState.CLOSED:
+        c.now = c.ep.get_timer() or c.now
+        times.append(c.now)
+        c.ep.handle_timer(c.now)
+        out = c.from_server()
+        if c.ep.state is not TcpState.CLOSED:
+            assert [p for _, p in out] == [b"into the void"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(abs(later - 2 * earlier) < 1e-6 for earlier, later in itertools.pairwise(gaps))
+    assert c.take_events() == [FlowReset(7, "retransmit-timeout")]
+    assert out and out[0][0].flags & RST
+    assert c.counters["tcp.retransmits"] == 4
+    assert c.ep.closed
+
+
+def test_fast_retransmit_with_sack_resends_only_the_hole() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    c.ep.send(os.urandom(30 * mss), c.now)
+    segs = c.from_server()
+    lost = segs[3]
+    for seg, data in segs:
+        if seg is not lost[0]:
+            c.peer.receive(seg, data)
+            c.to_server(*c.peer.ack())  # one ACK per segment: dupacks with SACK
+    retransmitted = c.from_server()
+    offsets = sent_offsets(c, retransmitted)
+    assert offsets[0] == 3 * mss and retransmitted[0][1] == lost[1]  # the hole, first
+    assert 3 * mss not in offsets[1:]
+    assert all(off >= 30 * mss or off == 3 * mss for off in offsets)  # no SACKed data resent
+    assert c.counters["tcp.fast_retransmits"] == 1
+    assert c.counters["tcp.retransmits"] == 1
+    assert "tcp.rto" not in c.counters
+    for seg, data in retransmitted:
+        c.peer.receive(seg, data)
+    c.pump()
+    assert len(c.peer.received) == 30 * mss
+
+
+def test_several_holes_are_each_resent_once() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    payload = os.urandom(40 * mss)
+    c.ep.send(payload, c.now)
+    segs = c.from_server()
+    holes = {2, 9, 17}
+    for i, (seg, data) in enumerate(segs):
+        if i not in holes:
+            c.peer.receive(seg, data)
+            c.to_server(*c.peer.ack())
+    out = c.from_server()
+    assert sorted(sent_offsets(c, out)) == [h * mss for h in sorted(holes)]
+    for seg, data in out:
+        c.peer.receive(seg, data)
+    c.pump()
+    assert c.peer.received == payload
+    assert "tcp.rto" not in c.counters
+
+
+def test_newreno_without_sack_recovers_two_losses_without_timeout() -> None:
+    c = Conn(peer=Peer(sack=False), config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    payload = os.urandom(30 * mss)
+    c.ep.send(payload, c.now)
+    segs = c.from_server()
+    for i, (seg, data) in enumerate(segs):
+        if i not in (4, 8):
+            c.peer.receive(seg, data)
+            c.to_server(*c.peer.ack())
+    first = c.from_server()
+    assert sent_offsets(c, first)[0] == 4 * mss  # after three duplicate ACKs
+    for seg, data in first:
+        c.peer.receive(seg, data)
+    c.to_server(*c.peer.ack())  # a partial ACK up to the second hole
+    second = c.from_server()
+    assert sent_offsets(c, second)[0] == 8 * mss  # RFC 6582: resent at once
+    for seg, data in second:
+        c.peer.receive(seg, data)
+    c.pump()
+    assert c.peer.received == payload
+    assert "tcp.rto" not in c.counters
+
+
+def test_lost_retransmission_is_detected_without_waiting_for_the_timer() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    payload = os.urandom(200 * mss)
+    c.ep.send(payload, c.now)
+    dropped: list[int] = []
+
+    def drop(seg: TcpRepr, data: bytes) -> bool:
+        # Drop the segment at offset 5*mss twice: the original and its first retransmission.
+        if data and server_offset(c, seg) == 5 * mss and len(dropped) < 2:
+            dropped.append(1)
+            return True
+        return False
+
+    c.drop_to_peer = drop
+    c.pump()
+    assert c.peer.received == payload
+    assert len(dropped) == 2
+    assert c.counters["tcp.lost_retransmits"] >= 1
+    assert "tcp.rto" not in c.counters  # the pump never advanced the clock
+
+
+def test_loss_reduces_the_congestion_window() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    c.ep.send(os.urandom(40 * mss), c.now)
+    segs = c.from_server()
+    flight = sum(len(p) for _, p in segs)
+    for i, (seg, data) in enumerate(segs):
+        if i != 0:
+            c.peer.receive(seg, data)
+            c.to_server(*c.peer.ack())
+    c.from_server()
+    assert c.ep._cwnd < flight  # multiplicative decrease
+    assert c.ep._cwnd >= 2 * mss
+
+
+def test_out_of_order_data_is_sacked_with_the_latest_block_first() -> None:
+    c = Conn()
+    c.peer.write(os.urandom(10_000))
+    segs = c.peer.data_segments(c.now)
+    mss = len(segs[0][1])
+    for i in (2, 5, 4):
+        c.to_server(*segs[i])
+    assert c.take_events() == []
+    [(ack, _)] = c.from_server()
+    base = CLIENT_ISS + 1
+    assert ack.ack == base
+    assert ack.sack_blocks == (
+        (base + 4 * mss, base + 6 * mss),  # holds the segment received last
+        (base + 2 * mss, base + 3 * mss),
+    )
+    for i in (0, 1, 3, 6):
+        c.to_server(*segs[i])
+    assert data_of(c.take_events()) == bytes(c.peer.outgoing)[: 7 * mss]
+
+
+def test_paws_drops_an_old_duplicate_and_acks() -> None:
+    c = Conn()
+    c.peer.write(b"fresh data")
+    [(seg, data)] = c.peer.data_segments(c.now)
+    assert seg.timestamp is not None
+    old = dataclasses.replace(seg, timestamp=(seg.timestamp[0] - 10, seg.timestamp[1]))
+    c.to_server(old, data)
+    assert c.take_events() == []
+    [(ack, _)] = c.from_server()
+    assert ack.ack == (CLIENT_ISS + 1) & MASK
+    assert c.counters["tcp.paws_drops"] == 1
+    c.to_server(seg, data)
+    assert c.take_events() == [DataReceived(7, b"fresh data")]
+
+
+def test_out_of_order_bytes_are_bounded_by_the_window() -> None:
+    c = Conn(config=make_config(receive_window=16 * 1024))
+    c.peer.write(os.urandom(100_000))
+    c.peer.snd_wnd = 100_000  # a misbehaving peer ignores our window
+    segs = c.peer.data_segments(c.now)
+    for seg, data in segs[1:]:
+        c.to_server(seg, data)
+    ooo = c.ep._ooo
+    assert ooo is not None and ooo.held <= 16 * 1024
+    assert c.counters["tcp.beyond_window"] > 0
+
+
+# -- properties -------------------------------------------------------------------------
+
+
+@st.composite
+def cut_stream(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, int]]]:
+    """A stream and a list of overlapping-allowed [start, end) pieces covering it."""
+    n = draw(st.integers(1, 20_000))
+    cuts = sorted(set(draw(st.lists(st.integers(1, n - 1), max_size=30)) if n > 1 else []))
+    bounds = [0, *cuts, n]
+    pieces = [(a, b) for a, b in itertools.pairwise(bounds)]
+    # A few extra pieces that overlap the others (repacketized retransmissions).
+    for _ in range(draw(st.integers(0, 5))):
+        a = draw(st.integers(0, n - 1))
+        b = draw(st.integers(a + 1, min(n, a + 3000)))
+        pieces.append((a, b))
+    return bytes(random.Random(n).randbytes(n)), pieces
+
+
+@given(cut_stream(), st.randoms(use_true_random=False), st.integers(0, 2**32 - 1))
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.large_base_example],
+)
+def test_stream_cut_reordered_duplicated_and_dropped_arrives_intact(
+    stream: tuple[bytes, list[tuple[int, int]]], rnd: random.Random, iss: int
+) -> None:
+    data, pieces = stream
+    c = Conn(peer=Peer(iss=iss), config=make_config(receive_window=1 << 20))
+    base = (iss + 1) & MASK
+
+    def segment(a: int, b: int) -> tuple[TcpRepr, bytes]:
+        seg = c.peer.segment(ACK | PSH, offset=a)
+        return dataclasses.replace(seg, seq=(base + a) & MASK), data[a:b]
+
+    order = pieces[:]
+    rnd.shuffle(order)
+    order += rnd.sample(order, k=min(len(order), rnd.randint(0, 5)))  # duplicates
+    dropped = []
+    for a, b in order:
+        if rnd.random() < 0.2:
+            dropped.append((a, b))
+        else:
+            c.to_server(*segment(a, b))
+    # The peer's retransmission timer: resend what was dropped (maybe dropped again).
+    while dropped:
+        c.now += 1.0
+        again, dropped = dropped, []
+        for a, b in again:
+            if rnd.random() < 0.1:
+                dropped.append((a, b))
+            else:
+                c.to_server(*segment(a, b))
+    events = c.take_events()
+    assert all(isinstance(e, DataReceived) for e in events)
+    assert data_of(events) == data
+    [(ack, _)] = c.from_server()
+    assert ack.ack == (base + len(data)) & MASK and ack.sack_blocks == ()
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.lists(st.booleans(), min_size=50, max_size=50),
+    st.lists(st.booleans(), min_size=50, max_size=50),
+    st.sampled_from([1460, 65000]),
+)
+@settings(max_examples=40, deadline=None)
+def test_bidirectional_transfer_survives_random_loss(
+    iss: int, drop_out: list[bool], drop_in: list[bool], max_payload: int
+) -> None:
+    c = Conn(
+        peer=Peer(iss=iss ^ 0x5A5A5A5A, rto=0.3),
+        iss=iss,
+        config=make_config(max_payload=max_payload, send_buffer=1 << 20),
+    )
+    out = random.Random(iss).randbytes(150_000)
+    inp = random.Random(iss + 1).randbytes(80_000)
+    counter = {"out": 0, "in": 0}
+
+    def lossy(pattern: list[bool], key: str) -> bool:
+        i = counter[key]
+        counter[key] += 1
+        return pattern[i % len(pattern)] and i % 7 != 0  # never 100% loss
+
+    c.drop_to_peer = lambda seg, data: lossy(drop_out, "out")
+    c.drop_to_server = lambda seg, data: lossy(drop_in, "in")
+    c.ep.send(out, c.now)
+    c.ep.shutdown_write(c.now)
+    c.peer.write(inp)
+    c.peer.fin_queued = True
+    events: list[Event] = []
+
+    def finished() -> bool:
+        events.extend(c.take_events())
+        return c.ep.closed or (
+            c.ep.state is TcpState.TIME_WAIT and c.peer.fin_acked and c.peer.fin_received
+        )
+
+    c.run(finished, limit=3000.0, step=0.1)
+    assert bytes(c.peer.received) == out
+    assert data_of(events) == inp
+    assert events[-2:] == [FlowHalfClosed(7), FlowClosed(7, "closed")]
