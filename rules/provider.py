@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -34,8 +34,7 @@ FORMATS = ("yaml", "text")
 EXACT, PLUS, SUB, ONE, PATTERN = "exact", "plus", "sub", "one", "pattern"
 
 
-@dataclass(frozen=True, slots=True)
-class DomainEntry:
+class DomainEntry(NamedTuple):
     mode: str  # EXACT / PLUS / SUB / ONE / PATTERN
     domain: str  # normalised, without the wildcard prefix (PATTERN keeps its '*' labels)
 

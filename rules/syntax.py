@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from rules.errors import RuleError
 
@@ -44,12 +45,8 @@ LEAF_KINDS = DOMAIN_KINDS | IP_KINDS | PORT_KINDS | PROCESS_KINDS | {"NETWORK"}
 _JOINED_PAYLOAD = LOGIC_KINDS | {"DOMAIN-REGEX"}
 _OPTIONS = frozenset({"no-resolve", "src"})
 
-_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\Z")
-_V4_MAPPED = 0xFFFF << 32
 
-
-@dataclass(frozen=True, slots=True)
-class Cidr:
+class Cidr(NamedTuple):
     """An address range ``lo..hi`` (inclusive) in one family; IPv4-mapped IPv6 is IPv4."""
 
     v6: bool
@@ -57,20 +54,16 @@ class Cidr:
     hi: int
 
 
-@dataclass(frozen=True, slots=True)
-class Leaf:
+class Leaf(NamedTuple):
     """One condition. ``value`` depends on ``kind``: str (domains, keyword, regex, network,
     process name/path), Cidr (IP kinds), tuple of (lo, hi) ranges (ports, UID).
-    ``src`` turns IP-CIDR into a source-address match (mihomo's ``src`` option)."""
+    ``src`` turns IP-CIDR into a source-address match (mihomo's ``src`` option).
+    A NamedTuple, not a dataclass: a 100k-entry classical set makes 100k of them."""
 
     kind: str
     value: object
     no_resolve: bool = False
     src: bool = False
-
-    @property
-    def dst_ip(self) -> bool:
-        return self.kind in ("IP-CIDR", "IP-CIDR6") and not self.src
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +92,12 @@ class ParsedRule:
     target: str
 
 
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DOMAIN_RE = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\Z")
+_WILD_DOMAIN_RE = re.compile(rf"(?:(?:{_LABEL}|\*)\.)*(?:{_LABEL}|\*)\Z")
+_V4_CIDR_RE = re.compile(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?\Z")
+
+
 def normalize_domain(value: str, *, wildcard: bool = False) -> str:
     """Lower-case, without the trailing dot, IDN labels in punycode (as DNS carries them).
 
@@ -111,19 +110,28 @@ def normalize_domain(value: str, *, wildcard: bool = False) -> str:
             d = d.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise ValueError(f"bad internationalised domain {value!r}: {exc}") from None
-    for label in d.split("."):
-        if wildcard and label == "*":
-            continue
-        if len(label) > 63 or not _LABEL_RE.match(label):
-            raise ValueError(f"{value!r} is not a domain name")
+    if (_WILD_DOMAIN_RE if wildcard else _DOMAIN_RE).match(d) is None:
+        raise ValueError(f"{value!r} is not a domain name")
     return d
 
 
 def parse_cidr(value: str) -> Cidr:
     """``1.2.3.0/24``, ``2001:db8::/32`` or a bare address; host bits are masked off
     (as mihomo's ``netip.Prefix.Masked``). ``::ffff:a.b.c.d/n`` (n >= 96) becomes IPv4."""
+    text = value.strip()
+    m = _V4_CIDR_RE.match(text)
+    if m is not None:
+        # The common case, parsed without ipaddress (a 100k-entry set has thousands).
+        a, b, c, d, plen_text = m.groups()
+        octets = (int(a), int(b), int(c), int(d))
+        plen = 32 if plen_text is None else int(plen_text)
+        if max(octets) > 255 or plen > 32 or any(o != "0" and o[0] == "0" for o in (a, b, c, d)):
+            raise ValueError(f"{value!r} is not an IP CIDR")
+        n = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+        host = (1 << (32 - plen)) - 1
+        return Cidr(False, n & ~host & 0xFFFFFFFF, (n & ~host & 0xFFFFFFFF) | host)
     try:
-        net = ipaddress.ip_network(value.strip(), strict=False)
+        net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP CIDR") from None
     lo = int(net.network_address)
@@ -154,7 +162,7 @@ def _parse_ranges(value: str, top: int, what: str) -> tuple[tuple[int, int], ...
 def _leaf(kind: str, value: str, options: list[str]) -> Leaf:
     no_resolve = False
     src = False
-    for opt in options:
+    for opt in options or ():
         o = opt.strip().lower()
         if o == "no-resolve":
             no_resolve = True
