@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import CLIENT4, SERVER4, Netns, Topology, topology
+from tests.netns import CLIENT4, PROXY4, SERVER4, Netns, Topology, Tunproxy, topology
 
 pytestmark = pytest.mark.netns
 
@@ -236,3 +236,148 @@ def test_upstream_flows_follow_the_rules_through_socks5(
     # dnsmasq heard the query from the proxy's side, never from the client directly.
     assert dnsmasq.queries(name, "A", SERVER4) == 1
     assert dnsmasq.queries(name, "A", CLIENT4) == 0
+
+
+# --- through tunproxy itself: dig and curl in the client namespace, the TUN as default route ----
+
+HTTP_PORT = 8080
+TLS_PORT = 8443
+
+
+class TunLab:
+    """dnsmasq (answering name.test -> the web server), a web server, and dante in the
+    server namespace; dante resolves names with that dnsmasq (a resolv.conf that
+    ``ip netns exec`` mounts for the server namespace only, removed afterwards)."""
+
+    def __init__(self, net: Topology, workdir: pathlib.Path, cert: tuple[str, str]) -> None:
+        self.net = net
+        self.etc = pathlib.Path("/etc/netns") / net.server.name
+        self.etc.mkdir(parents=True)
+        try:
+            self._start(workdir, cert)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, workdir: pathlib.Path, cert: tuple[str, str]) -> None:
+        net = self.net
+        (self.etc / "resolv.conf").write_text(f"nameserver {SERVER4}\n")
+        self.dnsmasq = Dnsmasq(net.server, workdir, answer=SERVER4)
+        net.server.spawn(
+            sys.executable, "-m", "http.server", "--bind", SERVER4, str(HTTP_PORT),
+            cwd=str(workdir),
+        )  # fmt: skip
+        start_server(net.server, "doh", TLS_PORT, cert)  # any HTTPS server will do
+        conf = workdir / "danted.conf"
+        conf.write_text(
+            DANTE_CONF.replace(f"internal: {SERVER4}", f"internal: {PROXY4}").replace(
+                "udpreply }", "udpreply\n  log: connect\n}"
+            )
+        )
+        self.dante_log = workdir / "danted.log"
+        net.server.spawn(
+            "/usr/sbin/danted", "-f", str(conf), "-N", "1", "-p", str(workdir / "danted.pid"),
+            stderr=self.dante_log.open("wb"),
+        )  # fmt: skip
+        net.server.wait_tcp_listening(1080)
+        net.server.wait_tcp_listening(HTTP_PORT)
+
+    def close(self) -> None:
+        if self.etc.exists():
+            for path in self.etc.iterdir():
+                path.unlink()
+            self.etc.rmdir()
+
+    def start(self, dns: str, *, sniff: bool = False) -> Tunproxy:
+        config = f"""\
+tun:
+  name: tp0
+upstreams:
+  socks: {{type: socks5, server: "{PROXY4}:1080"}}
+relay:
+  sniff: {"true" if sniff else "false"}
+dns:
+{dns}
+rules:
+  - DOMAIN-SUFFIX,name.test,socks
+  - MATCH,DIRECT
+"""
+        return self.net.start_tunproxy(config)
+
+    def dig(self, *args: str) -> list[str]:
+        out = self.net.client.run("dig", "+short", "+time=3", "+tries=1", "@9.9.9.9", *args)
+        return out.stdout.split()
+
+    def curl(self, *args: str) -> str:
+        out = self.net.client.run(
+            "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", *args,
+            check=False,
+        )  # fmt: skip
+        return out.stdout
+
+
+@pytest.fixture
+def tunlab(net: Topology, tmp_path: pathlib.Path, cert: tuple[str, str]) -> Iterator[TunLab]:
+    lab = TunLab(net, tmp_path, cert)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_tunproxy_fake_ip_socks5_receives_the_domain(tunlab: TunLab) -> None:
+    tp = tunlab.start(
+        f"  mode: fake-ip\n  servers: [udp://{SERVER4}]\n  fake-ip-filter: [+.lan.name.test]"
+    )
+    (fake,) = tunlab.dig("www.name.test")
+    assert fake.startswith("198.18.")
+    assert tunlab.dig("www.name.test", "+tcp") == [fake]  # TCP port 53 is hijacked too
+    assert tunlab.dig("pc.lan.name.test") == [SERVER4]  # filtered: a real answer
+    assert tunlab.curl(f"http://www.name.test:{HTTP_PORT}/") == "200"
+    tp.wait_for_log(rf"open #\d+ tcp .* -> www\.name\.test:{HTTP_PORT} via socks")
+    assert f"tcp/connect [: {CLIENT4}." in tunlab.dante_log.read_text()
+    # tunproxy never asked about www.name.test: the proxy got the name and resolved it
+    # (dante's lookup reaches dnsmasq from the server namespace itself).
+    dnsmasq = tunlab.dnsmasq
+    assert dnsmasq.queries("www.name.test", "A", CLIENT4) == 0
+    assert dnsmasq.queries("www.name.test", "A", SERVER4) >= 1
+    assert dnsmasq.queries("pc.lan.name.test", "A", CLIENT4) == 1
+
+
+@pytest.mark.parametrize("upstream", ["udp", "quic"])
+def test_tunproxy_real_ip_maps_answers_to_domains(
+    tunlab: TunLab, cert: tuple[str, str], upstream: str
+) -> None:
+    if upstream == "quic":
+        start_server(tunlab.net.server, "doq", 8853, cert)
+        url = f"quic://{SERVER4}:8853#sni=dns.test&ca={cert[0]}"
+    else:
+        url = f"udp://{SERVER4}"
+    tp = tunlab.start(f'  mode: real-ip\n  servers: ["{url}"]')
+    assert tunlab.dig("www.name.test") == [SERVER4]
+    assert tunlab.curl(f"http://www.name.test:{HTTP_PORT}/") == "200"
+    tp.wait_for_log(rf"open #\d+ tcp .* -> www\.name\.test:{HTTP_PORT} via socks")
+    # tunproxy asked once (dig and curl's lookup share the cache): directly over UDP, or
+    # through the DoQ server, which asks dnsmasq from the server namespace.
+    direct = tunlab.dnsmasq.queries("www.name.test", "A", CLIENT4)
+    assert direct == (1 if upstream == "udp" else 0)
+    if upstream == "quic":
+        assert tunlab.dnsmasq.queries("www.name.test", "A", SERVER4) >= 1
+
+
+def test_tunproxy_dead_upstream_servfail_within_the_timeout(tunlab: TunLab) -> None:
+    tunlab.start("  mode: real-ip\n  servers: [udp://10.232.0.99]\n  timeout: 1")
+    start = time.monotonic()
+    out = tunlab.net.client.run("dig", "+time=5", "+tries=1", "@9.9.9.9", "www.name.test")
+    assert "status: SERVFAIL" in out.stdout
+    assert time.monotonic() - start < 2.5
+
+
+def test_tunproxy_sniffs_tls_sni_to_route_by_domain(tunlab: TunLab) -> None:
+    tp = tunlab.start(f"  servers: [udp://{SERVER4}]", sniff=True)
+    # Straight to the address, no DNS at all: only the ClientHello names the site.
+    url = f"https://sni.name.test:{TLS_PORT}/"
+    code = tunlab.curl("-k", "--resolve", f"sni.name.test:{TLS_PORT}:{SERVER4}", url)
+    assert code == "404"  # the DoH server's answer to GET /: the request went through
+    tp.wait_for_log(rf"open #\d+ tcp .* -> sni\.name\.test:{TLS_PORT} via socks")
+    assert tunlab.dnsmasq.queries("sni.name.test", "A", CLIENT4) == 0
