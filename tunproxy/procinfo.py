@@ -7,7 +7,8 @@ namespace: its local end is the flow's source, its remote end the flow's destina
    lookup, as ``ss`` does for one socket) finds that socket by its 4-tuple and gives its
    uid and inode. The request is packed by hand on a plain AF_NETLINK socket: about 5 us,
    where pyroute2's DiagSocket.nlm_request took about 160 us for the same message.
-   TCP looks up (local, remote); UDP looks up as a reply datagram would be delivered (the kernel's ``udp_dump_one`` takes the remote end as "src"), which also
+   TCP looks up (local, remote); UDP looks up as a reply datagram would be delivered
+   (the kernel's ``udp_dump_one`` takes the remote end as "src"), which also
    finds unconnected sockets bound to the port.
 2. The inode is mapped to a pid through ``/proc/PID/fd`` links (``socket:[INODE]``). The
    map is cached; on a miss, the pids that recently owned sockets are scanned first, then
