@@ -129,3 +129,17 @@ def test_full_scans_are_rate_limited() -> None:
         assert r._scan_uid(os.geteuid()) is True
     finally:
         r.close()
+
+
+def test_new_socket_of_a_recent_owner_needs_no_full_scan(resolver: ProcessResolver) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as first:
+            _expect_self(resolver.lookup("tcp", *first.getsockname(), *first.getpeername()))
+            scans = resolver.stats["scans"]
+            with socket.create_connection(listener.getsockname()) as second:
+                info = resolver.lookup("tcp", *second.getsockname(), *second.getpeername())
+                _expect_self(info)
+            # Found among the fds of the pid that owned the last socket, not by a /proc walk.
+            assert resolver.stats["scans"] == scans

@@ -53,7 +53,8 @@ _UID_OFFSET = 4 + 48 + 12
 _UID_INODE = struct.Struct("=II")
 _DIAG_MSG_LEN = _UID_OFFSET + 8
 _DIAG_TIMEOUT = 0.5
-_HOT_PIDS = 64
+_HOT_PIDS = 64  # pids remembered as recent owners
+_HOT_SCAN = 8  # of which the most recent are scanned first on a miss
 _MAX_CACHE = 262144
 
 
@@ -91,6 +92,7 @@ class ProcessResolver:
         self._seq = 0
         self._inodes: dict[int, tuple[int, int]] = {}  # socket inode -> (pid, fd)
         self._hot: OrderedDict[int, None] = OrderedDict()  # recently matched pids
+        self._fds: dict[int, set[str]] = {}  # pid -> fd names at its last scan
         self._next_scan: dict[int, float] = {}  # uid -> earliest time of the next full scan
         self.stats = {"lookups": 0, "found": 0, "no-socket": 0, "no-owner": 0, "scans": 0}
 
@@ -171,30 +173,32 @@ class ProcessResolver:
 
     # --- 2. the owner: /proc/PID/fd ------------------------------------------------------
 
-    def _fd_links(self, pid: int) -> list[tuple[int, int]]:
-        """(inode, fd) of every socket fd of ``pid``."""
-        out: list[tuple[int, int]] = []
+    def _remember(self, pid: int, *, only_new: bool = False) -> None:
+        """File every socket fd of ``pid`` into the inode map. ``only_new`` reads just the
+        fds not seen at this pid's last scan (a busy browser holds hundreds of fds; a new
+        socket is a new fd, or a reused number that validation then catches)."""
         base = f"{self._proc}/{pid}/fd"
         try:
             names = os.listdir(base)
         except OSError:
-            return out
+            self._fds.pop(pid, None)
+            return
+        seen = self._fds.get(pid) if only_new else None
+        fds: set[str] = set(names)
         for name in names:
+            if seen is not None and name in seen:
+                continue
             try:
                 link = os.readlink(f"{base}/{name}")
             except OSError:
                 continue
             if link.startswith("socket:["):
-                out.append((int(link[8:-1]), int(name)))
-        return out
-
-    def _remember(self, pid: int) -> None:
-        for inode, fd in self._fd_links(pid):
-            self._inodes[inode] = (pid, fd)
+                self._inodes[int(link[8:-1])] = (pid, int(name))
+        self._fds[pid] = fds
 
     def _scan_hot(self) -> None:
-        for pid in list(self._hot)[-8:]:
-            self._remember(pid)
+        for pid in list(self._hot)[-_HOT_SCAN:]:
+            self._remember(pid, only_new=True)
 
     def _scan_uid(self, uid: int) -> bool:
         """Scan every process of ``uid``; False when the rate limit says not now."""
@@ -204,6 +208,7 @@ class ProcessResolver:
         self.stats["scans"] += 1
         if len(self._inodes) > _MAX_CACHE:
             self._inodes.clear()
+        self._fds.clear()  # forget dead pids; the full scan refills
         start = time.monotonic()
         try:
             entries = list(os.scandir(self._proc))
