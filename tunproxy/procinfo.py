@@ -54,7 +54,7 @@ _UID_INODE = struct.Struct("=II")
 _DIAG_MSG_LEN = _UID_OFFSET + 8
 _DIAG_TIMEOUT = 0.5
 _HOT_PIDS = 64  # pids remembered as recent owners
-_HOT_SCAN = 8  # of which the most recent are scanned first on a miss
+_HOT_SCAN = 4  # of which the most recent are scanned first on a miss
 _MAX_CACHE = 262144
 
 
@@ -184,21 +184,32 @@ class ProcessResolver:
             self._fds.pop(pid, None)
             return
         seen = self._fds.get(pid) if only_new else None
-        fds: set[str] = set(names)
+        fds: set[str] = set()
         for name in names:
             if seen is not None and name in seen:
+                fds.add(name)
                 continue
             try:
                 link = os.readlink(f"{base}/{name}")
             except OSError:
-                continue
+                continue  # closed meanwhile (listdir's own directory fd is one of these)
+            fds.add(name)
             if link.startswith("socket:["):
                 self._inodes[int(link[8:-1])] = (pid, int(name))
         self._fds[pid] = fds
 
-    def _scan_hot(self) -> None:
-        for pid in list(self._hot)[-_HOT_SCAN:]:
-            self._remember(pid, only_new=True)
+    def _scan_hot(self, inode: int) -> tuple[int, int] | None:
+        """Look for ``inode`` among the fds of the recent owners: first the fds they did
+        not have at their last scan, then (a closed fd's number is reused by the next
+        socket) all of them."""
+        recent = list(self._hot)[-_HOT_SCAN:]
+        for only_new in (True, False):
+            for pid in reversed(recent):
+                self._remember(pid, only_new=only_new)
+                hit = self._inodes.get(inode)
+                if hit is not None:
+                    return hit
+        return None
 
     def _scan_uid(self, uid: int) -> bool:
         """Scan every process of ``uid``; False when the rate limit says not now."""
@@ -232,8 +243,7 @@ class ProcessResolver:
         if hit is not None and self._holds(hit[0], hit[1], inode):
             return hit
         self._inodes.pop(inode, None)
-        self._scan_hot()
-        hit = self._inodes.get(inode)
+        hit = self._scan_hot(inode)
         if hit is None and self._scan_uid(uid):
             hit = self._inodes.get(inode)
         return hit
