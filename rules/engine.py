@@ -496,6 +496,14 @@ def _leaf_pred(leaf: Leaf, no_resolve: bool, src: bool) -> tuple[Pred, bool, boo
     raise ValueError(f"unknown rule type {kind!r}")  # pragma: no cover
 
 
+class _ResolveReached(Exception):
+    """Raised by the probe resolver of ``RuleSet.needs_resolve_for``."""
+
+
+def _needs_resolve() -> list[str]:
+    raise _ResolveReached
+
+
 class RuleSet:
     """Compiled rules. ``match(flow)`` gives the first matching rule's verdict."""
 
@@ -531,6 +539,40 @@ class RuleSet:
             v = self._verdict(order)
             self._verdicts[order] = v
         return v
+
+    def needs_resolve_for(self, flow: FlowMeta) -> bool:
+        """Would matching ``flow`` reach a rule that resolves its domain? For a caller that
+        must resolve asynchronously before ``match``: resolve only when this says so.
+
+        ``flow.process`` is replaced by a memo of itself, so the process is looked up at most
+        once across this call and the following ``match``."""
+        if not self.needs_resolve or flow.dst_ip is not None or not flow.domain:
+            return False
+        getter = flow.process
+        if getter is not None:
+            memo: list[ProcessInfo | None] = []
+
+            def process() -> ProcessInfo | None:
+                if not memo:
+                    memo.append(getter())
+                return memo[0]
+
+            flow.process = process
+        probe = FlowMeta(
+            flow.network,
+            flow.src_ip,
+            flow.src_port,
+            flow.dst_ip,
+            flow.dst_port,
+            flow.domain,
+            flow.process,
+            _needs_resolve,
+        )
+        try:
+            self._index.first(_Ctx(probe))
+        except _ResolveReached:
+            return True
+        return False
 
     def _verdict(self, order: int) -> Verdict:
         i = bisect_right(self._bases, order) - 1

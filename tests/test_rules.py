@@ -369,3 +369,27 @@ def test_errors_name_file_and_line(line: str, problem: str) -> None:
     assert (err.file, err.line) == ("cfg.yaml", 11)
     assert problem in err.message
     assert str(err) == f"cfg.yaml:11: {err.message}"
+
+
+def test_needs_resolve_for_a_flow() -> None:
+    rs = compile_lines(
+        [
+            "DOMAIN-SUFFIX,early.com,other",
+            "PROCESS-NAME,curl,REJECT",
+            "IP-CIDR,1.0.0.0/8,proxy",
+            "MATCH,DIRECT",
+        ]
+    )
+    get, calls = counting(None)
+    early = flow(dst_ip=None, domain="x.early.com", process=get)
+    assert not rs.needs_resolve_for(early)
+    assert calls[0] == 0
+    late = flow(dst_ip=None, domain="late.org", process=get)
+    assert rs.needs_resolve_for(late)
+    assert calls[0] == 1
+    late.resolved_ips = lambda: ["1.2.3.4"]
+    assert rs.match(late).target == "proxy"
+    assert calls[0] == 1  # the process lookup was remembered, not repeated
+    assert not rs.needs_resolve_for(flow(dst_ip="1.2.3.4", domain="late.org"))
+    curl = flow(dst_ip=None, domain="late.org", process=lambda: CURL)
+    assert not rs.needs_resolve_for(curl)  # PROCESS-NAME matches first
