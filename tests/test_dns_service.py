@@ -489,3 +489,17 @@ def test_a_server_named_by_domain_is_not_resolved_through_itself() -> None:
         assert await svc.resolve("pinned.test") == ["10.1.1.1"]
 
     run(main())
+
+
+def test_special_use_names_stay_local() -> None:
+    async def main() -> None:
+        svc = service()
+        assert rdatas(await ask(svc, "localhost")) == ["127.0.0.1"]
+        assert rdatas(await ask(svc, "app.localhost", "AAAA")) == ["::1"]
+        assert not (await ask(svc, "localhost", "MX")).rr
+        assert (await ask(svc, "x.invalid")).header.rcode == RCODE.NXDOMAIN
+        assert upstream(svc).calls == 0 and len(svc.pool) == 0
+        assert await svc.resolve("192.0.2.1") == ["192.0.2.1"]
+        assert await svc.resolve("2001:DB8::1") == ["2001:db8::1"]
+
+    run(main())

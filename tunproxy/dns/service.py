@@ -161,6 +161,10 @@ class DnsService:
     async def resolve(self, domain: str) -> list[str]:
         """Real addresses of ``domain`` (IPv4 first); [] if it has none or upstream fails."""
         name = normalize_domain(domain)
+        try:
+            return [str(ipaddress.ip_address(name))]  # already an address
+        except ValueError:
+            pass
         if name in self._block:
             return []
         static = self._hosts.get(name)
@@ -225,6 +229,12 @@ class DnsService:
             self.counters["errors"] += 1
             self.counters["servfail"] += 1
             reply = self._reply(request, RCODE.SERVFAIL)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s %s %s from %s:%d -> %s %s", network, request.q.qname,
+                QTYPE.get(request.q.qtype), client[0], client[1],
+                RCODE.get(reply.header.rcode), " ".join(str(rr.rdata) for rr in reply.rr)[:200],
+            )  # fmt: skip
         try:
             return self._finish(request, reply, network)
         except Exception:  # an upstream record dnslib cannot write back, say
@@ -281,6 +291,17 @@ class DnsService:
         name = normalize_domain(str(qname))
         qtype, qclass = question.qtype, question.qclass
         config = self.config
+
+        if name == "localhost" or name.endswith(".localhost"):
+            # RFC 6761 6.3: loopback, never a fake address nor a query upstream.
+            reply = self._reply(request, RCODE.NOERROR)
+            if qtype == QTYPE.A:
+                reply.add_answer(RR(qname, QTYPE.A, CLASS.IN, config.ttl, A("127.0.0.1")))
+            elif qtype == QTYPE.AAAA:
+                reply.add_answer(RR(qname, QTYPE.AAAA, CLASS.IN, config.ttl, AAAA("::1")))
+            return reply
+        if name == "invalid" or name.endswith(".invalid"):
+            return self._reply(request, RCODE.NXDOMAIN)  # RFC 6761 6.4
 
         if name in self._block:
             self.counters["blocked"] += 1
