@@ -180,3 +180,16 @@ def test_fin_out_of_order_waits_for_the_data_before_it() -> None:
     events = c.take_events()
     assert data_of(events) == b"0123456789" and events[-1] == FlowHalfClosed(7)
     assert c.ep.state is TcpState.CLOSE_WAIT
+
+
+def test_fin_waits_for_an_open_window() -> None:
+    c = Conn()
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())
+    c.ep.shutdown_write(c.now)
+    assert c.from_server() == []  # Linux would drop a bare FIN at a zero window
+    assert c.ep.get_timer() is not None  # ... so the window is probed
+    c.peer.receive_window = 1 << 20
+    c.to_server(*c.peer.ack())
+    [(fin, _)] = c.from_server()
+    assert fin.flags == ACK | FIN

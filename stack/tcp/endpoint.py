@@ -479,11 +479,12 @@ class TcpEndpoint:
         rel = delta(seg.seq, (self._irs + 1 + rcv_nxt) & MASK)
         ts = seg.timestamp
         # RFC 7323 5.3 (PAWS, without the idle-time rule): an older TSval is an old duplicate.
+        # One tick of slack, as Linux allows (TCP_PAWS_WINDOW), for reordering in one tick.
         if (
             ts is not None
             and self._ts_ok
             and not flags & RST
-            and delta(ts[0], self._ts_recent) < 0
+            and delta(ts[0], self._ts_recent) < -1
         ):
             self._count("tcp.paws_drops")
             self._ack_pending = True
@@ -1077,8 +1078,10 @@ class TcpEndpoint:
                 pipe += n
                 if fin:
                     break
-            elif fin_off is not None and nxt == fin_off:
-                self._emit(out, nxt, nxt, True, now)  # the FIN alone takes no window room
+            elif fin_off is not None and nxt == fin_off and wnd_edge > nxt:
+                # The FIN alone. It needs a window too: Linux drops even a bare FIN at a
+                # zero window, so a closed window is probed like data (RFC 9293 3.8.6.1).
+                self._emit(out, nxt, nxt, True, now)
                 break
             else:
                 break
