@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import pytest
 from dnslib import CLASS, EDNS0, QTYPE, RCODE, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tunproxy.dns.config import parse_dns_config, parse_server_url
 from tunproxy.dns.resolvers import Resolver
@@ -503,3 +505,34 @@ def test_special_use_names_stay_local() -> None:
         assert await svc.resolve("2001:DB8::1") == ["2001:db8::1"]
 
     run(main())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=80), st.sampled_from(["udp", "tcp"]))
+def test_hostile_bytes_never_raise(data: bytes, network: str) -> None:
+    async def main() -> bytes | None:
+        return await service().handle_query(data, network=network, client=("10.0.0.2", 1))
+
+    answer = run(main())
+    if answer is not None:
+        reply = DNSRecord.parse(answer)
+        assert reply.header.qr == 1 and answer[:2] == data[:2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True),
+             min_size=1, max_size=4),
+    st.sampled_from(["A", "AAAA", "TXT", "MX", "HTTPS", "PTR"]),
+    st.integers(0, 65535),
+)  # fmt: skip
+def test_any_name_gets_an_answer_to_its_own_question(
+    labels: list[str], qtype: str, ident: int
+) -> None:
+    name = ".".join(labels)
+
+    async def main() -> DNSRecord:
+        return await ask(service(), name, qtype, ident=ident)
+
+    reply = run(main())
+    assert reply.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN)
