@@ -184,7 +184,7 @@ class DnsService:
         addresses: list[str] = []
         for result in results:
             if isinstance(result, BaseException):
-                if not isinstance(result, (ResolverError, TimeoutError)):
+                if not isinstance(result, (ResolverError, TimeoutError, asyncio.CancelledError)):
                     log.error("resolving %s failed", name, exc_info=result)
                 continue
             for rr in result.rr:
