@@ -7,6 +7,7 @@ import struct
 import sys
 
 import pytest
+from aioquic.quic.packet import QuicProtocolVersion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -191,6 +192,13 @@ def test_quic_initials_in_reverse_order() -> None:
 def test_quic_fresh_connection() -> None:
     datagrams = quic_initial_datagrams("Live.Example.Test", ["h3"])
     assert sniff_quic(datagrams) == "live.example.test"
+
+
+def test_quic_version_2_initial() -> None:
+    # RFC 9369: other salt, other key labels, other Initial type bits.
+    datagrams = quic_initial_datagrams("v2.example.test", ["h3"], QuicProtocolVersion.VERSION_2)
+    assert datagrams[0][1:5] == bytes.fromhex("6b3343cf")
+    assert sniff_quic(datagrams) == "v2.example.test"
 
 
 @pytest.mark.parametrize("cut", [1, 5, 30, 300, 500])

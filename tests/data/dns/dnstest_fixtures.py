@@ -16,6 +16,7 @@ import struct
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicProtocolVersion
 
 HERE = pathlib.Path(__file__).parent
 
@@ -29,8 +30,12 @@ def tls_client_hello(server_name: str) -> bytes:
     return outgoing.read()
 
 
-def quic_initial_datagrams(server_name: str, alpn: list[str]) -> list[bytes]:
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=alpn, server_name=server_name)
+def quic_initial_datagrams(
+    server_name: str, alpn: list[str], version: int = QuicProtocolVersion.VERSION_1
+) -> list[bytes]:
+    configuration = QuicConfiguration(
+        is_client=True, alpn_protocols=alpn, server_name=server_name, supported_versions=[version]
+    )
     connection = QuicConnection(configuration=configuration)
     connection.connect(("192.0.2.1", 443), now=0.0)
     return [data for data, _addr in connection.datagrams_to_send(now=0.0)]
