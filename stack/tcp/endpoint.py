@@ -115,7 +115,6 @@ class TcpEndpoint:
         "_iss",
         "_last_ack_sent",
         "_local_port",
-        "_max_seg",
         "_max_snd_wnd",
         "_ooo",
         "_paused",
@@ -205,10 +204,6 @@ class TcpEndpoint:
         # RFC 9293 3.7.1: the payload per packet is the MSS minus the options we always send.
         eff = min(config.mss, peer_mss) - (_TS_OPTION_LEN if self._ts_ok else 0)
         self.effective_mss = max(eff, 32)
-        if config.max_payload > config.mss:
-            self._max_seg = max(self.effective_mss, config.max_payload // eff * eff)
-        else:
-            self._max_seg = self.effective_mss
 
         # -- send side
         self._iss = iss
@@ -1018,7 +1013,12 @@ class TcpEndpoint:
         buf = self._buf
         data_end = buf.end if buf is not None else 0
         fin_off = self._fin_off
-        max_seg = self._max_seg
+        mss = self.effective_mss
+        # Read live: the stack may align config.max_payload to effective_mss after __init__.
+        max_payload = self.config.max_payload
+        max_seg = max_payload // mss * mss if max_payload > self.config.mss else mss
+        if max_seg < mss:
+            max_seg = mss
         cwnd = self._cwnd
         pipe = self._pipe()
         board = self._board
@@ -1054,7 +1054,6 @@ class TcpEndpoint:
         # 2. New data within the peer's window and the congestion window.
         if una < 0:
             return
-        mss = self.effective_mss
         wnd_edge = una + self._snd_wnd
         while True:
             nxt = self._snd_max
