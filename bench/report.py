@@ -250,6 +250,8 @@ def check_targets(sections: list[Section]) -> list[Verdict]:
             cell = column.cells.get(target.key)
             if cell is None or cell.value is None:
                 reason = cell.error if cell is not None and cell.error else "no figure"
+                if len(reason) > 90:
+                    reason = reason[:87] + "..."
                 verdicts.append(Verdict(target, section.mtu, "FAIL", f"n/a: {reason}"))
                 continue
             if target.kind == "ratio":

@@ -77,6 +77,8 @@ from bench.services import (  # noqa: E402
 from tests.netns import SERVER4, Topology, Tunproxy, topology  # noqa: E402
 
 TUN_NAME = "tpbench0"
+# Set in the child of --commit: the snapshot's commit (the snapshot has no .git).
+SNAPSHOT_ENV = "TUNPROXY_BENCH_SNAPSHOT"
 FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18.0.0/15
 
 
@@ -403,6 +405,7 @@ class Runner:
         except (RuntimeError, TimeoutError, OSError) as exc:
             reason = "tunproxy did not start"
             reason += f": {log_reason(self.tp.log)}" if self.tp is not None else f": {exc}"
+            progress(f"    {reason}")
             self.fail_tests(column, group.tests, reason)
             self.broken[(f"{section.mtu} {column.label}", group.name)] = reason
             self.stop_tunproxy(name)
@@ -418,6 +421,7 @@ class Runner:
                         reason = self.tunproxy_gone()
                     elif re.search(r"ERROR|CRITICAL|Traceback", self.tp.log):
                         reason += f" | tunproxy log: {log_reason(self.tp.log)}"
+                    progress(f"    {reason}")
                     self.fail_tests(column, group.tests, reason)
                     return
             self.run_tests(column, group.tests, section.mtu)
@@ -544,8 +548,16 @@ def machine_info() -> dict[str, Any]:
                           re.MULTILINE)
         if match:
             cpu = match.group(1).strip()
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True, check=False).stdout.strip()
+    commit = os.environ.get(SNAPSHOT_ENV) or subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()
+    dirty = not os.environ.get(SNAPSHOT_ENV) and subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()
+    if commit and dirty:
+        commit += " + uncommitted changes"
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
@@ -626,17 +638,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="keep configs and tunproxy logs in DIR (default: a temp dir, "
                              "removed)")
+    parser.add_argument("--commit", metavar="REV",
+                        help="measure the code of commit REV (git archive into a temp dir), "
+                             "not the working tree, which others may be editing")
     parser.add_argument("--tunproxy-log-level", default="info",
                         help="tunproxy's --log-level during the run (default info)")
     return parser
 
 
+def run_snapshot(rev: str, argv: list[str]) -> int:
+    """Run this same command from a ``git archive`` of ``rev``: tunproxy, stack, rules and
+    bench all come from the snapshot (tests.netns runs ``python -m tunproxy`` from there)."""
+    resolved = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                              capture_output=True, text=True, check=False)
+    if resolved.returncode != 0:
+        print(f"--commit: {rev!r} is not a commit: {resolved.stderr.strip()}", file=sys.stderr)
+        return 2
+    snapshot = Path(tempfile.mkdtemp(prefix="tunproxy-bench-src-"))
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev],
+                                 capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(snapshot)], input=archive.stdout, check=True)
+        script = snapshot / "bench" / "run.py"
+        if not script.exists():
+            print(f"--commit: {rev} has no bench/run.py", file=sys.stderr)
+            return 2
+        env = {**os.environ, SNAPSHOT_ENV: resolved.stdout.strip()}
+        child = subprocess.Popen([sys.executable, str(script), *argv], env=env)
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached the child too (same process group); SIGTERM is passed on. Either
+            # way the child tears its topology down; wait for it.
+            child.send_signal(signal.SIGTERM)
+            return child.wait()
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(raw_argv)
     if os.geteuid() != 0:
         print("bench/run.py needs root: it creates network namespaces and runs tunproxy.",
               file=sys.stderr)
         return 2
+    if args.commit and not os.environ.get(SNAPSHOT_ENV):
+        with sigterm_as_interrupt():
+            return run_snapshot(args.commit, raw_argv)
     settings, sections = plan(args)
     if not sections:
         print("nothing to measure with these --only/--paths/--mtu choices", file=sys.stderr)
