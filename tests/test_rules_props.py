@@ -21,6 +21,7 @@ import rules
 from rules import FlowMeta, ProcessInfo, RuleSource
 from rules.provider import DomainEntry
 from rules.syntax import Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
+from rules.tables import NEVER, Intervals, Keywords
 
 LABELS = ["a", "b", "ab", "c"]
 TLDS = ["com", "net"]
@@ -340,3 +341,37 @@ def test_engine_agrees_with_linear_scan(lines: list[str], flow_list: list[dict[s
         assert res_calls[0] <= 1
         if ref.resolve_calls == 0:
             assert res_calls[0] == 0, (lines, f)
+
+
+# --- the lookup tables alone ----------------------------------------------------------------
+
+ranges = st.lists(
+    st.tuples(st.integers(0, 60), st.integers(0, 20), st.integers(0, 30)).map(
+        lambda t: (t[0], t[0] + t[1], t[2])
+    ),
+    max_size=12,
+)
+
+
+@given(ranges, st.lists(st.integers(-1, 90), min_size=1, max_size=20))
+def test_intervals_give_smallest_covering_order(
+    items: list[tuple[int, int, int]], keys: list[int]
+) -> None:
+    table = Intervals(items)
+    for k in keys:
+        expected = min((o for lo, hi, o in items if lo <= k <= hi), default=NEVER)
+        assert table.lookup(k) == expected
+
+
+words = st.text(alphabet="ab.-", min_size=1, max_size=5)
+
+
+@given(
+    st.dictionaries(words, st.integers(0, 50), min_size=1, max_size=10),
+    st.lists(st.text(alphabet="abc.-", max_size=300), min_size=1, max_size=10),
+)
+def test_keywords_give_smallest_order_present(kws: dict[str, int], domains: list[str]) -> None:
+    table = Keywords(kws)
+    for d in domains:
+        expected = min((o for w, o in kws.items() if w in d), default=NEVER)
+        assert table.first(d) == expected
