@@ -25,6 +25,7 @@ when any of the resolved addresses does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import re
 from bisect import bisect_right
@@ -326,11 +327,15 @@ class _Index:
                 stages.append((r, _RESOLVE, None))
         stages.sort(key=lambda s: (s[0], s[1]))
         self.stages = stages
-        # Drop build-time lists that the tables now hold.
-        self.dst_items_count = len(self.dst_items)
-        self.dport_items = self.sport_items = self.uid_items = []
+        # Drop what the tables now hold, and the parsed rule sets (100k parsed entries are
+        # a third of the memory; only their text and lines are kept, for verdicts).
+        self.dst_items = []
         self.src_items = []
+        self.dport_items = []
+        self.sport_items = []
+        self.uid_items = []
         self.regex_src = []
+        self.rule_sets = {}
 
     def needs_process_before(self, limit: int) -> bool:
         return self.process_first < limit or any(o < limit and n for o, _, n in self.preds)
@@ -609,7 +614,7 @@ def compile(
             elif isinstance(node, SetRef):
                 data = index._set(node.name)
                 index.add_set(data, order, node.no_resolve, node.src)
-                sets.append(data)
+                sets.append(dataclasses.replace(data, parsed=()))
                 order += len(data)
             else:
                 index.add(node, order)
