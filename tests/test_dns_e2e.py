@@ -1,12 +1,14 @@
 """DNS interception end to end, through tunproxy itself.
 
-The client namespace's default route is tunproxy's TUN (tests/netns.py); its
-resolv.conf names a TEST-NET address where nothing runs, so only the hijack can
-answer. Real clients (``dig``, ``curl``) run there. The server namespace holds:
+The client namespace's default route is tunproxy's TUN (tests/netns.py). Real
+clients (``dig``, ``curl``) run there; its resolv.conf names ``DECOY``. The server
+namespace holds:
 
-- dnsmasq (the configured upstream), logging every query it receives, so each
-  test checks on the server side which names reached a resolver, and from where
-  (``CLIENT4`` = tunproxy's DIRECT socket, ``SERVER4`` = dante or a DoH/DoQ server);
+- dnsmasq on ``SERVER4`` (the configured upstream) and another on ``DECOY`` (the
+  resolver the client believes it asks), each logging every query it receives, so
+  each test checks on the server side which names reached which resolver, and from
+  where (``CLIENT4`` = tunproxy's DIRECT socket, ``SERVER4`` = dante or a DoH/DoQ
+  server). With DNS hijacked, the decoy must never hear a thing;
 - dante (SOCKS5 with UDP ASSOCIATE) on ``PROXY4``, whose only way to resolve
   ``web.name.test`` is the server namespace's own hosts file (``/etc/netns/<ns>/hosts``,
   mounted by ``ip netns exec``): a connection by that name through dante proves the
@@ -47,8 +49,9 @@ from tests.test_relay_e2e import DANTE_CONF, SOCKS_PORT
 
 pytestmark = pytest.mark.netns
 
-DIG_SERVER = "192.0.2.53"  # TEST-NET-1: nothing listens there; an answer means a hijack
+DECOY = "192.0.2.53"  # the client's resolver (TEST-NET-1, on the server namespace's lo)
 WEB4 = "10.232.0.3"  # real.name.test and pc.lan.name.test, answered by dnsmasq only
+DECOY_WEB4 = "10.232.0.4"  # what the decoy answers for real.name.test
 WEB_PORT = 8080
 UDP_ECHO_PORT = 7001
 FAKE4 = ipaddress.ip_network("198.18.0.0/15")
@@ -58,25 +61,34 @@ DEAD_RESOLVER = "10.232.0.99"  # routed to the server namespace, which drops it 
 
 # What dnsmasq knows. web.name.test is deliberately absent: only dante's hosts file has it.
 RESOLVER_RECORDS = {"real.name.test": WEB4, "pc.lan.name.test": WEB4}
+RESOLVER_TXT = {"note.name.test": "from the configured resolver"}
 
 
 class Dnsmasq:
-    """dnsmasq with host records only, on ``SERVER4:port``, logging every query.
+    """dnsmasq with local records only, on ``address:port``, logging every query.
 
-    (tests/test_dns_netns.py has one on port 53 answering all of name.test; these
-    tests need a second port and names that dnsmasq must not know.)
+    (tests/test_dns_netns.py has one on SERVER4:53 answering all of name.test; these
+    tests need other addresses and ports, and names that dnsmasq must not know.)
     """
 
     def __init__(
-        self, ns: Netns, workdir: Path, records: Mapping[str, str], port: int = 53
+        self,
+        ns: Netns,
+        workdir: Path,
+        records: Mapping[str, str],
+        *,
+        txt: Mapping[str, str] | None = None,
+        address: str = SERVER4,
+        port: int = 53,
     ) -> None:
-        self.log_path = workdir / f"dnsmasq-{port}.log"
+        self.log_path = workdir / f"dnsmasq-{address}-{port}.log"
         self.log_path.write_text("")
         self.proc = ns.spawn(
             "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
             "--conf-file=/dev/null", "--user=root", "--pid-file",
-            f"--listen-address={SERVER4}", "--bind-interfaces", f"--port={port}",
+            f"--listen-address={address}", "--bind-interfaces", f"--port={port}",
             "--local-ttl=60", *(f"--host-record={name},{a}" for name, a in records.items()),
+            *(f"--txt-record={name},{text}" for name, text in (txt or {}).items()),
             "--log-queries", f"--log-facility={self.log_path}",
         )  # fmt: skip
         deadline = time.monotonic() + 10
@@ -89,6 +101,9 @@ class Dnsmasq:
     @property
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def heard(self) -> int:
+        return len(re.findall(r"query\[", self.log))
 
     def queries(self, name: str, qtype: str = "A", source: str | None = None) -> int:
         pattern = rf"query\[{qtype}\] {re.escape(name)} from {re.escape(source or '')}"
@@ -114,7 +129,7 @@ class DigAnswer:
         return [r.data for r in self.records if r.type in ("A", "AAAA")]
 
 
-def dig(ns: Netns, *args: str, server: str = DIG_SERVER, wait: int = 3) -> DigAnswer:
+def dig(ns: Netns, *args: str, server: str = DECOY, wait: int = 3) -> DigAnswer:
     done = ns.run(
         "dig", f"+time={wait}", "+tries=1", "+noall", "+comments", "+answer", f"@{server}",
         *args, check=False, timeout=wait + 10,
@@ -154,7 +169,7 @@ class DnsLab:
         topo, server = self.topo, self.topo.server
         # Before anything starts there: `ip netns exec` mounts these at each start.
         self._etc_files(topo.client, {
-            "resolv.conf": f"nameserver {DIG_SERVER}\noptions timeout:3 attempts:1\n",
+            "resolv.conf": f"nameserver {DECOY}\noptions timeout:3 attempts:1\n",
             "hosts": "127.0.0.1 localhost\n",
         })  # fmt: skip
         self._etc_files(server, {
@@ -162,8 +177,10 @@ class DnsLab:
             "resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
             "hosts": f"127.0.0.1 localhost\n{SERVER4} web.name.test\n",
         })  # fmt: skip
-        server.run("ip", "addr", "add", f"{WEB4}/32", "dev", "lo")
-        self.dnsmasq = Dnsmasq(server, self.workdir, RESOLVER_RECORDS)
+        for address in (WEB4, DECOY):
+            server.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
+        self.dnsmasq = Dnsmasq(server, self.workdir, RESOLVER_RECORDS, txt=RESOLVER_TXT)
+        self.decoy = Dnsmasq(server, self.workdir, {"real.name.test": DECOY_WEB4}, address=DECOY)
         www = self.workdir / "www"
         www.mkdir()
         self.page = f"page {self.workdir.name}\n"
@@ -200,7 +217,7 @@ class DnsLab:
             config["dns"] = dict(dns)
         return self.topo.start_tunproxy(yaml.safe_dump(config, sort_keys=False))
 
-    def dig(self, *args: str, server: str = DIG_SERVER, wait: int = 3) -> DigAnswer:
+    def dig(self, *args: str, server: str = DECOY, wait: int = 3) -> DigAnswer:
         return dig(self.topo.client, *args, server=server, wait=wait)
 
     def curl(self, url: str) -> str:
@@ -251,10 +268,14 @@ def test_fake_ip_answers_locally_short_lived_and_stable(lab: DnsLab) -> None:
     aaaa = lab.dig("web.name.test", "AAAA")
     assert ipaddress.ip_address(only_address(aaaa)) in FAKE6
     assert [r.ttl for r in aaaa.records] == [3]
-    tp.wait_for_log(rf"open #\d+ udp .* -> {re.escape(DIG_SERVER)}:53 via dns \(dns\.hijack\)")
-    tp.wait_for_log(rf"open #\d+ tcp .* -> {re.escape(DIG_SERVER)}:53 via dns \(dns\.hijack\)")
-    # Nothing was asked upstream: fake answers are made locally.
+    # HTTPS records could carry real address hints: NODATA, so the client uses A/AAAA.
+    https = lab.dig("web.name.test", "TYPE65")
+    assert https.status == "NOERROR" and not https.records, https.output
+    tp.wait_for_log(rf"open #\d+ udp .* -> {re.escape(DECOY)}:53 via dns \(dns\.hijack\)")
+    tp.wait_for_log(rf"open #\d+ tcp .* -> {re.escape(DECOY)}:53 via dns \(dns\.hijack\)")
+    # Nothing was asked upstream, nor of any server the client named: answers are local.
     assert "name.test" not in lab.dnsmasq.log.lower()
+    assert lab.decoy.heard() == 0
 
 
 def test_fake_ip_flow_reaches_socks5_by_name(lab: DnsLab) -> None:
@@ -268,6 +289,7 @@ def test_fake_ip_flow_reaches_socks5_by_name(lab: DnsLab) -> None:
     ), lab.dante_log.read_text()
     # No resolver heard of the name: tunproxy never resolved it, dante used its hosts file.
     assert "name.test" not in lab.dnsmasq.log.lower()
+    assert lab.decoy.heard() == 0
 
 
 def test_fake_ip_filter_gets_real_answers_and_hosts_answer_statically(lab: DnsLab) -> None:
@@ -281,6 +303,11 @@ def test_fake_ip_filter_gets_real_answers_and_hosts_answer_statically(lab: DnsLa
     assert lab.dnsmasq.queries("pc.lan.name.test", "A", CLIENT4) == 1
     assert only_address(lab.dig("static.name.test", "A")) == "10.232.0.77"
     assert only_address(lab.dig("static.name.test", "AAAA")) == "fd00:232::77"
+    # Other query types are forwarded (to the configured resolver, not the decoy).
+    (note,) = lab.dig("note.name.test", "TXT").records
+    assert note.type == "TXT" and note.data == f'"{RESOLVER_TXT["note.name.test"]}"'
+    assert lab.dnsmasq.queries("note.name.test", "TXT", CLIENT4) == 1
+    assert lab.decoy.heard() == 0
     assert lab.dnsmasq.queries("static.name.test", "A") == 0
     # A sibling outside the filter is still fake.
     assert ipaddress.ip_address(only_address(lab.dig("pc.name.test", "A"))) in FAKE4
@@ -394,15 +421,13 @@ def test_other_ports_are_not_hijacked(lab: DnsLab) -> None:
 
 
 def test_without_a_dns_section_queries_are_ordinary_flows(lab: DnsLab) -> None:
-    tp = lab.start(None, [f"IP-CIDR,{DIG_SERVER}/32,REJECT"])
-    # The real server answers, through the TUN, relayed like any UDP flow.
-    assert only_address(lab.dig("real.name.test", server=SERVER4)) == WEB4
+    tp = lab.start(None, [])
+    # The server the client asked answers, through the TUN, relayed like any UDP flow.
+    assert only_address(lab.dig("real.name.test")) == DECOY_WEB4
+    assert lab.decoy.queries("real.name.test", "A", CLIENT4) == 1
+    tp.wait_for_log(rf"open #\d+ udp .* -> {re.escape(DECOY)}:53 via DIRECT")
+    assert only_address(lab.dig("real.name.test", "+tcp", server=SERVER4)) == WEB4
+    tp.wait_for_log(rf"open #\d+ tcp .* -> {re.escape(SERVER4)}:53 via DIRECT")
     assert lab.dnsmasq.queries("real.name.test", "A", CLIENT4) == 1
-    tp.wait_for_log(rf"open #\d+ udp .* -> {re.escape(SERVER4)}:53 via DIRECT")
-    # A server that does not exist does not answer: nobody answers in its place.
-    start = time.monotonic()
-    nobody = lab.dig("real.name.test", wait=3)
-    assert nobody.status is None and not nobody.records, nobody.output
-    assert time.monotonic() - start < 2.5  # refused by the rule (ICMP), not timed out
-    tp.wait_for_log(rf"open #\d+ udp .* -> {re.escape(DIG_SERVER)}:53 via REJECT")
     assert " via dns " not in tp.log
+    assert lab.topo.client.run("ip", "rule").stdout.count("dport 53") == 0
