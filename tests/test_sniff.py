@@ -144,6 +144,10 @@ def test_http_byte_by_byte() -> None:
     assert sniff_http(HTTP_REQUEST[:host_line_end]) == "name.test"
 
 
+def test_http_connect_authority_form() -> None:
+    assert sniff_http(b"CONNECT tunnel.test:443 HTTP/1.1\r\nHost: x.test\r\n\r\n") == "tunnel.test"
+
+
 def test_http_absolute_form_wins() -> None:
     request = b"GET http://proxy.target.test/ HTTP/1.1\r\nHost: other.test\r\n\r\n"
     assert sniff_http(request) == "proxy.target.test"

@@ -208,6 +208,8 @@ def sniff_http(data: bytes) -> SniffResult:
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         return None
     target = parts[1]
+    if parts[0] == "CONNECT":  # authority-form (RFC 9112 3.2.3)
+        return _host_from_authority(target)
     if "://" in target:  # absolute-form (a proxy request): its authority wins
         authority = target.split("://", 1)[1].split("/", 1)[0]
         return _host_from_authority(authority)
