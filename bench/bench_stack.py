@@ -104,8 +104,9 @@ def bench_send(total: int, vnet: bool) -> tuple[float, int]:
         t0 = time.perf_counter()
         free = s.send_buffer_free(flow)
         if free and sent < total:
-            s.send(flow, chunk[: min(free, total - sent)], now)
-            sent += min(free, total - sent)
+            piece = chunk[: min(free, total - sent)]
+            s.send(flow, piece, now)
+            sent += len(piece)
         out = s.packets_to_send()
         elapsed += time.perf_counter() - t0
         # The peer acknowledges everything at once (cheaply: no checksum verification).
