@@ -17,10 +17,15 @@ import ipaddress
 import random
 import statistics
 import string
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+# Measure the checkout this file is in, whatever an installed copy points at.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rules
 from rules import FlowMeta, RuleSource
