@@ -243,9 +243,13 @@ class Stack:
         tkey = (src, seg.src_port, dst, seg.dst_port)
         flow = self._tcp.get(tkey)
         if flow is not None:
-            flow.endpoint.receive_segment(seg, payload, now)
-            self._touch(flow)
-            return
+            if not (flow.endpoint.closed and seg.flags & (tcp.SYN | tcp.ACK) == tcp.SYN):
+                flow.endpoint.receive_segment(seg, payload, now)
+                self._touch(flow)
+                return
+            # A new SYN on the 4-tuple of a flow that is over but not yet collected:
+            # send what the old one still had, forget it, open the new one.
+            self._collect(flow)
         flags = seg.flags
         if flags & tcp.RST:
             # RFC 9293 3.10.7.1: "An incoming segment containing a RST is discarded."
@@ -547,6 +551,15 @@ class Stack:
         self._half_open -= 1
         self._counters["flows.half_open"] = self._half_open
 
+    def _collect(self, flow: _TcpFlow) -> None:
+        """Emit a finished flow's last segments (a final ACK or RST) and drop it."""
+        endpoint = flow.endpoint
+        for seg, payload in endpoint.segments_to_send(self._now):
+            self._out.extend(
+                self._builder.tcp(flow.dst, flow.src, seg, payload, endpoint.effective_mss)
+            )
+        self._remove_tcp(flow)
+
     def _remove_tcp(self, flow: _TcpFlow) -> None:
         if flow.half_open:
             self._leave_half_open(flow)
@@ -612,7 +625,8 @@ class Stack:
         UNREACHABLE send ICMP port unreachable, PROHIBITED administratively
         prohibited, DROP nothing. ICMP errors quote the flow's first packet and
         are only possible before ``accept`` (the quote is then released) and
-        never about multicast/broadcast packets. No event follows.
+        never about multicast/broadcast packets; a TCP flow refused by ICMP
+        after ``accept`` gets an RST instead. No event follows.
         """
         self._now = now
         found = self._live(flow)
@@ -625,6 +639,11 @@ class Stack:
                 self._touch(found)  # the RST leaves at packets_to_send, then the flow goes
                 return
             quote = found.quote
+            if quote is None and how != Refusal.DROP:
+                # Accepted already (no SYN left to quote): an RST is the only way to
+                # tell the application, and leaving it hanging would be worse.
+                self.refuse(flow, Refusal.RESET, now)
+                return
             self._remove_tcp(found)
             if quote is not None and how == Refusal.UNREACHABLE:
                 self._send_unreachable(found.key, quote, icmpv4.CODE_HOST_UNREACHABLE,

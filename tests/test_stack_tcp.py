@@ -307,3 +307,29 @@ def test_software_segmentation_when_no_gso() -> None:
     assert [len(p.payload) for p in packets] == [1000, 1000, 1000]
     assert [p.tcp.seq for p in packets if p.tcp] == [4294967000, 704, 1704]
     assert [p.tcp.flags for p in packets if p.tcp] == [tcp.ACK, tcp.ACK, seg.flags]
+
+
+def test_icmp_refusal_after_accept_becomes_reset() -> None:
+    s = Stack(StackConfig(seed=1))
+    peer = TcpPeer(s)
+    fid = open_flow(s, peer)
+    s.refuse(fid, Refusal.UNREACHABLE, 1.0)
+    (rst,) = drain(s)
+    assert rst.tcp is not None and rst.tcp.flags & tcp.RST and rst.icmp is None
+    assert s.counters["flows.open"] == 0
+
+
+def test_new_syn_on_a_finished_tuple_opens_a_new_flow() -> None:
+    s = Stack(StackConfig(seed=1))
+    peer = TcpPeer(s, isn=1000)
+    fid = open_flow(s, peer)
+    flow = s._flows[fid]
+    # Finish the flow without collecting it (no packets_to_send in between).
+    peer.deliver(tcp.RST | tcp.ACK, now=1.0)
+    assert flow.endpoint.closed  # type: ignore[union-attr]
+    assert isinstance(events(s)[-1], FlowReset)
+    again = TcpPeer(s, isn=50000)
+    again.syn(1.1)
+    (opened,) = events(s)
+    assert isinstance(opened, FlowOpened) and opened.flow != fid
+    assert s.counters["flows.open"] == 1 and s.flow_key(fid) is None
