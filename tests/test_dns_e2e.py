@@ -23,6 +23,7 @@ import ipaddress
 import re
 import shutil
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytest
 import yaml
+from dnslib import DNSRecord
 
 from tests.netns import (
     CLIENT4,
@@ -61,7 +63,11 @@ DEAD_RESOLVER = "10.232.0.99"  # routed to the server namespace, which drops it 
 
 # What dnsmasq knows. web.name.test is deliberately absent: only dante's hosts file has it.
 RESOLVER_RECORDS = {"real.name.test": WEB4, "pc.lan.name.test": WEB4}
-RESOLVER_TXT = {"note.name.test": "from the configured resolver"}
+RESOLVER_TXT = {
+    "note.name.test": "from the configured resolver",
+    # Six strings of 240 bytes: more than a 1232-byte UDP answer can hold.
+    "big.name.test": ",".join(f"chunk{i}-" + "y" * 240 for i in range(6)),
+}
 
 
 class Dnsmasq:
@@ -206,7 +212,9 @@ class DnsLab:
             shutil.rmtree(etc, ignore_errors=True)
         self._etc.clear()
 
-    def start(self, dns: Mapping[str, Any] | None, rules: Sequence[str]) -> Tunproxy:
+    def start(
+        self, dns: Mapping[str, Any] | None, rules: Sequence[str], name: str = "tunproxy.yaml"
+    ) -> Tunproxy:
         config: dict[str, Any] = {
             "tun": {"name": "tp0"},
             "upstreams": {"socks": {"type": "socks5", "server": f"{PROXY4}:{SOCKS_PORT}"}},
@@ -215,13 +223,13 @@ class DnsLab:
         }
         if dns is not None:
             config["dns"] = dict(dns)
-        return self.topo.start_tunproxy(yaml.safe_dump(config, sort_keys=False))
+        return self.topo.start_tunproxy(yaml.safe_dump(config, sort_keys=False), name=name)
 
     def dig(self, *args: str, server: str = DECOY, wait: int = 3) -> DigAnswer:
         return dig(self.topo.client, *args, server=server, wait=wait)
 
-    def curl(self, url: str) -> str:
-        done = self.topo.client.run("curl", "-sS", "--max-time", "10", url, check=False)
+    def curl(self, *args: str) -> str:
+        done = self.topo.client.run("curl", "-sS", "--max-time", "10", *args, check=False)
         return done.stdout + done.stderr
 
     def connect(self, host: str, port: int = WEB_PORT, timeout: float = 5.0) -> socket.socket:
@@ -282,8 +290,10 @@ def test_fake_ip_flow_reaches_socks5_by_name(lab: DnsLab) -> None:
     tp = lab.start(resolver(), ["DOMAIN-SUFFIX,name.test,socks"])
     # curl resolves through the client's resolv.conf (hijacked), then connects to the fake
     # address; only dante, which got the name, can find the real web server.
-    assert lab.curl(f"http://web.name.test:{WEB_PORT}/") == lab.page
-    tp.wait_for_log(rf"open #\d+ tcp .* -> web\.name\.test:{WEB_PORT} via socks")
+    for family in ("-4", "-6"):
+        assert lab.curl(family, f"http://web.name.test:{WEB_PORT}/") == lab.page, family
+    for src in (r"172\.19\.0\.1", r"fdfe:[0-9a-f:]+"):  # the TUN's own addresses, v4 and v6
+        tp.wait_for_log(rf"open #\d+ tcp {src}:\d+ -> web\.name\.test:{WEB_PORT} via socks")
     assert re.search(
         rf"tcp/connect .* -> .* {re.escape(SERVER4)}\.{WEB_PORT}\b", lab.dante_log.read_text()
     ), lab.dante_log.read_text()
@@ -336,6 +346,66 @@ def test_unknown_fake_address_is_refused_not_leaked(lab: DnsLab) -> None:
         assert raised.value.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
     tp.wait_for_log(rf"end #\d+ tcp .* -> {re.escape(STALE_FAKE)}:{WEB_PORT} .*unknown-fake-ip")
     tp.wait_for_log(rf"end #\d+ udp .* -> {re.escape(STALE_FAKE)}:{UDP_ECHO_PORT} .*unknown-fake")
+
+
+def test_fake_ip_table_persists_across_a_restart(lab: DnsLab) -> None:
+    dns = {**resolver(), "fake-ip-persist": str(lab.workdir / "fake-ip.json")}
+    rules = ["DOMAIN-SUFFIX,name.test,socks"]
+    first = lab.start(dns, rules)
+    fake = only_address(lab.dig("web.name.test"))
+    assert first.stop() == 0
+    # A client that cached the answer comes back after the restart, without asking again.
+    second = lab.start(dns, rules, name="restarted.yaml")
+    with lab.connect(fake) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: web.name.test\r\n\r\n")
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(lab.page.encode())
+    second.wait_for_log(rf"open #\d+ tcp .* -> web\.name\.test:{WEB_PORT} via socks")
+    assert only_address(lab.dig("web.name.test")) == fake
+
+
+# --- DNS over TCP ------------------------------------------------------------------------------
+
+
+def test_several_queries_on_one_tcp_connection(lab: DnsLab) -> None:
+    tp = lab.start(resolver(), [])
+    names = [f"n{i}.name.test" for i in range(5)]
+    # dig reuses one connection for one query after another...
+    out = lab.topo.client.run(
+        "dig", "+tcp", "+keepopen", "+time=3", "+tries=1", "+noall", "+answer", f"@{DECOY}",
+        *names,
+    ).stdout  # fmt: skip
+    answers = {line.split()[0].rstrip("."): line.split()[4] for line in out.splitlines()}
+    assert sorted(answers) == names
+    assert len(set(answers.values())) == len(names)
+    assert all(ipaddress.ip_address(a) in FAKE4 for a in answers.values())
+    assert len(re.findall(rf"open #\d+ tcp .* -> {re.escape(DECOY)}:53 via dns", tp.log)) == 1
+    # ...and a client may pipeline them all in one write (RFC 7766 6.2.1.1).
+    queries = [DNSRecord.question(name) for name in names]
+    for ident, query in enumerate(queries, start=100):
+        query.header.id = ident
+    with lab.connect(DECOY, 53) as sock:
+        sock.sendall(b"".join(struct.pack("!H", len(w)) + w for w in (q.pack() for q in queries)))
+        stream = sock.makefile("rb")
+        replies = [DNSRecord.parse(stream.read(struct.unpack("!H", stream.read(2))[0]))
+                   for _ in names]  # fmt: skip
+    by_id = {r.header.id: r for r in replies}
+    assert sorted(by_id) == list(range(100, 100 + len(names)))
+    for ident, name in enumerate(names, start=100):
+        assert str(by_id[ident].q.qname).rstrip(".") == name
+        assert [str(rr.rdata) for rr in by_id[ident].rr] == [answers[name]]
+
+
+def test_big_answer_truncated_over_udp_then_whole_over_tcp(lab: DnsLab) -> None:
+    tp = lab.start({**resolver(), "mode": "real-ip"}, [])
+    (record,) = lab.dig("big.name.test", "TXT").records  # dig retries over TCP after TC=1
+    assert all(f"chunk{i}-{'y' * 240}" in record.data for i in range(6))
+    tp.wait_for_log(rf"open #\d+ udp .* -> {re.escape(DECOY)}:53 via dns")
+    tp.wait_for_log(rf"open #\d+ tcp .* -> {re.escape(DECOY)}:53 via dns")
+    # Upstream, tunproxy too got TC=1 over UDP and asked again over TCP: once each.
+    assert lab.dnsmasq.queries("big.name.test", "TXT", CLIENT4) == 2
+    quiet = lab.dig("big.name.test", "TXT", "+ignore")  # the truncated UDP answer itself
+    assert quiet.status == "NOERROR" and " tc" in quiet.output.split("flags:")[1].split(";")[0]
 
 
 # --- real-ip ---------------------------------------------------------------------------------
