@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import rules
 from rules import FlowMeta, ProcessInfo, RuleSource
 from rules.provider import DomainEntry
-from rules.syntax import Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
+from rules.syntax import Cidr, Leaf, Logic, Node, SetRef, parse_cidr, parse_rule_line
 from rules.tables import NEVER, Intervals, Keywords
 
 LABELS = ["a", "b", "ab", "c"]
@@ -375,3 +375,22 @@ def test_keywords_give_smallest_order_present(kws: dict[str, int], domains: list
     for d in domains:
         expected = min((o for w, o in kws.items() if w in d), default=NEVER)
         assert table.first(d) == expected
+
+
+@given(st.integers(0, 2**128 - 1), st.integers(0, 128), st.booleans())
+def test_ipv6_cidr_parsing_matches_ipaddress(n: int, plen: int, exploded: bool) -> None:
+    addr = ipaddress.IPv6Address(n)
+    text = f"{addr.exploded if exploded else addr.compressed}/{plen}"
+    net = ipaddress.IPv6Network(text, strict=False)
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+    if plen >= 96 and lo >> 32 == 0xFFFF:  # IPv4-mapped: folded into IPv4
+        assert parse_cidr(text) == Cidr(False, lo & 0xFFFFFFFF, hi & 0xFFFFFFFF)
+    else:
+        assert parse_cidr(text) == Cidr(True, lo, hi)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 32))
+def test_ipv4_cidr_parsing_matches_ipaddress(n: int, plen: int) -> None:
+    text = f"{ipaddress.IPv4Address(n)}/{plen}"
+    net = ipaddress.IPv4Network(text, strict=False)
+    assert parse_cidr(text) == Cidr(False, int(net.network_address), int(net.broadcast_address))
