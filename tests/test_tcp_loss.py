@@ -7,6 +7,7 @@ import itertools
 import os
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,21 +27,39 @@ def sent_offsets(c: Conn, segs: list[tuple[TcpRepr, bytes]]) -> list[int]:
     return [server_offset(c, s) for s, p in segs if p]
 
 
-def test_tail_loss_is_repaired_by_the_retransmission_timer() -> None:
+def test_tail_loss_is_repaired_by_a_probe_before_the_timer() -> None:
     c = Conn()
     c.ep.send(b"only segment", c.now)
     [(seg, data)] = c.from_server()  # lost
-    rto_at = c.ep.get_timer()
-    assert rto_at is not None and rto_at - c.now >= 0.2  # min RTO
-    c.now = rto_at
+    probe_at = c.ep.get_timer()
+    # RFC 8985 7.2: PTO = 2*SRTT (here ~0), at least 10 ms, plus a delayed-ACK allowance
+    # because a single segment is outstanding; far earlier than the 200 ms minimum RTO.
+    assert probe_at is not None and probe_at - c.now == pytest.approx(0.05)
+    c.now = probe_at
     c.ep.handle_timer(c.now)
     [(again, data2)] = c.from_server()
-    assert (again.seq, data2) == (seg.seq, data)
-    assert c.counters["tcp.retransmits"] == 1 and c.counters["tcp.rto"] == 1
+    assert (again.seq, data2) == (seg.seq, data)  # the last segment, sent again
+    assert c.counters["tcp.tail_loss_probes"] == 1 and "tcp.rto" not in c.counters
     c.peer.receive(again, data2)
     c.pump()
     assert c.peer.received == b"only segment"
     assert c.ep.get_timer() is None  # nothing outstanding: timer stopped
+
+
+def test_lost_probe_leaves_it_to_the_retransmission_timer() -> None:
+    c = Conn()
+    c.ep.send(b"only segment", c.now)
+    c.from_server()  # lost
+    c.now = c.ep.get_timer() or c.now
+    c.ep.handle_timer(c.now)
+    c.from_server()  # the probe, lost too
+    rto_at = c.ep.get_timer()
+    assert rto_at is not None and rto_at - c.now >= 0.2  # min RTO
+    c.now = rto_at
+    c.ep.handle_timer(c.now)
+    [(_, data)] = c.from_server()
+    assert data == b"only segment"
+    assert c.counters["tcp.rto"] == 1 and c.counters["tcp.retransmits"] == 2
 
 
 def test_rto_backs_off_and_gives_up_with_reset() -> None:
@@ -55,11 +74,11 @@ def test_rto_backs_off_and_gives_up_with_reset() -> None:
         out = c.from_server()
         if c.ep.state is not TcpState.CLOSED:
             assert [p for _, p in out] == [b"into the void"]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]  # times[0] is the probe
     assert all(abs(later - 2 * earlier) < 1e-6 for earlier, later in itertools.pairwise(gaps))
     assert c.take_events() == [FlowReset(7, "retransmit-timeout")]
     assert out and out[0][0].flags & RST
-    assert c.counters["tcp.retransmits"] == 4
+    assert c.counters["tcp.retransmits"] == 1 + 4  # one probe, four timeouts
     assert c.ep.closed
 
 

@@ -74,6 +74,7 @@ _ACCEPT = 1  # accept_timeout of a held SYN
 _RTX = 2  # retransmission timer (RFC 6298)
 _PERSIST = 3  # zero-window probe (RFC 9293 3.8.6.1)
 _TIME_WAIT = 4  # TIME-WAIT expiry (RFC 9293 3.10.8)
+_PROBE = 5  # tail loss probe (RFC 8985 7), ahead of the retransmission timer
 
 # Loss recovery phases.
 _OPEN = 0
@@ -85,6 +86,8 @@ _BETA = 0.7  # multiplicative decrease (RFC 9438 4.6: CUBIC's 0.7; Reno's is 0.5
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1: the peer sent no MSS option
 _TS_OPTION_LEN = 12  # NOP NOP TS(10), on every segment once timestamps are in use
 _INFINITE = 1 << 62
+_PTO_MIN = 0.01  # RFC 8985 7.2 (Linux: 10 ms)
+_DELACK_ALLOWANCE = 0.04  # a lone segment may wait for the peer's delayed ACK (Linux: 40 ms)
 
 
 def _count(counters: dict[str, int], key: str) -> None:
@@ -122,6 +125,7 @@ class TcpEndpoint:
         "_peer_fin_off",
         "_persist_backoff",
         "_probe_pending",
+        "_probe_sent",
         "_probes",
         "_rcv_cap",
         "_rcv_nxt",
@@ -146,6 +150,8 @@ class TcpEndpoint:
         "_synack_pending",
         "_timer_at",
         "_timer_kind",
+        "_tlp_high",
+        "_tlp_new",
         "_ts_base",
         "_ts_ok",
         "_ts_recent",
@@ -234,6 +240,9 @@ class TcpEndpoint:
         self._rtt_off: int | None = None
         self._rtt_time = 0.0
         self._retries = 0
+        self._probe_sent = False  # a tail loss probe went out since the last new ACK
+        self._tlp_high: int | None = None  # SND.MAX when that probe was sent
+        self._tlp_new = False  # the probe is new data: one segment beyond cwnd
         self._probes = 0  # zero-window probes without any answer
         self._persist_backoff = 0  # reset when the window opens
 
@@ -373,6 +382,8 @@ class TcpEndpoint:
                 self._close(TcpEvent.TIMEOUT)
         elif kind == _RTX:
             self._on_retransmission_timeout(now)
+        elif kind == _PROBE:
+            self._on_probe_timeout(now)
         elif kind == _PERSIST:
             self._on_persist_timeout(now)
         elif kind == _TIME_WAIT:
@@ -429,8 +440,53 @@ class TcpEndpoint:
         self._rtx_limit = snd_max
         self._rtx_mark = snd_max
         self._force_rtx = True
+        self._tlp_high = None
         self._rtt.backoff()
         self._rtt_off = None
+        self._arm(_RTX, now + self._rtt.rto)
+
+    def _arm_loss_timer(self, now: float) -> None:
+        """Data is outstanding: a tail loss probe first (RFC 8985 7.2: PTO = 2*SRTT),
+        then the retransmission timer (RFC 6298 5)."""
+        rto = self._rtt.rto
+        srtt = self._rtt.srtt
+        if srtt is not None and not self._probe_sent and self._recovery != _LOSS:
+            pto = max(2 * srtt, _PTO_MIN)
+            if self._snd_max - self._snd_una <= self.effective_mss:
+                pto += _DELACK_ALLOWANCE
+            if pto < rto:
+                self._arm(_PROBE, now + pto)
+                return
+        self._arm(_RTX, now + rto)
+
+    def _on_probe_timeout(self, now: float) -> None:
+        """RFC 8985 7.3: nothing heard for two round trips with data outstanding.
+
+        Outside recovery, send one probe segment (new data if the window allows, else
+        the last segment again) so that a lost tail is SACK-detected instead of waiting
+        for the retransmission timer. In recovery, the retransmissions themselves went
+        unanswered for two round trips: deem them lost and start the holes over (the
+        time-based half of RACK, RFC 8985 6.2).
+        """
+        una = self._snd_una
+        snd_max = self._snd_max
+        if una >= snd_max or una < 0 or self.state is TcpState.CLOSED:
+            return
+        self._probe_sent = True
+        self._count("tcp.tail_loss_probes")
+        if self._recovery != _OPEN:
+            self._rtx_next = una
+            self._rtx_mark = snd_max
+            self._force_rtx = True
+        else:
+            self._tlp_high = snd_max
+            data_end = self._buf.end if self._buf is not None else 0
+            if snd_max < data_end and una + self._snd_wnd > snd_max:
+                self._tlp_new = True
+            else:
+                self._rtx_next = max(una, snd_max - self.effective_mss)
+                self._rtx_limit = snd_max
+                self._force_rtx = True
         self._arm(_RTX, now + self._rtt.rto)
 
     def _on_persist_timeout(self, now: float) -> None:
@@ -627,6 +683,9 @@ class TcpEndpoint:
         if board is not None:
             board.ack(ack_off)
         self._retries = 0
+        self._probe_sent = False
+        if self._tlp_high is not None and ack_off >= self._tlp_high:
+            self._tlp_high = None
         self._rtt.reset_backoff()
         self._rtt_sample(seg, ack_off, now)
         mss = self.effective_mss
@@ -667,9 +726,10 @@ class TcpEndpoint:
         # RFC 6298 5.2 / 5.3: restart the timer for what is still outstanding.
         if self.state is not TcpState.CLOSED and self._timer_kind != _TIME_WAIT:
             if ack_off < self._snd_max:
-                self._arm(_RTX, now + self._rtt.rto)
+                self._arm_loss_timer(now)
             else:
                 self._disarm(_RTX)
+                self._disarm(_PROBE)
         if (
             self._writable_wanted
             and self._buf is not None
@@ -699,7 +759,12 @@ class TcpEndpoint:
             if una < self._recover:
                 return  # RFC 6582 4.1: dupacks for data sent before the last timeout
             sacked = board.sacked if board is not None else 0
-            if self._dupacks < _DUP_THRESH and sacked <= (_DUP_THRESH - 1) * mss:
+            if (
+                self._dupacks < _DUP_THRESH
+                and sacked <= (_DUP_THRESH - 1) * mss
+                # After a tail loss probe, any hole the peer reports is a loss (RFC 8985 7.4).
+                and not (self._tlp_high is not None and sacked)
+            ):
                 return
             self._count("tcp.fast_retransmits")
             snd_max = self._snd_max
@@ -716,6 +781,7 @@ class TcpEndpoint:
             self._rtx_mark = snd_max
             self._force_rtx = True  # RFC 6675 5 step 4: the first one goes regardless of pipe
             self._rtt_off = None
+            self._tlp_high = None
             return
         if not board:
             return
@@ -1054,6 +1120,9 @@ class TcpEndpoint:
         # 2. New data within the peer's window and the congestion window.
         if una < 0:
             return
+        if self._tlp_new:
+            self._tlp_new = False
+            cwnd = max(cwnd, pipe + mss)  # RFC 8985 7.3: the probe may exceed cwnd
         wnd_edge = una + self._snd_wnd
         while True:
             nxt = self._snd_max
@@ -1088,8 +1157,8 @@ class TcpEndpoint:
         # RFC 6298 5.1: the timer runs while anything is outstanding; otherwise the
         # persist timer runs while data waits for a zero window (RFC 9293 3.8.6.1).
         if self._snd_una < self._snd_max:
-            if self._timer_kind != _RTX:
-                self._arm(_RTX, now + self._rtt.rto)
+            if self._timer_kind != _RTX and self._timer_kind != _PROBE:
+                self._arm_loss_timer(now)
         elif self._snd_wnd == 0 and (
             self._snd_max < data_end or (fin_off is not None and self._snd_max <= fin_off)
         ):
@@ -1097,6 +1166,7 @@ class TcpEndpoint:
                 self._arm(_PERSIST, now + self._rtt.rto)
         else:
             self._disarm(_RTX)
+            self._disarm(_PROBE)
             self._disarm(_PERSIST)
 
     def _emit(self, out: list[Segment], start: int, stop: int, fin: bool, now: float) -> None:
