@@ -271,6 +271,7 @@ def test_fake_ip_answers_locally_short_lived_and_stable(lab: DnsLab) -> None:
     assert only_address(lab.dig("web.name.test", "A", "+tcp")) == fake
     assert only_address(lab.dig("WEB.Name.Test", "A", server=SERVER4)) == fake
     assert only_address(lab.dig("web.name.test", "A", server=SERVER6)) == fake
+    assert only_address(lab.dig("web.name.test", "A", "+tcp", server=SERVER6)) == fake
     other = only_address(lab.dig("other.name.test", "A"))
     assert other != fake and ipaddress.ip_address(other) in FAKE4
     aaaa = lab.dig("web.name.test", "AAAA")
