@@ -103,6 +103,10 @@ class StackConfig:
     accept_timeout: float = 30.0  # a SYN not accepted/refused by then is refused with RST
     # Seed for initial sequence numbers; None draws one from the system. Tests set it.
     seed: int | None = None
+    # ICMP errors we originate (refusals), a token bucket: RFC 4443 2.4 (f) requires a
+    # limit for ICMPv6, RFC 1812 4.3.2.8 recommends one for ICMPv4.
+    icmp_error_rate: float = 100.0  # per second
+    icmp_error_burst: int = 50
 
 
 _TupleKey = tuple[bytes, int, bytes, int]
@@ -152,6 +156,8 @@ class Stack:
         self._half_open = 0
         self._now = 0.0
         self._rng = random.Random(config.seed)
+        self._icmp_tokens = float(config.icmp_error_burst)
+        self._icmp_refill = 0.0  # when the bucket was last refilled
         self._builder = PacketBuilder(config.mtu, config.vnet_hdr, config.gso, self._counters)
         self._reassembler = Ipv4Reassembler(
             config.reassembly_limit, config.reassembly_timeout, self._counters
@@ -594,6 +600,18 @@ class Stack:
         return None
 
     def _send_unreachable(self, key: FlowKey, quote: bytes, code4: int, code6: int) -> None:
+        now = self._now
+        rate = self.config.icmp_error_rate
+        tokens = min(
+            float(self.config.icmp_error_burst),
+            self._icmp_tokens + max(0.0, now - self._icmp_refill) * rate,
+        )
+        self._icmp_refill = now
+        if tokens < 1.0:
+            self._icmp_tokens = tokens
+            self._counters["icmp.rate_limited"] += 1
+            return
+        self._icmp_tokens = tokens - 1.0
         # The error comes "from" the destination the application tried to reach.
         if key.version == 4:
             msg = unreachable_v4(code4, quote)

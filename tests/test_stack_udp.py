@@ -240,3 +240,16 @@ def test_max_flows_limit() -> None:
         s.receive_packet(datagram(A4, B4, 1000 + port, 53, b"x"), 0.0)
     assert s.counters["flows.open"] == 2 and s.counters["drop.limit.flows"] == 1
     assert len([e for e in events(s) if isinstance(e, FlowOpened)]) == 2
+
+
+def test_icmp_errors_are_rate_limited() -> None:
+    s = Stack(StackConfig(icmp_error_rate=10.0, icmp_error_burst=3))
+    sent = []
+    for i in range(10):
+        s.receive_packet(datagram(A4, B4, 2000 + i, 9, b"x"), 0.0)
+        s.refuse(i + 1, Refusal.UNREACHABLE, 0.0)
+        sent.append(len(s.packets_to_send()))
+    assert sent == [1, 1, 1] + [0] * 7 and s.counters["icmp.rate_limited"] == 7
+    s.receive_packet(datagram(A4, B4, 3000, 9, b"x"), 0.2)  # 0.2 s later: 2 tokens back
+    s.refuse(11, Refusal.UNREACHABLE, 0.2)
+    assert len(s.packets_to_send()) == 1
