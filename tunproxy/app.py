@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import signal
@@ -143,6 +144,7 @@ class Proxy:
             return
         if self.router is not None:
             self.router.ruleset = fresh.ruleset
+        gc.freeze()
         log.info("reloaded %s: %d rules", fresh.path, fresh.rule_count)
 
     async def serve(self, tun: TunDevice) -> None:
@@ -186,6 +188,8 @@ class Proxy:
             if dns is not None:
                 with _logged("closing DNS"):
                     await dns.aclose()
+            if self.router is not None and self.router.processes is not None:
+                self.router.processes.close()
 
     def _stop(self, sig: int) -> None:
         log.info("received %s", signal.Signals(sig).name)
@@ -246,6 +250,9 @@ def run(config: Config, state_dir: Path) -> int:
     """Set up the host, serve until SIGINT/SIGTERM, and always put the host back."""
     host = Host(config, state_dir)
     proxy = Proxy(config)
+    # The compiled rules and config live as long as the process: keep the cyclic GC from
+    # walking them on every collection (a multi-millisecond pause with 100k rules).
+    gc.freeze()
     try:
         tun = asyncio.run(host.setup(hijack_dns=proxy.dns_enabled()))
         with _data_loop_runner() as runner:

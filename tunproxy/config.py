@@ -112,14 +112,14 @@ def _plain(node: yaml.Node, loader: yaml.SafeLoader) -> _Node:
     if isinstance(node, yaml.MappingNode):
         items: dict[Any, _Node] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+            key = loader.construct_object(key_node)
             if key in items:
                 raise ConfigError(f"duplicate key {key!r}", None, key_node.start_mark.line + 1)
             items[key] = _plain(value_node, loader)
         return _Node(items, line)
     if isinstance(node, yaml.SequenceNode):
         return _Node([_plain(item, loader) for item in node.value], line, bool(node.flow_style))
-    return _Node(loader.construct_object(node), line)  # type: ignore[no-untyped-call]
+    return _Node(loader.construct_object(node), line)
 
 
 def _unwrap(node: _Node) -> Any:
@@ -461,10 +461,10 @@ def parse_config(text: str, path: Path) -> Config:
     except ConfigError as exc:
         if exc.line is None:
             # Point at the offending key when the message names one (e.g. "dns.servers: ...").
-            lines = _line_map(dns_node, "dns.")
+            key_lines = _line_map(dns_node, "dns.")
             key = exc.message.split(":", 1)[0].strip()
             exc = ConfigError(exc.message, file,
-                              lines.get(key, dns_node.line if dns_node else None))
+                              key_lines.get(key, dns_node.line if dns_node else None))
         raise exc from None
     lines = _parse_rule_lines(sections.get("rules"), file)
     rule_sets = _parse_rule_sets(sections.get("rule-sets"), file)

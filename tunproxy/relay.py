@@ -104,8 +104,11 @@ class Router:
     def _process_lookup(
         self, key: FlowKey, record: FlowRecord
     ) -> Callable[[], rules.ProcessInfo | None]:
+        processes = self.processes
+        assert processes is not None
+
         def lookup() -> rules.ProcessInfo | None:
-            info: rules.ProcessInfo | None = self.processes.lookup(
+            info: rules.ProcessInfo | None = processes.lookup(
                 key.network, key.src_ip, key.src_port, key.dst_ip, key.dst_port
             )
             if info is not None:
@@ -120,9 +123,12 @@ class Router:
             # A fake address we did not hand out (stale after a restart): refuse, never leak.
             how = Refusal.RESET if key.protocol == TCP else Refusal.UNREACHABLE
             return Decision("REJECT", None, refusal=how, reason="unknown-fake-ip")
-        if fake and self.ruleset.needs_resolve and record.domain is not None:
+        dns = self.dns
+        if fake and dns is not None and record.domain is not None and (
+            self.ruleset.needs_resolve_for(meta)
+        ):
             try:
-                resolved = await self.dns.resolve(record.domain)
+                resolved = await dns.resolve(record.domain)
             except Exception:  # a failed lookup only means IP rules cannot match
                 resolved = []
             meta.resolved_ips = lambda: resolved

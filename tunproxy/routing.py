@@ -62,7 +62,7 @@ async def setup_link(journal: Journal, tun: TunConfig) -> int:
     return index
 
 
-def _families(tun: TunConfig) -> list[int]:
+def _families(tun: TunConfig) -> list[socket.AddressFamily]:
     families = []
     if any(a.version == 4 for a in tun.addresses):
         families.append(socket.AF_INET)
@@ -95,6 +95,14 @@ async def check_clashes(journal: Journal, tun: TunConfig) -> None:
                 )
 
 
+async def _rule(
+    journal: Journal, family: int, priority: int, table: int, **match: str | int
+) -> None:
+    await journal.apply(Change("rule", {
+        "family": family, "priority": priority, "table": table, **match,
+    }))
+
+
 async def setup_routing(
     journal: Journal,
     tun: TunConfig,
@@ -107,41 +115,40 @@ async def setup_routing(
     for family in _families(tun):
         priority = tun.rule_priority
 
-        async def rule(priority: int, table: int, family: int = family, **match: object) -> None:
-            await journal.apply(Change("rule", {
-                "family": family, "priority": priority, "table": table, **match,
-            }))
-
         await journal.apply(Change("route", {
             "family": family, "dst": "default" if family == socket.AF_INET else "::/0",
             "oif": index, "table": tun.table,
         }))
-        await rule(priority, MAIN_TABLE, fwmark=tun.fwmark, fwmask=0xFFFFFFFF)
+        await _rule(journal, family, priority, MAIN_TABLE, fwmark=tun.fwmark, fwmask=0xFFFFFFFF)
         priority += 1
         for low, high in tun.exclude_uid:
-            await rule(priority, MAIN_TABLE, uid_range=f"{low}:{high}")
+            await _rule(journal, family, priority, MAIN_TABLE, uid_range=f"{low}:{high}")
             priority += 1
         if hijack_dns:
             for proto in (socket.IPPROTO_UDP, socket.IPPROTO_TCP):
-                for uid in tun.include_uid or [None]:
-                    extra = {"uid_range": f"{uid[0]}:{uid[1]}"} if uid else {}
-                    await rule(priority, tun.table, ip_proto=proto, dport_range="53:53", **extra)
+                ranges: list[tuple[int, int] | None] = [*tun.include_uid] or [None]
+                for uid in ranges:
+                    extra: dict[str, str | int] = {}
+                    if uid is not None:
+                        extra["uid_range"] = f"{uid[0]}:{uid[1]}"
+                    await _rule(journal, family, priority, tun.table, ip_proto=proto,
+                                dport_range="53:53", **extra)
                     priority += 1
-        await rule(priority, MAIN_TABLE, suppress_prefixlen=0)
+        await _rule(journal, family, priority, MAIN_TABLE, suppress_prefixlen=0)
         priority += 1
         version = 4 if family == socket.AF_INET else 6
         cidrs = [ipaddress.ip_network(c) for c in ALWAYS_EXCLUDED[family]]
         cidrs += [n for n in tun.route_exclude if n.version == version]
         cidrs += [n for n in excluded if n.version == version]
         for net in cidrs:
-            await rule(priority, MAIN_TABLE, dst=str(net.network_address),
+            await _rule(journal, family, priority, MAIN_TABLE, dst=str(net.network_address),
                        dst_len=net.prefixlen)
             priority += 1
         if tun.include_uid:
             for low, high in tun.include_uid:
-                await rule(priority, tun.table, uid_range=f"{low}:{high}")
+                await _rule(journal, family, priority, tun.table, uid_range=f"{low}:{high}")
                 priority += 1
         else:
-            await rule(priority, tun.table)
+            await _rule(journal, family, priority, tun.table)
         log.info("policy routing for IPv%d: rules %d..%d, table %d", version,
                  tun.rule_priority, priority, tun.table)
