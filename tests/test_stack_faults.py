@@ -9,9 +9,12 @@ exercised by the stack's side; the peer only has to be correct, not clever.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stack import (
     DataReceived,
@@ -124,12 +127,31 @@ class GoBackNPeer:
 )
 def test_transfer_both_ways_under_faults(a: bytes, b: bytes, vnet: bool, gso: bool,
                                          seed: int) -> None:  # fmt: skip
+    dropped = transfer(a, b, vnet, gso, seed)
+    assert dropped[0] > 0 and dropped[1] > 0  # these seeds do lose packets both ways
+
+
+@settings(max_examples=int(os.environ.get("TUNPROXY_FAULT_EXAMPLES", "8")), deadline=None)
+@given(
+    seed=st.integers(4, 2**32),
+    v6=st.booleans(),
+    gso=st.booleans(),
+    drop=st.sampled_from([0.0, 0.02, 0.08]),
+)
+def test_transfer_under_random_faults(seed: int, v6: bool, gso: bool, drop: float) -> None:
+    a, b = (A6, B6) if v6 else (A4, B4)
+    transfer(a, b, gso, gso, seed, drop, size=60_000)
+
+
+def transfer(a: bytes, b: bytes, vnet: bool, gso: bool, seed: int, drop: float = 0.03,
+             size: int = 150_000) -> tuple[int, int]:  # fmt: skip
+    """Run one transfer; returns the packets dropped (towards the stack, towards the peer)."""
     rng = random.Random(seed)
-    upload = rng.randbytes(150_000)
-    download = rng.randbytes(300_000)
+    upload = rng.randbytes(size)
+    download = rng.randbytes(2 * size)
     s = Stack(StackConfig(vnet_hdr=vnet, gso=gso, seed=seed, tcp_send_buffer=64 * 1024))
     peer = GoBackNPeer(a, b, upload, vnet)
-    faults = dict(drop=0.03, duplicate=0.02, reorder=0.03, delay=(0.0005, 0.003))
+    faults = dict(drop=drop, duplicate=0.02, reorder=0.03, delay=(0.0005, 0.003))
     to_stack = FaultInjector(seed * 2, **faults)  # type: ignore[arg-type]
     to_peer = FaultInjector(seed * 2 + 1, **faults)  # type: ignore[arg-type]
     got = bytearray()
@@ -178,14 +200,12 @@ def test_transfer_both_ways_under_faults(a: bytes, b: bytes, vnet: bool, gso: bo
     assert bytes(got) == upload
     assert bytes(peer.rcv) == download
     assert half_closed and closed and peer.got_fin and peer.fin_acked
-    assert to_stack.counters["dropped"] > 0 and to_peer.counters["dropped"] > 0
     lost = [p for i, p in pushed.items() if i not in delivered]
     if any(parse_out(p, vnet).payload for p in lost):  # the stack lost data: it recovered
         recovery = ("tcp.retransmits", "tcp.fast_retransmits", "tcp.rto", "tcp.tail_loss_probes")
         assert sum(s.counters[k] for k in recovery) > 0
         emitted = sum(len(parse_out(p, vnet).payload) for p in pushed.values())
         assert emitted > len(download)
-    assert s.counters["tcp.out_of_order"] > 0  # the peer's go-back-N after drops/reorders
     # Collected once closed (or after a short TIME-WAIT): nothing left behind.
     for _ in range(10):
         if (t := s.get_timer()) is None:
@@ -193,3 +213,4 @@ def test_transfer_both_ways_under_faults(a: bytes, b: bytes, vnet: bool, gso: bo
         s.handle_timer(t)
         s.packets_to_send()
     assert s.counters["flows.open"] == 0
+    return to_stack.counters["dropped"], to_peer.counters["dropped"]
