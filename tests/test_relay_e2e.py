@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -47,7 +48,8 @@ socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udprep
 
 
 def config(target: str = "DIRECT", extra_rules: str = "", mtu: int = 1500,
-           offload: bool = True, faults: str = "", sniff: bool = False) -> str:
+           offload: bool = True, faults: str = "", sniff: bool = False,
+           relay_extra: str = "") -> str:
     return f"""\
 tun:
   name: tp0
@@ -58,7 +60,7 @@ upstreams:
 relay:
   connect-timeout: 3
   sniff: {"true" if sniff else "false"}
-{faults}
+{relay_extra}{faults}
 rules:
 {extra_rules}  - MATCH,{target}
 """
@@ -372,3 +374,27 @@ def test_sniffing_does_not_break_a_silent_client(lab: Lab) -> None:
         tp.wait_for_log(r"open #\d+ tcp .* via DIRECT")  # routed while we were silent
         sock.sendall(b"ECHO\nhello")
         assert sock.recv(5) == b"hello"
+
+
+def test_idle_tcp_flows_time_out(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("DIRECT", relay_extra="  tcp-idle-timeout: 1\n"))
+    with lab.connect() as sock:
+        sock.sendall(b"ECHO\nhi")
+        assert sock.recv(2) == b"hi"
+        start = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)  # blocks until tunproxy gives up on the idle flow
+        assert 1.0 <= time.monotonic() - start < 3.0
+    tp.wait_for_log(r"via DIRECT: idle-timeout")
+
+
+def test_counters_are_reported_at_exit(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(config("DIRECT"))
+    _udp_round_trip(lab, SERVER4, count=3)
+    tp.stop()
+    counters = tp.wait_for_log(r"stack counters: ")
+    packets_in = re.search(r"packets\.in (\d+)", counters)
+    datagrams_out = re.search(r"udp\.datagrams_out (\d+)", counters)
+    assert packets_in is not None and int(packets_in.group(1)) >= 3, counters
+    assert datagrams_out is not None and int(datagrams_out.group(1)) == 3, counters
+    assert re.search(r"flows ended: .*shutdown 1", tp.log)

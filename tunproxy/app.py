@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import signal
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,9 @@ class Proxy:
                     await relay.aclose()
             if driver is not None:
                 driver.stop()
+                if relay is not None:
+                    _log_counters(relay.stack.counters, relay.flow_log.ended_by_reason,
+                                  driver.write_errors)
             for outbound in outbounds.values():
                 with _logged(f"closing outbound {outbound.name}"):
                     await outbound.aclose()
@@ -228,6 +232,16 @@ class Proxy:
         from tunproxy.procinfo import ProcessResolver
 
         return ProcessResolver()
+
+
+def _log_counters(
+    counters: Mapping[str, int], ended: Mapping[str, int], write_errors: int
+) -> None:
+    """One summary line each: what the stack saw, and how flows ended."""
+    stack_part = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()) if v)
+    log.info("stack counters: %s; tun write errors %d", stack_part or "none", write_errors)
+    ends = ", ".join(f"{k} {v}" for k, v in sorted(ended.items()))
+    log.info("flows ended: %s", ends or "none")
 
 
 @contextlib.contextmanager

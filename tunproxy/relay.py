@@ -162,8 +162,8 @@ class TcpFlow(_Flow, asyncio.Protocol):
     """One TCP flow: the stack side is ``relay.stack``/``id``, the other an upstream transport."""
 
     __slots__ = (
-        "accepted", "app_fin", "first_fin", "relay", "sniff_timer", "sniffed", "transport",
-        "upstream_eof",
+        "accepted", "app_fin", "first_fin", "last_active", "relay", "sniff_timer", "sniffed",
+        "transport", "upstream_eof",
     )
 
     def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
@@ -177,6 +177,7 @@ class TcpFlow(_Flow, asyncio.Protocol):
         # While sniffing: the client's first bytes, held until the upstream is connected.
         self.sniffed: bytearray | None = None
         self.sniff_timer: asyncio.TimerHandle | None = None
+        self.last_active = relay.now()
 
     # -- upstream side (asyncio.Protocol) -----------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -189,6 +190,7 @@ class TcpFlow(_Flow, asyncio.Protocol):
         relay = self.relay
         stack = relay.stack
         self.record.bytes_down += len(data)
+        self.last_active = relay.loop.time()
         stack.send(self.id, data, relay.now())
         if stack.send_buffer_free(self.id) <= 0 and self.transport is not None:
             self.transport.pause_reading()
@@ -221,6 +223,7 @@ class TcpFlow(_Flow, asyncio.Protocol):
     # -- stack side -----------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         self.record.bytes_up += len(data)
+        self.last_active = self.relay.loop.time()
         if self.transport is not None:
             self.transport.write(data)
         elif self.sniffed is not None:
@@ -414,6 +417,27 @@ class Relay:
         self.flush_soon = flush_soon
         self.flows: dict[int, Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle_sweep: asyncio.TimerHandle | None = None
+        if config.tcp_idle_timeout > 0:
+            self._arm_idle_sweep()
+
+    def _arm_idle_sweep(self) -> None:
+        # One timer for all flows; a flow idles out between 1x and 1.25x the timeout.
+        interval = self.config.tcp_idle_timeout / 4
+        self._idle_sweep = self.loop.call_later(interval, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        deadline = self.now() - self.config.tcp_idle_timeout
+        idle = [f for f in self.flows.values()
+                if isinstance(f, TcpFlow) and f.transport is not None and f.last_active < deadline]
+        for flow in idle:
+            assert flow.transport is not None
+            flow.transport.abort()
+            self.stack.abort(flow.id, self.now())
+            self.end(flow, "idle-timeout")
+        if idle:
+            self.flush_soon()
+        self._arm_idle_sweep()
 
     @property
     def dns(self) -> Any:
@@ -626,6 +650,8 @@ class Relay:
 
     async def aclose(self) -> None:
         """Abort every flow (shutdown)."""
+        if self._idle_sweep is not None:
+            self._idle_sweep.cancel()
         for flow in list(self.flows.values()):
             if isinstance(flow, TcpFlow) and flow.transport is not None:
                 flow.transport.abort()
