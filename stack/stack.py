@@ -265,7 +265,10 @@ class Stack:
             self._open_tcp(tkey, seg, packet, now)
             return
         self._counters["tcp.unknown_flow"] += 1
-        self._reset_for(src, dst, seg, len(payload))
+        # TCP has no multicast/broadcast connections (RFC 1122 4.2.3.10); like Linux, answer
+        # nothing sent to or from such an address.
+        if may_send_error(src, dst):
+            self._reset_for(src, dst, seg, len(payload))
 
     def _open_tcp(
         self, tkey: _TupleKey, syn: tcp.TcpRepr, packet: bytes | memoryview, now: float
