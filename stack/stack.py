@@ -278,7 +278,7 @@ class Stack:
         if dport == 0 or sport == 0:
             raise WireError("port-zero")
         if not may_send_error(src, dst):
-            # RFC 9293 3.10.7.2: a SYN to/from a broadcast or multicast address is dropped.
+            # RFC 1122 4.2.3.10: a SYN from (or to) a broadcast/multicast address is ignored.
             raise WireError("tcp-multicast")
         if len(self._flows) >= self.config.max_flows:
             c["drop.limit.flows"] += 1
