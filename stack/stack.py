@@ -490,12 +490,22 @@ class Stack:
         timer = flow.endpoint.get_timer()
         if timer is not None and (flow.armed is None or timer < flow.armed):
             flow.armed = timer
-            heapq.heappush(self._timers, (timer, flow.flow))
+            self._push(timer, flow.flow)
+
+    def _push(self, deadline: float, fid: int) -> None:
+        heap = self._timers
+        if len(heap) > 2 * len(self._flows) + 1024:
+            # Stale entries (deadlines that moved earlier, flows gone) wait in the heap
+            # until their time; when they outnumber live ones, rebuild from the live.
+            heap[:] = [(f.armed, i) for i, f in self._flows.items() if f.armed is not None]
+            heapq.heapify(heap)
+            self._counters["timer.compactions"] += 1
+        heapq.heappush(heap, (deadline, fid))
 
     def _arm_udp(self, session: UdpSession) -> None:
         deadline = session.expires_at(self.config.udp_idle_timeout)
         session.armed = deadline
-        heapq.heappush(self._timers, (deadline, session.flow))
+        self._push(deadline, session.flow)
 
     def _touch(self, flow: _TcpFlow) -> None:
         """After every call into an endpoint: remember it for packets_to_send, re-arm."""
@@ -506,7 +516,7 @@ class Stack:
         timer = endpoint.get_timer()
         if timer is not None and (flow.armed is None or timer < flow.armed):
             flow.armed = timer
-            heapq.heappush(self._timers, (timer, flow.flow))
+            self._push(timer, flow.flow)
 
     # -- output --------------------------------------------------------------
     def packets_to_send(self) -> list[bytes]:

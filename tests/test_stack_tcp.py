@@ -333,3 +333,15 @@ def test_new_syn_on_a_finished_tuple_opens_a_new_flow() -> None:
     (opened,) = events(s)
     assert isinstance(opened, FlowOpened) and opened.flow != fid
     assert s.counters["flows.open"] == 1 and s.flow_key(fid) is None
+
+
+def test_stale_timer_entries_are_compacted() -> None:
+    s = Stack(StackConfig(seed=1, max_half_open=100_000))
+    for i in range(3000):
+        peer = TcpPeer(s, sport=10000 + i)
+        fid = open_flow(s, peer)  # accept-timeout entry, then an earlier SYN-ACK timer
+        s.abort(fid, 0.0)
+        drain(s)
+    assert s.counters["flows.open"] == 0
+    assert len(s._timers) <= 1024 + 2 and s.counters["timer.compactions"] > 0
+    assert s.get_timer() is None
