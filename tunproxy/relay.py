@@ -343,11 +343,8 @@ class DnsUdpFlow(_Flow):
         self.relay.spawn(self._answer(data))
 
     async def _answer(self, query: bytes) -> None:
-        key = self.relay.stack.flow_key(self.id)
-        client = (key.src_ip, key.src_port) if key else ("", 0)
-        answer = await self.relay.dns.handle_query(query, network="udp", client=client)
-        if answer is not None and not self.closed:
-            self.record.bytes_down += len(answer)
+        answer = await self.relay.answer_dns(self, query, "udp")
+        if answer is not None:
             self.relay.stack.send_datagram(self.id, answer, self.relay.now())
             self.relay.flush_soon()
 
@@ -383,11 +380,8 @@ class DnsTcpFlow(_Flow):
             self.relay.spawn(self._answer(query))
 
     async def _answer(self, query: bytes) -> None:
-        key = self.relay.stack.flow_key(self.id)
-        client = (key.src_ip, key.src_port) if key else ("", 0)
-        answer = await self.relay.dns.handle_query(query, network="tcp", client=client)
-        if answer is not None and not self.closed:
-            self.record.bytes_down += len(answer)
+        answer = await self.relay.answer_dns(self, query, "tcp")
+        if answer is not None:
             self.relay.stack.send(self.id, struct.pack("!H", len(answer)) + answer,
                                   self.relay.now())
             self.relay.flush_soon()
@@ -445,6 +439,17 @@ class Relay:
 
     def now(self) -> float:
         return self.loop.time()
+
+    async def answer_dns(self, flow: _Flow, query: bytes, network: str) -> bytes | None:
+        """The DNS service's answer to a hijacked query, or None (no answer, or flow gone)."""
+        key = self.stack.flow_key(flow.id)
+        client = (key.src_ip, key.src_port) if key else ("", 0)
+        answer: bytes | None = await self.dns.handle_query(query, network=network,
+                                                           client=client)
+        if answer is None or flow.closed:
+            return None
+        flow.record.bytes_down += len(answer)
+        return answer
 
     def spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = self.loop.create_task(coro)
