@@ -118,6 +118,7 @@ class Peer:
         self.rcv_nxt = 0  # offset
         self.received = bytearray()
         self.ooo: dict[int, bytes] = {}
+        self.dsack: tuple[int, int] | None = None  # a duplicate to report (RFC 2883)
         self.fin_received = False
         self.reset_received = False
         self.ts_recent = 0
@@ -156,7 +157,7 @@ class Peer:
         return min(0xFFFF, max(self.receive_window, 0) >> shift)
 
     def sack_blocks(self) -> tuple[tuple[int, int], ...]:
-        if not (self.sack and self.peer_sack) or not self.ooo:
+        if not (self.sack and self.peer_sack) or not (self.ooo or self.dsack):
             return ()
         ranges: list[list[int]] = []
         for start in sorted(self.ooo):
@@ -167,7 +168,13 @@ class Peer:
                 ranges.append([start, end])
         base = self.irs + 1
         limit = 3 if self.peer_ts else 4
-        return tuple(((base + s) & MASK, (base + e) & MASK) for s, e in ranges[-limit:])
+        if self.dsack is not None:
+            # Like Linux (tcp_dsack=1): the duplicate first, once.
+            ranges = [list(self.dsack), *ranges[-(limit - 1) :]]
+            self.dsack = None
+        else:
+            ranges = ranges[-limit:]
+        return tuple(((base + s) & MASK, (base + e) & MASK) for s, e in ranges)
 
     def segment(self, flags: int = ACK, offset: int | None = None, **changes: object) -> TcpRepr:
         seg = TcpRepr(
@@ -277,6 +284,8 @@ class Peer:
                         self.rcv_nxt = nxt + len(block)
             elif start > self.rcv_nxt:
                 self.ooo[start] = payload
+            else:
+                self.dsack = (start, start + len(payload))
         if seg.flags & FIN and start + len(payload) == self.rcv_nxt and not self.fin_received:
             self.fin_received = True
             self.need_ack = True

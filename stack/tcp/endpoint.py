@@ -82,6 +82,8 @@ _FAST = 1  # fast retransmit / fast recovery (RFC 5681 3.2, RFC 6582, RFC 6675 5
 _LOSS = 2  # after a retransmission timeout (RFC 5681 3.1, RFC 6298 5)
 
 _DUP_THRESH = 3  # RFC 5681 3.2
+_MAX_REORDER_SEGMENTS = 300  # cap of the adaptive reordering threshold (Linux: tcp_max_reordering)
+_RTX_LOG_LIMIT = 256  # retransmissions remembered per episode, to match D-SACKs against
 _BETA = 0.7  # multiplicative decrease (RFC 9438 4.6: CUBIC's 0.7; Reno's is 0.5)
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1: the peer sent no MSS option
 _TS_OPTION_LEN = 12  # NOP NOP TS(10), on every segment once timestamps are in use
@@ -133,12 +135,14 @@ class TcpEndpoint:
         "_recover",
         "_recovery",
         "_remote_port",
+        "_reo_thresh",
         "_retries",
         "_rst",
         "_rtt",
         "_rtt_off",
         "_rtt_time",
         "_rtx_limit",
+        "_rtx_log",
         "_rtx_mark",
         "_rtx_next",
         "_sack_ok",
@@ -155,6 +159,9 @@ class TcpEndpoint:
         "_ts_base",
         "_ts_ok",
         "_ts_recent",
+        "_undo_cwnd",
+        "_undo_retrans",
+        "_undo_ssthresh",
         "_wl1",
         "_wl2",
         "_writable_wanted",
@@ -236,6 +243,14 @@ class TcpEndpoint:
         self._rtx_limit = 0
         self._rtx_mark = 0
         self._force_rtx = False
+        # Reordering tolerance (RFC 6675 DupThresh in bytes), raised when D-SACKs show that
+        # a retransmission was spurious (RFC 3708), together with the state to undo the
+        # congestion response of such an episode (RFC 4015 style).
+        self._reo_thresh = (_DUP_THRESH - 1) * self.effective_mss
+        self._rtx_log: list[tuple[int, int]] | None = None
+        self._undo_cwnd = 0
+        self._undo_ssthresh = 0
+        self._undo_retrans = 0
         self._rtt = RttEstimator(config.min_rto, config.max_rto)
         self._rtt_off: int | None = None
         self._rtt_time = 0.0
@@ -427,6 +442,7 @@ class TcpEndpoint:
         self._count("tcp.rto")
         mss = self.effective_mss
         if self._retries == 1:
+            self._start_episode()
             # RFC 5681 (4): ssthresh from the flight, once per episode (held on repeats).
             self._ssthresh = max((snd_max - una) // 2, 2 * mss)
         self._cwnd = mss
@@ -434,7 +450,10 @@ class TcpEndpoint:
         self._recover = snd_max
         self._dupacks = 0
         self._dup_bytes = 0
-        if self._board is not None:
+        if self._board is not None and self._retries > 1:
+            # RFC 2018 8 asks to forget SACK information after a timeout, in case the
+            # receiver reneged. Linux never reneges, so the first timeout keeps it (and
+            # resends only holes); a second one in a row forgets it.
             self._board.clear()
         self._rtx_next = una
         self._rtx_limit = snd_max
@@ -450,7 +469,7 @@ class TcpEndpoint:
         then the retransmission timer (RFC 6298 5)."""
         rto = self._rtt.rto
         srtt = self._rtt.srtt
-        if srtt is not None and not self._probe_sent and self._recovery != _LOSS:
+        if srtt is not None and not self._probe_sent:
             pto = max(2 * srtt, _PTO_MIN)
             if self._snd_max - self._snd_una <= self.effective_mss:
                 pto += _DELACK_ALLOWANCE
@@ -474,10 +493,15 @@ class TcpEndpoint:
             return
         self._probe_sent = True
         self._count("tcp.tail_loss_probes")
+        board = self._board
         if self._recovery != _OPEN:
             self._rtx_next = una
             self._rtx_mark = snd_max
             self._force_rtx = True
+        elif board:
+            # Two round trips without news while the peer holds data above a hole: the
+            # hole is lost whatever the reordering threshold says (RACK, RFC 8985 6.2).
+            self._enter_recovery(board.highest)
         else:
             self._tlp_high = snd_max
             data_end = self._buf.end if self._buf is not None else 0
@@ -536,6 +560,9 @@ class TcpEndpoint:
             and self._ts_ok
             and not flags & RST
             and delta(ts[0], self._ts_recent) < -1
+            # A reordered pure ACK is harmless (its ACK and window checks protect us) and
+            # its SACK blocks are useful: only text, FIN and SYN are subject to PAWS.
+            and (len(payload) or flags & (FIN | SYN))
         ):
             self._count("tcp.paws_drops")
             self._ack_pending = True
@@ -642,16 +669,20 @@ class TcpEndpoint:
             new_sack = self._receive_sack(seg.sack_blocks, ack_off)
         if ack_off > una:
             self._on_new_ack(ack_off, seg, now)
-        elif (
-            una < snd_max
-            and plen == 0
-            and not seg.flags & FIN
-            and (not window_changed or new_sack)
-        ):
-            # RFC 5681 2 "duplicate acknowledgment" (RFC 6675: or one with new SACK info).
-            self._dupacks += 1
-            if self._recovery == _FAST and not self._sack_ok:
-                self._dup_bytes += self.effective_mss  # RFC 6582 3.2 step 3: inflate
+        else:
+            if (
+                una < snd_max
+                and plen == 0
+                and not seg.flags & FIN
+                and (not window_changed or new_sack)
+            ):
+                # RFC 5681 2 "duplicate acknowledgment" (RFC 6675: or one with new SACK).
+                self._dupacks += 1
+                if self._recovery == _FAST and not self._sack_ok:
+                    self._dup_bytes += self.effective_mss  # RFC 6582 3.2 step 3: inflate
+            if new_sack and self._timer_kind == _PROBE:
+                # News from the peer: the probe waits for two round trips of silence.
+                self._arm_loss_timer(now)
         if self._snd_una < self._snd_max:
             self._detect_loss()
         return True
@@ -663,14 +694,60 @@ class TcpEndpoint:
         ref_seq = (self._iss + 1 + ack_off) & MASK
         snd_max = self._snd_max
         new = False
-        for left, right in blocks:
+        for i, (left, right) in enumerate(blocks):
             lo = unwrap(left, ref_seq, ack_off)
             hi = lo + delta(right, left)
-            # RFC 2018 / RFC 6675: ignore blocks below the cumulative ACK (D-SACK) and
-            # blocks that report data never sent.
+            if i == 0 and lo < hi and (
+                hi <= ack_off
+                or (len(blocks) > 1 and self._contains(blocks[1], left, right))
+            ):
+                # RFC 2883: a first block below the cumulative ACK, or inside the second
+                # block, reports a duplicate the peer received (a D-SACK).
+                self._on_dsack(lo, hi)
+                continue
+            # RFC 6675: ignore blocks that report data never sent.
             if ack_off < lo < hi <= snd_max and board.add(lo, hi):
                 new = True
         return new
+
+    @staticmethod
+    def _contains(block: tuple[int, int], left: int, right: int) -> bool:
+        return delta(left, block[0]) >= 0 and delta(block[1], right) >= 0
+
+    def _on_dsack(self, lo: int, hi: int) -> None:
+        """RFC 3708: a D-SACK for one of our retransmissions shows it was spurious
+        (reordering, not loss): tolerate more reordering, and once every retransmission
+        of the episode proved spurious, undo its congestion response (RFC 4015)."""
+        self._count("tcp.dsacks")
+        log = self._rtx_log
+        if not log:
+            return
+        for i, (start, end) in enumerate(log):
+            if start < hi and lo < end:
+                del log[i]
+                break
+        else:
+            return  # a duplicate made by the network, not by us
+        self._count("tcp.spurious_retransmits")
+        cap = _MAX_REORDER_SEGMENTS * self.effective_mss
+        if self._reo_thresh < cap:
+            self._reo_thresh = min(2 * self._reo_thresh, cap)
+        self._undo_retrans -= 1
+        if self._undo_retrans <= 0 and self._undo_cwnd:
+            self._count("tcp.undo")
+            self._cwnd = max(self._cwnd, self._undo_cwnd)
+            self._ssthresh = max(self._ssthresh, self._undo_ssthresh)
+            self._undo_cwnd = 0
+            if self._recovery == _FAST:
+                self._recovery = _OPEN
+                self._rtx_next = self._rtx_limit = self._snd_una
+
+    def _start_episode(self) -> None:
+        """Remember what a loss response changes, in case D-SACKs prove it spurious."""
+        self._undo_cwnd = self._cwnd
+        self._undo_ssthresh = self._ssthresh
+        self._undo_retrans = 0
+        self._rtx_log = []
 
     def _on_new_ack(self, ack_off: int, seg: TcpRepr, now: float) -> None:
         una = self._snd_una
@@ -753,41 +830,26 @@ class TcpEndpoint:
     def _detect_loss(self) -> None:
         """Enter fast recovery (RFC 5681 3.2, RFC 6675 5) or extend the range deemed lost."""
         board = self._board
-        mss = self.effective_mss
         una = self._snd_una
         if self._recovery == _OPEN:
             if una < self._recover:
                 return  # RFC 6582 4.1: dupacks for data sent before the last timeout
-            sacked = board.sacked if board is not None else 0
-            if (
-                self._dupacks < _DUP_THRESH
-                and sacked <= (_DUP_THRESH - 1) * mss
-                # After a tail loss probe, any hole the peer reports is a loss (RFC 8985 7.4).
-                and not (self._tlp_high is not None and sacked)
-            ):
-                return
-            self._count("tcp.fast_retransmits")
-            snd_max = self._snd_max
-            self._recovery = _FAST
-            self._recover = snd_max
-            self._ssthresh = max(int((snd_max - una) * _BETA), 2 * mss)
-            self._cwnd = self._ssthresh
-            self._rtx_next = una
-            if board:
-                self._rtx_limit = board.highest
-            else:
-                self._rtx_limit = min(una + mss, snd_max)
-                self._dup_bytes = self._dupacks * mss  # RFC 6582 3.2 step 2 (cwnd + 3*SMSS)
-            self._rtx_mark = snd_max
-            self._force_rtx = True  # RFC 6675 5 step 4: the first one goes regardless of pipe
-            self._rtt_off = None
-            self._tlp_high = None
+            lost = board.lost_limit(self._reo_thresh) if board else None
+            if lost is None:
+                if board and self._tlp_high is not None:
+                    # After a tail loss probe, any hole the peer reports is a loss
+                    # (RFC 8985 7.4).
+                    lost = board.highest
+                elif self._sack_ok or self._dupacks < _DUP_THRESH:
+                    return
+            self._enter_recovery(lost)
             return
         if not board:
             return
         highest = board.highest
-        if highest > self._rtx_limit:
-            self._rtx_limit = highest
+        lost = board.lost_limit(self._reo_thresh)
+        if lost is not None and lost > self._rtx_limit:
+            self._rtx_limit = lost
         if (
             self._rtx_next < self._rtx_limit
             and board.next_hole(self._rtx_next, self._rtx_limit) is None
@@ -795,7 +857,7 @@ class TcpEndpoint:
             self._rtx_next = self._rtx_limit  # every hole has been retransmitted
         if (
             self._rtx_next >= self._rtx_limit
-            and highest > self._rtx_mark + (_DUP_THRESH - 1) * mss
+            and highest > self._rtx_mark + self._reo_thresh
             and board.next_hole(una, self._rtx_mark) is not None
         ):
             # Data sent after our last retransmission has been SACKed while a hole below
@@ -803,6 +865,31 @@ class TcpEndpoint:
             self._count("tcp.lost_retransmits")
             self._rtx_next = una
             self._rtx_mark = self._snd_max
+
+    def _enter_recovery(self, lost: int | None) -> None:
+        """RFC 6675 5 / RFC 6582 3.2: fast retransmit, then recovery until SND.MAX now.
+
+        ``lost``: un-SACKed data below it is deemed lost (None without SACK: only the
+        first segment, NewReno style)."""
+        self._count("tcp.fast_retransmits")
+        una = self._snd_una
+        snd_max = self._snd_max
+        mss = self.effective_mss
+        self._start_episode()
+        self._recovery = _FAST
+        self._recover = snd_max
+        self._ssthresh = max(int((snd_max - una) * _BETA), 2 * mss)
+        self._cwnd = self._ssthresh
+        self._rtx_next = una
+        if lost is not None:
+            self._rtx_limit = lost
+        else:
+            self._rtx_limit = min(una + mss, snd_max)
+            self._dup_bytes = self._dupacks * mss  # RFC 6582 3.2 step 2 (cwnd + 3*SMSS)
+        self._rtx_mark = snd_max
+        self._force_rtx = True  # RFC 6675 5 step 4: the first one goes regardless of pipe
+        self._rtt_off = None
+        self._tlp_high = None
 
     def _receive_text(self, seg: TcpRepr, payload: memoryview, rel: int, now: float) -> None:
         """RFC 9293 3.10.7.4 seventh (text) and eighth (FIN) checks."""
@@ -1110,6 +1197,13 @@ class TcpEndpoint:
             self._count("tcp.retransmits")
             self._rtt_off = None  # Karn (RFC 6298 3)
             seg_end = data_stop + (1 if fin else 0)
+            log = self._rtx_log
+            if log is not None and self._recovery != _OPEN:
+                if len(log) < _RTX_LOG_LIMIT:
+                    log.append((start, seg_end))
+                    self._undo_retrans += 1
+                else:
+                    self._undo_cwnd = 0  # too many to track: no undo for this episode
             self._rtx_next = seg_end
             self._rtx_mark = self._snd_max
             pipe += seg_end - start

@@ -99,5 +99,17 @@ class Scoreboard:
             i += 1
         return total
 
+    def lost_limit(self, threshold: int) -> int | None:
+        """RFC 6675 4 IsLost, for all holes at once: un-SACKed bytes below the returned
+        offset have more than ``threshold`` SACKed bytes above them. None: nothing lost."""
+        starts = self._starts
+        ends = self._ends
+        above = 0
+        for i in range(len(starts) - 1, -1, -1):
+            above += ends[i] - starts[i]
+            if above > threshold:
+                return starts[i]
+        return None
+
     def blocks(self) -> list[tuple[int, int]]:
         return list(zip(self._starts, self._ends, strict=True))
