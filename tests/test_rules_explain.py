@@ -79,15 +79,15 @@ def test_default_and_notes(capsys: pytest.CaptureFixture[str]) -> None:
 )
 def test_bad_file_is_one_line(config: str, where: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(["--rules", str(DATA / config), "tcp", "1.1.1.1:443"], capsys)
-    assert rc == 1
+    assert rc == 2
     assert out == ""
-    assert err.startswith(where)
+    assert err.startswith(f"tunproxy: {where}")
     assert err.count("\n") == 1
 
 
 def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = run(["--rules", CONFIG, "tcp", "a.com:443", "--domain", "b.com"], capsys)
-    assert rc == 1
+    assert rc == 2
     assert "differ" in err
     parser = argparse.ArgumentParser()
     explain.add_arguments(parser)
@@ -96,4 +96,4 @@ def test_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parser.parse_args(["icmp", "1.2.3.4:1"])
     rc, _, err = run(["tcp", "1.2.3.4:1"], capsys)  # no --rules
-    assert rc == 1
+    assert rc == 2

@@ -145,24 +145,28 @@ def _describe(flow: rules.FlowMeta) -> str:
     return f"{flow.network} {hostport(flow.src_ip, flow.src_port)} -> {dst}"
 
 
+# Like every tunproxy command: 2 for a bad file or bad arguments.
+EXIT_USAGE = 2
+
+
 def run(args: argparse.Namespace) -> int:
     path = getattr(args, "rules", None)
     if not path:
         print("tunproxy explain: give the rules file with --rules FILE", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     try:
         from tunproxy.config import load_config
 
         ruleset: rules.RuleSet = load_config(path).ruleset
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
+        print(f"tunproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     asked = {"process": False, "resolve": False}
     try:
         flow = _flow(args, asked)
     except argparse.ArgumentTypeError as exc:
         print(f"tunproxy explain: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
     verdict = ruleset.match(flow)
     print(f"flow:    {_describe(flow)}")
     print(f"verdict: {verdict.target}")
