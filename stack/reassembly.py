@@ -1,4 +1,4 @@
-"""IPv4 fragment reassembly (RFC 791 3.2 "Fragmentation and Reassembly", RFC 815 holes).
+"""IP fragment reassembly (RFC 791 3.2, RFC 815 holes; IPv6: RFC 8200 4.5, RFC 5722).
 
 Fragments are kept as ``(offset, bytes)`` chunks per datagram, keyed by
 (source, destination, protocol, identification) as RFC 791 prescribes. The
@@ -15,10 +15,14 @@ Hostile input is bounded three ways:
   is dropped (``drop.reassembly-timeout``);
 - fragments per datagram: at most ``MAX_FRAGMENTS``.
 
-Overlaps: a fragment whose bytes agree with what is already held is accepted
-(a retransmitted or re-fragmented duplicate); one that disagrees makes the
-whole datagram unusable (the choice RFC 5722 made for IPv6, and Linux for IPv4
-since the FragmentSmack fixes), so it is dropped (``drop.reassembly-overlap``).
+Overlaps (IPv4): a fragment whose bytes agree with what is already held is
+accepted (a retransmitted or re-fragmented duplicate); one that disagrees makes
+the whole datagram unusable, so it is dropped (``drop.reassembly-overlap``), as
+Linux does since the FragmentSmack fixes. IPv6 (``strict``): any overlap but an
+exact duplicate drops the datagram (RFC 5722, RFC 8200 4.5).
+
+The same reassembler (and memory bound) serves IPv6 fragments through ``add``,
+keyed by (source, destination, identification) as RFC 8200 4.5 prescribes.
 No ICMP time-exceeded is sent on timeout (RFC 792 makes it optional: "may").
 """
 
@@ -32,7 +36,7 @@ CHUNK_OVERHEAD = 64  # bytes charged per chunk besides its data (tuple + bytes o
 MAX_FRAGMENTS = 256
 MAX_DATAGRAM = 65535
 
-_Key = tuple[bytes, bytes, int, int]
+_Key = tuple[object, ...]
 
 
 class _Datagram:
@@ -75,18 +79,34 @@ class Ipv4Reassembler:
         self._counters["reassembly.datagrams"] = len(self._datagrams)
 
     def receive(self, packet: Ipv4Packet, now: float) -> tuple[bytes, bytes] | None:
-        """Add one fragment. Returns ``(first_fragment_header, payload)`` when the
+        """Add one IPv4 fragment. Returns ``(first_fragment_header, payload)`` when the
         datagram is complete, else None (held, or dropped and counted)."""
         start = packet.frag_offset
-        data = bytes(packet.payload)
-        more = packet.more_fragments
+        return self.add(
+            (packet.src, packet.dst, packet.protocol, packet.ident),
+            start,
+            bytes(packet.payload),
+            packet.more_fragments,
+            bytes(packet.header) if start == 0 else None,
+            MAX_DATAGRAM - packet.header_len,
+            now,
+        )
+
+    def add(
+        self, key: tuple[object, ...], start: int, data: bytes, more: bool,
+        header: bytes | None, max_len: int, now: float, *, strict: bool = False,
+    ) -> tuple[bytes, bytes] | None:  # fmt: skip
+        """Add one fragment of the datagram ``key``: ``data`` at byte ``start``,
+        ``more`` unless it is the last; ``header`` (kept for the caller) comes with
+        the offset-0 fragment; the payload may not exceed ``max_len``. With
+        ``strict`` any overlap other than an exact duplicate drops the datagram
+        (RFC 5722 for IPv6). Returns ``(header, payload)`` once complete."""
         end = start + len(data)
-        if (more and (len(data) == 0 or len(data) % 8)) or end + packet.header_len > MAX_DATAGRAM:
-            # RFC 791: every fragment but the last carries a multiple of 8 bytes;
-            # the reassembled datagram must fit the 16-bit total length.
+        if (more and (len(data) == 0 or len(data) % 8)) or end > max_len:
+            # RFC 791 / RFC 8200 4.5: every fragment but the last carries a multiple
+            # of 8 bytes; the reassembled datagram must fit its 16-bit length field.
             self._count("drop.reassembly-bad-fragment")
             return None
-        key = (packet.src, packet.dst, packet.protocol, packet.ident)
         dgram = self._datagrams.get(key)
         if dgram is None:
             dgram = self._datagrams[key] = _Datagram(now)
@@ -110,7 +130,9 @@ class Ipv4Reassembler:
             if e <= start:
                 continue
             lo, hi = max(s, start), min(e, end)
-            if d[lo - s : hi - s] != data[lo - start : hi - start]:
+            if (strict and (s != start or e != end)) or d[lo - s : hi - s] != data[
+                lo - start : hi - start
+            ]:
                 self._drop(key, "reassembly-overlap")
                 return None
             covered += hi - lo
@@ -131,8 +153,8 @@ class Ipv4Reassembler:
             dgram.chunks.sort(key=_offset)
             dgram.charged += cost
             self.memory += cost
-        if start == 0:
-            dgram.header = bytes(packet.header)
+        if header is not None:
+            dgram.header = header
         if total is None:
             self._publish()
             return None

@@ -14,11 +14,10 @@ Driving loop (see ``tunproxy/driver.py``)::
 
 How it works:
 
-- Input: virtio-net header (when ``vnet_hdr``), IPv4 (fragments reassembled,
-  ``stack.reassembly``) or IPv6 (extension headers skipped; fragments dropped
-  and counted as ``drop.ipv6-fragment``: Linux never fragments the TCP/UDP it
-  sends into a TUN whose MTU it knows, so reassembly is not worth its attack
-  surface), then TCP / UDP / ICMP. L4 checksums are verified unless the virtio
+- Input: virtio-net header (when ``vnet_hdr``), IPv4 or IPv6 (extension
+  headers skipped), fragments of either reassembled by ``stack.reassembly``
+  under one memory bound (IPv6 strictly: any overlap drops the datagram,
+  RFC 5722), then TCP / UDP / ICMP. L4 checksums are verified unless the virtio
   header says NEEDS_CSUM or DATA_VALID. GSO super-packets: TCPV4/TCPV6 are one
   big segment; UDP_L4 is split into ``gso_size`` datagrams.
 - TCP: demultiplexed by 4-tuple to a ``stack.tcp.TcpEndpoint``. A SYN to an
@@ -217,7 +216,12 @@ class Stack:
         elif version == 6:
             pkt6 = ipv6.Ipv6Packet(buf)
             if pkt6.fragment is not None:
-                raise WireError("ipv6-fragment")
+                done6 = self._reassemble_v6(pkt6, now)
+                if done6 is None:
+                    return
+                pkt6 = done6
+                trusted = False
+                gso = virtio.GSO_NONE
             src, dst, proto = pkt6.src, pkt6.dst, pkt6.protocol
             l4 = pkt6.payload
             packet = pkt6.buffer
@@ -237,6 +241,30 @@ class Stack:
             # RFC 1122 3.2.2.1 would have us send protocol unreachable; a TUN catch-all
             # sees such packets only from odd software, so they are just dropped.
             raise WireError("unknown-protocol", str(proto))
+
+    def _reassemble_v6(self, pkt: ipv6.Ipv6Packet, now: float) -> ipv6.Ipv6Packet | None:
+        """RFC 8200 4.5: hold the fragment; once complete, rebuild the packet as a
+        fixed header (next header from the offset-0 fragment's fragment header)
+        followed by the fragmentable part, and parse it again. Extension headers
+        before the fragment header only concern the route: they are not kept."""
+        assert pkt.fragment is not None
+        offset, more, ident = pkt.fragment
+        header = None
+        if offset == 0:
+            first = bytearray(pkt.buffer[: ipv6.HEADER_LEN])
+            first[ipv6.NEXT_HEADER] = pkt.protocol
+            header = bytes(first)
+        done = self._reassembler.add(
+            (pkt.src, pkt.dst, ident), offset, bytes(pkt.payload), more, header, 0xFFFF, now,
+            strict=True,
+        )  # fmt: skip
+        if done is None:
+            return None
+        fixed, payload = done
+        rebuilt = bytearray(fixed)
+        rebuilt[ipv6.PAYLOAD_LEN : ipv6.PAYLOAD_LEN + 2] = len(payload).to_bytes(2, "big")
+        rebuilt += payload
+        return ipv6.Ipv6Packet(memoryview(bytes(rebuilt)))
 
     # -- TCP input -------------------------------------------------------------
     def _receive_tcp(

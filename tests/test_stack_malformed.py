@@ -34,7 +34,7 @@ CASES = [
     (ip_packet(A4, B4, 47, b"gre"), "unknown-protocol"),
     (ip_packet(A4, B4, 1, b"\x08\0"), "icmp-truncated"),
     (_flip(ip_packet(A4, B4, 1, icmp4_echo(1, 1, b"")), 22, 1), "icmp-checksum"),
-    (FRAG6, "ipv6-fragment"),
+    (FRAG6, "reassembly-bad-fragment"),  # M=1 with 9 bytes: not a multiple of 8
     (ip_packet(A6, B6, 17, udp_l4(A6, B6, 1, 0, b"z")), "port-zero"),
     (ip_packet(A4, bytes([224, 0, 0, 1]), 6,
                tcp_l4(A4, bytes([224, 0, 0, 1]), tcp.TcpRepr(1, 2, 0, 0, tcp.SYN, 100))),

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from stack import DatagramReceived, Stack, StackConfig
 from stack.reassembly import CHUNK_OVERHEAD, Ipv4Reassembler
-from stack.wire import ipv4
-from tests.ippeer import A4, B4, events, ip_packet, udp_l4
+from stack.wire import icmpv6, ipv4
+from tests.ippeer import A4, A6, B4, B6, drain, events, icmp6_msg, ip_packet, udp_l4
 
 PAYLOAD = bytes(random.Random(1).randbytes(4000))
 
@@ -157,3 +157,64 @@ def test_through_stack_with_timer() -> None:
     s.handle_timer(7.0)
     assert s.counters["drop.reassembly-timeout"] == 1
     assert s.counters["reassembly.bytes"] == 0
+
+
+# -- IPv6 (RFC 8200 4.5) ---------------------------------------------------------
+
+
+def frag6(src: bytes, dst: bytes, nh: int, data: bytes, offset: int, more: bool, ident: int,
+          before: bytes = b"") -> bytes:  # fmt: skip
+    """An IPv6 fragment; ``before`` is a hop-by-hop header placed ahead of the fragment
+    header (unfragmentable part)."""
+    frag = bytes([nh, 0]) + (offset | int(more)).to_bytes(2, "big") + ident.to_bytes(4, "big")
+    if before:
+        return ip_packet(src, dst, 0, bytes([44]) + before[1:] + frag + data)
+    return ip_packet(src, dst, 44, frag + data)
+
+
+def test_ipv6_fragments_reassembled_any_order() -> None:
+    s = Stack()
+    l4 = udp_l4(A6, B6, 5000, 443, PAYLOAD)
+    pieces = split(l4, 1232)
+    hop_by_hop = bytes(8)  # next header patched by frag6, length 0 (8 bytes), PadN
+    for off, data, more in reversed(pieces):
+        s.receive_packet(frag6(A6, B6, 17, data, off, more, 0xABCDEF, before=hop_by_hop), 1.0)
+    assert [e for e in events(s) if isinstance(e, DatagramReceived)] == [
+        DatagramReceived(1, PAYLOAD)
+    ]
+    assert s.counters["reassembly.completed"] == 1 and s.counters["reassembly.bytes"] == 0
+
+
+def test_ipv6_fragmentable_part_with_destination_options() -> None:
+    s = Stack()
+    dest_opts = bytes([17, 0, 1, 4, 0, 0, 0, 0])  # next header UDP, 8 bytes, PadN
+    body = dest_opts + udp_l4(A6, B6, 7, 8, b"behind options" * 100)
+    pieces = split(body, 1000)
+    for off, data, more in pieces:
+        s.receive_packet(frag6(A6, B6, 60, data, off, more, 1), 0.0)
+    got = [e for e in events(s) if isinstance(e, DatagramReceived)]
+    assert got == [DatagramReceived(1, b"behind options" * 100)]
+
+
+def test_ipv6_any_overlap_drops_datagram() -> None:
+    s = Stack()
+    l4 = udp_l4(A6, B6, 5000, 443, PAYLOAD[:2000])
+    s.receive_packet(frag6(A6, B6, 17, l4[:1000], 0, True, 9), 0.0)
+    # Consistent bytes, but overlapping: RFC 5722 drops the whole datagram.
+    s.receive_packet(frag6(A6, B6, 17, l4[992:], 992, False, 9), 0.0)
+    assert s.counters["drop.reassembly-overlap"] == 1 and events(s) == []
+    # An exact duplicate is no overlap.
+    for off, data, more in split(l4, 1000) + split(l4, 1000)[:1]:
+        s.receive_packet(frag6(A6, B6, 17, data, off, more, 10), 0.0)
+    assert len([e for e in events(s) if isinstance(e, DatagramReceived)]) == 1
+
+
+def test_ipv6_big_ping_answered() -> None:
+    s = Stack(StackConfig(mtu=1280))
+    msg = icmp6_msg(A6, B6, icmpv6.ECHO_REQUEST, 3, 4, bytes(range(256)) * 8)
+    for off, data, more in split(msg, 1232):
+        s.receive_packet(frag6(A6, B6, 58, data, off, more, 77), 0.0)
+    outs = drain(s)
+    assert len(outs) == 2 and all(o.frag is not None for o in outs)
+    reply = b"".join(o.l4 for o in sorted(outs, key=lambda o: o.frag[0] if o.frag else 0))
+    assert reply[0] == icmpv6.ECHO_REPLY and reply[8:] == msg[8:]

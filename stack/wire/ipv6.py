@@ -61,7 +61,9 @@ class Ipv6Packet:
     ``protocol`` is the upper-layer protocol (or 59 for "no next header"),
     ``upper_offset`` where its header starts, ``payload`` the upper-layer bytes.
     When a fragment header is present ``fragment`` is ``(offset_bytes, more,
-    ident)``; an atomic fragment (offset 0, M=0, RFC 6946) is reported as None.
+    ident)``, the walk stops after it: ``protocol`` is the fragment header's
+    next header and ``payload`` the fragmentable part. An atomic fragment
+    (offset 0, M=0, RFC 6946) is no fragment: reported as None, walked through.
     """
 
     __slots__ = (
@@ -105,10 +107,13 @@ class Ipv6Packet:
                 if offset + FRAGMENT_HEADER_LEN > end:
                     raise WireError("ipv6-truncated", "fragment header")
                 nh, _, off_m, ident = _FRAGMENT.unpack_from(buffer, offset)
-                if off_m & 0xFFF9:  # offset != 0 or M set: a real fragment
-                    fragment = (off_m & 0xFFF8, bool(off_m & 1), ident)
                 next_header = nh
                 offset += FRAGMENT_HEADER_LEN
+                if off_m & 0xFFF9:  # offset != 0 or M set: a real fragment
+                    # What follows is the fragmentable part, not headers we can walk
+                    # (RFC 8200 4.5): stop; reassembly re-parses the whole packet.
+                    fragment = (off_m & 0xFFF8, bool(off_m & 1), ident)
+                    break
                 continue
             if offset + 2 > end:
                 raise WireError("ipv6-truncated", "extension header")
