@@ -63,6 +63,11 @@ def seeds() -> list[bytes]:
     for off in range(0, len(l4), 1480):
         flags = (off // 8) | (0x2000 if off + 1480 < len(l4) else 0)
         out.append(ip_packet(A4, B4, 17, l4[off : off + 1480], ident=3, flags_frag=flags))
+    l4 = udp_l4(A6, B6, 1, 2, bytes(3000))
+    for off in range(0, len(l4), 1232):
+        more = off + 1232 < len(l4)
+        frag = bytes([17, 0]) + (off | more).to_bytes(2, "big") + (5).to_bytes(4, "big")
+        out.append(ip_packet(A6, B6, 44, frag + l4[off : off + 1232]))
     return out
 
 

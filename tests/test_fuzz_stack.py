@@ -69,6 +69,11 @@ def structured_packet(draw: st.DrawFn, vnet: bool) -> bytes:
     flags_frag = 0x4000
     if kind == "frag" and not v6:
         flags_frag = draw(st.integers(0, 0x3FFF))
+    elif kind == "frag":  # an IPv6 fragment header in front of the datagram piece
+        off_m = draw(st.integers(0, 3)) * 8 | draw(st.integers(0, 1))
+        l4 = bytes([17, 0]) + off_m.to_bytes(2, "big") + bytes(3) + bytes([draw(
+            st.integers(0, 3))]) + l4  # fmt: skip
+        proto = 44
     pkt = bytearray(ip_packet(a, b, proto, l4, ident=draw(st.integers(0, 3)),
                               flags_frag=flags_frag))  # fmt: skip
     for _ in range(draw(st.integers(0, 2)) if _sometimes(draw, 3) else 0):  # a few mutations
