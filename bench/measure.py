@@ -28,11 +28,15 @@ class MeasureError(Exception):
 
 
 def iperf(
-    ns: Netns, seconds: float, *, reverse: bool = False, parallel: int = 1
+    ns: Netns, seconds: float, *, reverse: bool = False, parallel: int = 1,
+    wrapper: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """``iperf3 -c SERVER4 -t SECONDS [-R] [-P N] --json``: goodput seen by the receiver."""
-    argv = ["iperf3", "-c", SERVER4, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "--json",
-            "--connect-timeout", "5000"]
+    """``iperf3 -c SERVER4 -t SECONDS [-R] [-P N] --json``: goodput seen by the receiver.
+
+    ``wrapper`` prefixes the command (``proxychains4 -q -f CONF`` for the SOCKS5-only control).
+    """
+    argv = [*wrapper, "iperf3", "-c", SERVER4, "-p", str(IPERF_PORT), "-t", f"{seconds:g}",
+            "--json", "--connect-timeout", "5000"]
     if reverse:
         argv.append("-R")
     if parallel > 1:

@@ -46,7 +46,7 @@ METRICS: tuple[Metric, ...] = (
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 TESTS = ("tcp", "cps", "latency", "mem", "udp", "dns")
-PATHS = ("baseline", "direct", "socks5")
+PATHS = ("baseline", "direct", "socks5", "socks5-only")
 
 
 # -- results ------------------------------------------------------------------
@@ -75,7 +75,7 @@ class Cell:
 
 @dataclass
 class Column:
-    path: str  # baseline | direct | socks5
+    path: str  # baseline | direct | socks5 | socks5-only (the SOCKS5 server without tunproxy)
     offload: bool = True
     tests: tuple[str, ...] = TESTS
     cells: dict[str, Cell] = field(default_factory=dict)
@@ -84,6 +84,8 @@ class Column:
     def label(self) -> str:
         if self.path == "baseline":
             return "baseline"
+        if self.path == "socks5-only":
+            return "SOCKS5 only"
         name = {"direct": "DIRECT", "socks5": "SOCKS5"}[self.path]
         return name if self.offload else f"{name} no-offload"
 
@@ -295,7 +297,7 @@ def sections_as_dict(sections: list[Section]) -> list[dict[str, Any]]:
                 }
             columns.append({
                 "label": column.label, "path": column.path,
-                "offload": None if column.path == "baseline" else column.offload,
+                "offload": column.offload if column.path in ("direct", "socks5") else None,
                 "tests": list(column.tests), "figures": figures,
             })
         out.append({"mtu": section.mtu, "columns": columns})

@@ -14,9 +14,12 @@ server, microsocks, dante, dnsmasq), and measures each column in turn:
 
 * ``baseline``: plain kernel routing over the veth, no TUN, no tunproxy;
 * ``DIRECT``: tunproxy with ``MATCH,DIRECT``;
-* ``SOCKS5``: tunproxy with ``MATCH,socks`` to microsocks (UDP: to dante, which has UDP
-  ASSOCIATE);
-* the same two with the TUN offloads off (``tun.offload: false``).
+* ``SOCKS5``: tunproxy with ``MATCH,socks`` to dante (``--socks-server microsocks``: TCP to
+  microsocks, UDP still to dante, as microsocks has no UDP ASSOCIATE);
+* the same two with the TUN offloads off (``tun.offload: false``);
+* ``SOCKS5 only``: a control without tunproxy: the client programs themselves use the SOCKS5
+  server (iperf3 under proxychains4, the Python clients speak SOCKS5). It shows how much of
+  the SOCKS5 column's loss is the SOCKS5 server's own.
 
 Each figure is the median of its repetitions, shown with its ratio to the same run's
 baseline. A tunproxy figure that cannot be measured (tunproxy fails to start, exits, carries
@@ -142,17 +145,19 @@ class Group:
     probe_tcp: bool
 
 
-def groups_for(column: Column) -> list[Group]:
+def groups_for(column: Column, socks_port: int) -> list[Group]:
     def pick(*wanted: str) -> tuple[str, ...]:
         return tuple(t for t in TESTS if t in wanted and t in column.tests)
 
     if column.path == "direct":
         groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True),
                   Group("dns", pick("dns"), None, True, False)]
+    elif socks_port == DANTE_PORT:
+        groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), DANTE_PORT, False,
+                        True)]
     else:
         # microsocks has no UDP ASSOCIATE: UDP via SOCKS5 goes to dante.
-        groups = [Group("main", pick("mem", "tcp", "cps", "latency"), MICROSOCKS_PORT, False,
-                        True),
+        groups = [Group("main", pick("mem", "tcp", "cps", "latency"), socks_port, False, True),
                   Group("udp", pick("udp"), DANTE_PORT, False, False)]
     return [g for g in groups if g.tests]
 
@@ -171,9 +176,11 @@ def log_reason(log: str) -> str:
 
 class Runner:
     def __init__(
-        self, settings: Settings, workdir: Path, profile_dir: Path | None, log_level: str
+        self, settings: Settings, workdir: Path, profile_dir: Path | None, log_level: str,
+        socks_port: int,
     ) -> None:
         self.settings = settings
+        self.socks_port = socks_port
         self.workdir = workdir
         self.profile_dir = profile_dir
         self.log_level = log_level
@@ -243,10 +250,21 @@ class Runner:
 
     # .. the tests: each takes one sample per round ..
 
+    def iperf_wrapper(self, column: Column) -> tuple[str, ...]:
+        if column.path != "socks5-only":
+            return ()
+        assert self.services is not None
+        conf = self.services.proxychains_config(self.socks_port)
+        return ("proxychains4", "-q", "-f", str(conf))
+
+    def client_via(self, column: Column) -> tuple[str, ...]:
+        return ("--socks", f"{SOCKS4}:{self.socks_port}") if column.path == "socks5-only" else ()
+
     def test_tcp(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
         s = self.settings
+        wrapper = self.iperf_wrapper(column)
         runs = [("tcp_up", False, 1), ("tcp_down", True, 1)]
         if self.round < s.p4_rounds:
             runs.append(("tcp_up_p4", False, 4))
@@ -255,7 +273,8 @@ class Runner:
 
             def once(reverse: bool = reverse, parallel: int = parallel,
                      key: str = key) -> tuple[dict[str, float], float]:
-                result = measure.iperf(ns, s.iperf_seconds, reverse=reverse, parallel=parallel)
+                result = measure.iperf(ns, s.iperf_seconds, reverse=reverse, parallel=parallel,
+                                       wrapper=wrapper)
                 return {key: result["gbps"]}, result["bytes"]
 
             if self.record(column, (key,), once) is None and self.services is not None:
@@ -265,11 +284,12 @@ class Runner:
         assert self.topo is not None
         ns = self.topo.client
         count = self.settings.cps_count
+        via = self.client_via(column)
         self.step(column, f"{count} connections")
 
         def once() -> tuple[dict[str, float], float]:
             r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
-                               "--count", str(count), "--timeout", "5")
+                               "--count", str(count), "--timeout", "5", *via)
             return ({"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]},
                     float(r["count"]))
 
@@ -279,11 +299,12 @@ class Runner:
         assert self.topo is not None
         ns = self.topo.client
         count = self.settings.rr_count
+        via = self.client_via(column)
         self.step(column, f"{count} request/response round trips")
 
         def once() -> tuple[dict[str, float], float]:
             r = measure.client(ns, "rr", "--host", SERVER4, "--port", str(ECHO_PORT),
-                               "--count", str(count), "--size", "64", "--timeout", "5")
+                               "--count", str(count), "--size", "64", "--timeout", "5", *via)
             return {"rr_p50": r["p50_us"], "rr_p99": r["p99_us"]}, 2.0 * 64 * r["count"]
 
         self.record(column, ("rr_p50", "rr_p99"), once)
@@ -458,10 +479,10 @@ class Runner:
                     self.services.iperf()
                 if tests & {"cps", "latency", "mem", "udp"}:
                     self.services.echo()
-                if "socks5" in paths:
-                    self.services.microsocks()
-                    if "udp" in tests:
-                        self.services.dante()
+                if paths & {"socks5", "socks5-only"}:
+                    self.services.dante()
+                    if self.socks_port == MICROSOCKS_PORT:
+                        self.services.microsocks()
                 if "dns" in tests:
                     self.services.dnsmasq()
                 for round_index in range(self.settings.rounds):
@@ -470,8 +491,11 @@ class Runner:
                         if column.path == "baseline":
                             self.step(column, "plain kernel routing, no TUN")
                             self.run_tests(column, column.tests, section.mtu)
+                        elif column.path == "socks5-only":
+                            self.step(column, "no tunproxy, clients use the SOCKS5 server")
+                            self.run_tests(column, column.tests, section.mtu)
                         else:
-                            for group in groups_for(column):
+                            for group in groups_for(column, self.socks_port):
                                 self.run_tunproxy_group(section, column, group)
             finally:
                 self.stop_tunproxy("interrupted")
@@ -533,6 +557,11 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
                     wanted = [t for t in wanted if t == "tcp"]
                 if wanted:
                     columns.append(Column(path, offload, tuple(wanted)))
+        if "socks5-only" in paths:
+            # The clients that can speak SOCKS5 themselves: iperf3 (via proxychains4), cps, rr.
+            control = tuple(t for t in tests if t in ("tcp", "cps", "latency"))
+            if control:
+                columns.append(Column("socks5-only", True, control))
         if columns:
             sections.append(Section(mtu, columns))
     return settings, sections
@@ -579,7 +608,8 @@ def render_header(meta: dict[str, Any], settings: Settings, sections: list[Secti
         f"Python {meta['python']}, {meta['iperf3']}, load at start {meta['loadavg_at_start']}\n"
         f"MTU {mtus}; iperf3 -t {settings.iperf_seconds:g}; medians of {settings.rounds} rounds "
         f"(-P 4: {settings.p4_rounds}, RSS: {settings.mem_rounds}); {settings.cps_count} "
-        f"connections per connections/s run; {settings.hold_count} idle flows for RSS\n"
+        f"connections per connections/s run; {settings.hold_count} idle flows for RSS; "
+        f"SOCKS5 server {meta['socks_server']}\n"
         "cells: median (median ratio to the same round's baseline[, latency added in us])"
     )
 
@@ -638,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="keep configs and tunproxy logs in DIR (default: a temp dir, "
                              "removed)")
+    parser.add_argument("--socks-server", choices=("dante", "microsocks"), default="dante",
+                        help="SOCKS5 server for TCP (default dante; microsocks caps throughput "
+                             "at a fraction of the baseline by itself; UDP always uses dante)")
     parser.add_argument("--commit", metavar="REV",
                         help="measure the code of commit REV (git archive into a temp dir), "
                              "not the working tree, which others may be editing")
@@ -700,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     profile_dir = args.profile.resolve() if args.profile else None
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level)
+    socks_port = DANTE_PORT if args.socks_server == "dante" else MICROSOCKS_PORT
+    meta["socks_server"] = args.socks_server
+    runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level, socks_port)
     interrupted = False
     started = time.monotonic()
     try:

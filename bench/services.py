@@ -1,4 +1,4 @@
-"""The server side of a benchmark topology: iperf3, echo, SOCKS5 (microsocks, dante), dnsmasq.
+"""The server side of a benchmark topology: iperf3, echo, SOCKS5 (dante, microsocks), dnsmasq.
 
 Everything runs in the server namespace of a ``tests.netns.Topology`` and is started with
 ``Netns.spawn``, so ``Topology.close()`` ends it by pid. Readiness is observed (``ss`` shows
@@ -113,6 +113,13 @@ class Services:
         )
         self.server.spawn("danted", "-f", str(conf), "-p", str(self.workdir / "danted.pid"))
         self.server.wait_tcp_listening(DANTE_PORT)
+
+    def proxychains_config(self, port: int) -> Path:
+        """A proxychains4 config that sends a program's TCP connections through SOCKS4:port
+        (strict: never around it), for iperf3 in the "SOCKS5 only" control column."""
+        conf = self.workdir / f"proxychains-{port}.conf"
+        conf.write_text(f"strict_chain\nquiet_mode\n[ProxyList]\nsocks5 {SOCKS4} {port}\n")
+        return conf
 
     def dnsmasq(self) -> None:
         if self._once("dnsmasq"):
