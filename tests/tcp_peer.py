@@ -119,6 +119,7 @@ class Peer:
         self.received = bytearray()
         self.ooo: dict[int, bytes] = {}
         self.dsack: tuple[int, int] | None = None  # a duplicate to report (RFC 2883)
+        self.last_ooo = -1  # offset of the latest out-of-order segment (RFC 2018 4)
         self.fin_received = False
         self.reset_received = False
         self.ts_recent = 0
@@ -168,12 +169,15 @@ class Peer:
                 ranges.append([start, end])
         base = self.irs + 1
         limit = 3 if self.peer_ts else 4
+        # RFC 2018 4: the block holding the latest segment first, then the highest others.
+        latest = [r for r in ranges if r[0] <= self.last_ooo < r[1]]
+        ranges = latest + [r for r in reversed(ranges) if r not in latest]
         if self.dsack is not None:
             # Like Linux (tcp_dsack=1): the duplicate first, once.
-            ranges = [list(self.dsack), *ranges[-(limit - 1) :]]
+            ranges = [list(self.dsack), *ranges[: limit - 1]]
             self.dsack = None
         else:
-            ranges = ranges[-limit:]
+            ranges = ranges[:limit]
         return tuple(((base + s) & MASK, (base + e) & MASK) for s, e in ranges)
 
     def segment(self, flags: int = ACK, offset: int | None = None, **changes: object) -> TcpRepr:
@@ -284,6 +288,7 @@ class Peer:
                         self.rcv_nxt = nxt + len(block)
             elif start > self.rcv_nxt:
                 self.ooo[start] = payload
+                self.last_ooo = start
             else:
                 self.dsack = (start, start + len(payload))
         if seg.flags & FIN and start + len(payload) == self.rcv_nxt and not self.fin_received:

@@ -88,6 +88,7 @@ _BETA = 0.7  # multiplicative decrease (RFC 9438 4.6: CUBIC's 0.7; Reno's is 0.5
 _DEFAULT_MSS = 536  # RFC 9293 3.7.1: the peer sent no MSS option
 _TS_OPTION_LEN = 12  # NOP NOP TS(10), on every segment once timestamps are in use
 _INFINITE = 1 << 62
+_PAWS_SLACK = 1000  # peer TSval ticks (1 s with Linux's 1 ms clock)
 _PTO_MIN = 0.01  # RFC 8985 7.2 (Linux: 10 ms)
 _DELACK_ALLOWANCE = 0.04  # a lone segment may wait for the peer's delayed ACK (Linux: 40 ms)
 
@@ -141,6 +142,7 @@ class TcpEndpoint:
         "_rtt",
         "_rtt_off",
         "_rtt_time",
+        "_rtx_by_time",
         "_rtx_limit",
         "_rtx_log",
         "_rtx_mark",
@@ -247,7 +249,10 @@ class TcpEndpoint:
         # a retransmission was spurious (RFC 3708), together with the state to undo the
         # congestion response of such an episode (RFC 4015 style).
         self._reo_thresh = (_DUP_THRESH - 1) * self.effective_mss
-        self._rtx_log: list[tuple[int, int]] | None = None
+        # (start, end, SACKed bytes above it then, or -1 when declared lost by a timer)
+        # of each retransmission in the episode.
+        self._rtx_log: list[tuple[int, int, int]] | None = None
+        self._rtx_by_time = False  # the range deemed lost was set by a timer, not by SACKs
         self._undo_cwnd = 0
         self._undo_ssthresh = 0
         self._undo_retrans = 0
@@ -458,6 +463,7 @@ class TcpEndpoint:
         self._rtx_next = una
         self._rtx_limit = snd_max
         self._rtx_mark = snd_max
+        self._rtx_by_time = True
         self._force_rtx = True
         self._tlp_high = None
         self._rtt.backoff()
@@ -497,11 +503,15 @@ class TcpEndpoint:
         if self._recovery != _OPEN:
             self._rtx_next = una
             self._rtx_mark = snd_max
+            if board and board.highest > self._rtx_limit:
+                self._rtx_limit = board.highest  # every hole below SACKed data, by time
+            self._rtx_by_time = True
             self._force_rtx = True
         elif board:
             # Two round trips without news while the peer holds data above a hole: the
             # hole is lost whatever the reordering threshold says (RACK, RFC 8985 6.2).
             self._enter_recovery(board.highest)
+            self._rtx_by_time = True
         else:
             self._tlp_high = snd_max
             data_end = self._buf.end if self._buf is not None else 0
@@ -553,13 +563,15 @@ class TcpEndpoint:
         rcv_nxt = self._rcv_nxt
         rel = delta(seg.seq, (self._irs + 1 + rcv_nxt) & MASK)
         ts = seg.timestamp
-        # RFC 7323 5.3 (PAWS, without the idle-time rule): an older TSval is an old duplicate.
-        # One tick of slack, as Linux allows (TCP_PAWS_WINDOW), for reordering in one tick.
+        # RFC 7323 5.3 (PAWS, without the idle-time rule): a much older TSval is an old
+        # duplicate from a previous trip around the sequence space. "Much": _PAWS_SLACK
+        # ticks, not Linux's one, so that reordering by a few ms costs no retransmission
+        # (a wrapped duplicate is at least 2**31 bytes, i.e. seconds, old).
         if (
             ts is not None
             and self._ts_ok
             and not flags & RST
-            and delta(ts[0], self._ts_recent) < -1
+            and delta(ts[0], self._ts_recent) < -_PAWS_SLACK
             # A reordered pure ACK is harmless (its ACK and window checks protect us) and
             # its SACK blocks are useful: only text, FIN and SYN are subject to PAWS.
             and (len(payload) or flags & (FIN | SYN))
@@ -722,16 +734,19 @@ class TcpEndpoint:
         log = self._rtx_log
         if not log:
             return
-        for i, (start, end) in enumerate(log):
-            if start < hi and lo < end:
-                del log[i]
+        for i, entry in enumerate(log):
+            if entry[0] < hi and lo < entry[1]:
+                above = log.pop(i)[2]
                 break
         else:
             return  # a duplicate made by the network, not by us
         self._count("tcp.spurious_retransmits")
-        cap = _MAX_REORDER_SEGMENTS * self.effective_mss
-        if self._reo_thresh < cap:
-            self._reo_thresh = min(2 * self._reo_thresh, cap)
+        # The original arrived although ``above`` bytes beyond it had been SACKed when we
+        # called it lost: reordering is at least that deep (Linux tcp_check_sack_reordering).
+        # A timer's verdict says nothing about depth.
+        mss = self.effective_mss
+        if above >= self._reo_thresh:
+            self._reo_thresh = min(above + mss, _MAX_REORDER_SEGMENTS * mss)
         self._undo_retrans -= 1
         if self._undo_retrans <= 0 and self._undo_cwnd:
             self._count("tcp.undo")
@@ -816,13 +831,12 @@ class TcpEndpoint:
             self._events.append(FlowWritable(self.flow))
 
     def _rtt_sample(self, seg: TcpRepr, ack_off: int, now: float) -> None:
-        """RFC 7323 4 (RTTM with timestamps) or RFC 6298 3 (one timed segment, Karn)."""
-        ts = seg.timestamp
-        if self._ts_ok and ts is not None and ts[1]:
-            elapsed = (self._ts_now(now) - ts[1]) & MASK
-            if elapsed < 0x80000000:
-                self._rtt.sample(elapsed / 1000.0)
-            return
+        """RFC 6298 3: one timed segment at a time, never a retransmitted one (Karn).
+
+        Timestamps (RFC 7323 4) are not used for RTTM: our TSval clock is coarse on
+        purpose (see ``_ts_now``), and a timed segment per round trip is enough for
+        the RTO and the probe timeout.
+        """
         if self._rtt_off is not None and ack_off >= self._rtt_off:
             self._rtt.sample(now - self._rtt_time)
             self._rtt_off = None
@@ -839,7 +853,9 @@ class TcpEndpoint:
                 if board and self._tlp_high is not None:
                     # After a tail loss probe, any hole the peer reports is a loss
                     # (RFC 8985 7.4).
-                    lost = board.highest
+                    self._enter_recovery(board.highest)
+                    self._rtx_by_time = True
+                    return
                 elif self._sack_ok or self._dupacks < _DUP_THRESH:
                     return
             self._enter_recovery(lost)
@@ -850,6 +866,7 @@ class TcpEndpoint:
         lost = board.lost_limit(self._reo_thresh)
         if lost is not None and lost > self._rtx_limit:
             self._rtx_limit = lost
+            self._rtx_by_time = False
         if (
             self._rtx_next < self._rtx_limit
             and board.next_hole(self._rtx_next, self._rtx_limit) is None
@@ -876,6 +893,7 @@ class TcpEndpoint:
         snd_max = self._snd_max
         mss = self.effective_mss
         self._start_episode()
+        self._rtx_by_time = False
         self._recovery = _FAST
         self._recover = snd_max
         self._ssthresh = max(int((snd_max - una) * _BETA), 2 * mss)
@@ -1004,7 +1022,13 @@ class TcpEndpoint:
     # ------------------------------------------------------------------ output
 
     def _ts_now(self, now: float) -> int:
-        return (int(now * 1000) + self._ts_base) & MASK
+        """Our TSval: 10 ms per tick (RFC 7323 5.4 allows 1 ms to 1 s).
+
+        The peer applies PAWS with one tick of slack (Linux TCP_PAWS_WINDOW): a 1 ms
+        clock would make it drop any of our segments that a few milliseconds of
+        reordering (a fault injector's jitter, a busy event loop) put behind a later one.
+        """
+        return (int(now * 100) + self._ts_base) & MASK
 
     def _window(self) -> int:
         """The raw window field: the free space, rounded down to the scale unit.
@@ -1200,7 +1224,10 @@ class TcpEndpoint:
             log = self._rtx_log
             if log is not None and self._recovery != _OPEN:
                 if len(log) < _RTX_LOG_LIMIT:
-                    log.append((start, seg_end))
+                    above = -1
+                    if board and not self._rtx_by_time:
+                        above = board.sacked - board.sacked_between(una, start)
+                    log.append((start, seg_end, above))
                     self._undo_retrans += 1
                 else:
                     self._undo_cwnd = 0  # too many to track: no undo for this episode
@@ -1234,7 +1261,7 @@ class TcpEndpoint:
                         n -= n % mss  # whole segments, so GSO leaves no runt in the middle
                 fin = fin_off is not None and nxt + n == fin_off
                 self._emit(out, nxt, nxt + n, fin, now)
-                if self._rtt_off is None and not self._ts_ok and self._recovery == _OPEN:
+                if self._rtt_off is None and self._recovery == _OPEN:
                     self._rtt_off = nxt + n
                     self._rtt_time = now
                 pipe += n
