@@ -332,3 +332,94 @@ def test_bidirectional_transfer_survives_random_loss(
     assert bytes(c.peer.received) == out
     assert data_of(events) == inp
     assert events[-2:] == [FlowHalfClosed(7), FlowClosed(7, "closed")]
+
+
+def test_tail_loss_is_found_by_the_probe_and_repaired_by_sack() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    payload = os.urandom(20 * mss)
+    c.ep.send(payload, c.now)
+    segs = c.from_server()
+    for seg, data in segs[:-2]:  # the last two segments are lost
+        c.peer.receive(seg, data)
+    c.to_server(*c.peer.ack())
+    assert c.from_server() == []  # nothing new to send, no duplicate ACKs to count
+    start = c.now
+    c.run(lambda: len(c.peer.received) == len(payload), step=0.005)
+    assert c.peer.received == payload
+    assert c.now - start < 0.2  # well before the minimum RTO
+    assert c.counters["tcp.tail_loss_probes"] == 1
+    assert c.counters["tcp.fast_retransmits"] == 1  # the probe's SACK exposed the hole
+    assert "tcp.rto" not in c.counters
+
+
+def test_probe_sends_new_data_when_the_whole_flight_is_lost() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20, initial_window=10 * 1448))
+    mss = c.ep.effective_mss
+    payload = os.urandom(30 * mss)
+    c.ep.send(payload, c.now)
+    flight = c.from_server()
+    assert len(flight) == 10  # all lost
+    c.now = c.ep.get_timer() or c.now
+    c.ep.handle_timer(c.now)
+    [(probe, data)] = c.from_server()
+    assert server_offset(c, probe) == 10 * mss and len(data) == mss  # new data, beyond cwnd
+    c.peer.receive(probe, data)
+    c.to_server(*c.peer.ack())  # SACKs the probe: everything below it is lost
+    resent = c.from_server()
+    assert sent_offsets(c, resent)[0] == 0
+    for seg, data in resent:
+        c.peer.receive(seg, data)
+    c.pump()
+    c.run(lambda: len(c.peer.received) == len(payload), step=0.005)
+    assert c.peer.received == payload
+    assert "tcp.rto" not in c.counters
+
+
+def test_dsack_of_a_spurious_retransmission_undoes_the_window_cut() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    c.ep.send(os.urandom(20 * mss), c.now)
+    segs = c.from_server()
+    cwnd_before = c.ep._cwnd
+    late = segs[0]
+    for seg, data in segs[1:]:  # segment 0 is only delayed (reordered)
+        c.peer.receive(seg, data)
+        c.to_server(*c.peer.ack())
+    [(rtx, rdata)] = [(s, d) for s, d in c.from_server() if server_offset(c, s) == 0]
+    assert c.ep._cwnd < cwnd_before  # reacted as to a loss
+    c.peer.receive(*late)  # the original arrives after all ...
+    c.to_server(*c.peer.ack())
+    c.peer.receive(rtx, rdata)  # ... so the retransmission is a duplicate:
+    ack, _ = c.peer.ack()
+    assert ack.sack_blocks[0] == (rtx.seq, (rtx.seq + mss) & MASK)  # a D-SACK below the ACK
+    c.to_server(ack, b"")
+    assert c.counters["tcp.spurious_retransmits"] == 1 and c.counters["tcp.undo"] == 1
+    assert c.ep._cwnd >= cwnd_before  # RFC 4015: the cut is undone
+    assert c.ep._reo_thresh > 2 * mss  # and more reordering is tolerated from now on
+
+
+def test_reordering_within_the_threshold_causes_no_retransmission() -> None:
+    c = Conn(config=make_config(send_buffer=1 << 20))
+    mss = c.ep.effective_mss
+    c.ep._reo_thresh = 10 * mss  # as if D-SACKs had shown reordering before
+    c.ep.send(os.urandom(20 * mss), c.now)
+    segs = c.from_server()
+    order = [1, 2, 3, 4, 5, 6, 0, *range(7, 20)]  # segment 0 overtaken by six others
+    for i in order:
+        c.peer.receive(*segs[i])
+        c.to_server(*c.peer.ack())
+    assert "tcp.retransmits" not in c.counters
+    assert len(c.peer.received) == 20 * mss
+
+
+def test_old_timestamp_on_a_pure_ack_is_still_used() -> None:
+    c = Conn()
+    c.ep.send(b"data", c.now)
+    [(seg, data)] = c.from_server()
+    c.peer.receive(seg, data)
+    ack, _ = c.peer.ack()
+    assert ack.timestamp is not None
+    stale = dataclasses.replace(ack, timestamp=((ack.timestamp[0] - 5000) & MASK, 0))
+    c.to_server(stale)
+    assert c.ep.send_buffer_free() == c.config.send_buffer  # acknowledged all the same

@@ -129,3 +129,12 @@ def test_rto_follows_rfc6298() -> None:
     for _ in range(30):
         rtt.backoff()
     assert rtt.rto == 60.0
+
+
+def test_scoreboard_lost_limit_counts_sacked_bytes_above() -> None:
+    board = Scoreboard()
+    for start in (10, 30, 50):
+        board.add(start, start + 10)  # holes at 0-10, 20-30, 40-50
+    assert board.lost_limit(30) is None  # 30 bytes SACKed in all: not more than 30
+    assert board.lost_limit(19) == 30  # holes below 30 have 20 bytes SACKed above
+    assert board.lost_limit(9) == 50

@@ -677,7 +677,8 @@ class TcpEndpoint:
             self._wl1 = seg_off
             self._wl2 = ack_off
         new_sack = False
-        if seg.sack_blocks and self._sack_ok and una < snd_max:
+        if seg.sack_blocks and self._sack_ok:
+            # (Even with nothing outstanding: a D-SACK may report a spurious retransmission.)
             new_sack = self._receive_sack(seg.sack_blocks, ack_off)
         if ack_off > una:
             self._on_new_ack(ack_off, seg, now)
