@@ -20,7 +20,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from stack.events import Event
-from stack.tcp import TcpConfig, TcpEndpoint
+from stack.tcp import TcpConfig, TcpEndpoint, TcpState
 from stack.tcp.seqnum import MASK, delta
 from stack.wire.tcp import ACK, FIN, PSH, RST, SYN, TcpRepr, emit, parse
 
@@ -195,7 +195,7 @@ class Peer:
 
     def ack(self, **changes: object) -> Segment:
         self.need_ack = False
-        return self.segment(ACK, **changes), b""
+        return dataclasses.replace(self.segment(ACK), **changes), b""  # type: ignore[arg-type]
 
     def write(self, data: bytes) -> None:
         self.outgoing += data
@@ -324,6 +324,10 @@ class Conn:
         if accept:
             self.ep.accept(self.now)
             self.pump()
+
+    def state(self) -> TcpState:
+        """The endpoint's state (a call, so that type checkers do not narrow it)."""
+        return self.ep.state
 
     # -- moving segments ------------------------------------------------------
     def from_server(self) -> list[Segment]:

@@ -18,17 +18,17 @@ def test_peer_closes_first_we_keep_sending_then_close() -> None:
     c.peer.fin_queued = True
     c.pump()
     assert c.take_events() == [DataReceived(7, b"request"), FlowHalfClosed(7)]
-    assert c.ep.state is TcpState.CLOSE_WAIT
+    assert c.state() is TcpState.CLOSE_WAIT
     # Half-closed: our direction still flows.
     c.ep.send(b"response" * 1000, c.now)
     c.pump()
     assert c.peer.received == b"response" * 1000
     c.ep.shutdown_write(c.now)
-    assert c.ep.state is TcpState.LAST_ACK
+    assert c.state() is TcpState.LAST_ACK
     c.pump()
     assert c.peer.fin_received
     assert c.take_events() == [FlowClosed(7, "closed")]
-    assert c.ep.state is TcpState.CLOSED and c.ep.closed  # no TIME-WAIT for the passive closer
+    assert c.state() is TcpState.CLOSED and c.ep.closed  # no TIME-WAIT for the passive closer
     assert c.ep.get_timer() is None
 
 
@@ -40,7 +40,7 @@ def test_we_close_first_peer_keeps_sending_then_time_wait() -> None:
     assert seg.flags & FIN and data == b"bye"  # the FIN rides on the last data segment
     c.peer.receive(seg, data)
     c.pump()
-    assert c.ep.state is TcpState.FIN_WAIT_2
+    assert c.state() is TcpState.FIN_WAIT_2
     c.ep.send(b"ignored after shutdown", c.now)
     c.peer.write(b"more from the peer")
     c.pump()
@@ -49,7 +49,7 @@ def test_we_close_first_peer_keeps_sending_then_time_wait() -> None:
     c.peer.fin_queued = True
     c.pump()
     assert c.take_events() == [FlowHalfClosed(7), FlowClosed(7, "closed")]
-    assert c.ep.state is TcpState.TIME_WAIT and not c.ep.closed
+    assert c.state() is TcpState.TIME_WAIT and not c.ep.closed
     assert c.ep.get_timer() == c.now + 2.0
     # A retransmitted FIN (our ACK was lost) is answered again and restarts TIME-WAIT.
     c.now += 1.0
@@ -58,7 +58,7 @@ def test_we_close_first_peer_keeps_sending_then_time_wait() -> None:
     assert ack.flags == ACK and ack.ack == c.peer.seq(len(c.peer.outgoing) + 1)
     assert c.ep.get_timer() == c.now + 2.0
     c.advance(2.0)
-    assert c.ep.state is TcpState.CLOSED and c.ep.closed
+    assert c.state() is TcpState.CLOSED and c.ep.closed
     assert c.take_events() == []  # TIME-WAIT ends silently
 
 
@@ -71,10 +71,10 @@ def test_simultaneous_close() -> None:
     assert our_fin.flags == ACK | FIN and their_fin.flags == ACK | FIN
     c.peer.receive(our_fin, b"")
     c.to_server(their_fin)  # it does not acknowledge our FIN
-    assert c.ep.state is TcpState.CLOSING
+    assert c.state() is TcpState.CLOSING
     assert c.take_events() == [FlowHalfClosed(7)]
     c.pump()
-    assert c.ep.state is TcpState.TIME_WAIT
+    assert c.state() is TcpState.TIME_WAIT
     assert c.take_events() == [FlowClosed(7, "closed")]
 
 
@@ -86,7 +86,7 @@ def test_held_data_and_fin_are_delivered_before_the_close() -> None:
     c.pump()
     c.ep.shutdown_write(c.now)
     c.pump()
-    assert c.ep.state is TcpState.CLOSED
+    assert c.state() is TcpState.CLOSED
     assert c.take_events() == []  # everything waits for the paused application
     assert not c.ep.closed  # so the stack must keep the flow
     c.ep.resume_receiving(c.now)
@@ -117,7 +117,7 @@ def test_in_window_rst_with_wrong_seq_gets_a_challenge_ack() -> None:
         window=ack.window,
         timestamp=ack.timestamp,
     )
-    assert c.ep.state is TcpState.ESTABLISHED
+    assert c.state() is TcpState.ESTABLISHED
     assert c.counters["tcp.challenge_acks"] == 1
     assert c.take_events() == []
 
@@ -127,7 +127,7 @@ def test_out_of_window_rst_is_ignored_silently() -> None:
     c.to_server(c.peer.segment(RST, seq=(CLIENT_ISS + 1 + 10_000_000) & MASK))
     c.to_server(c.peer.segment(RST, seq=(CLIENT_ISS - 5) & MASK))
     assert c.from_server() == []
-    assert c.ep.state is TcpState.ESTABLISHED
+    assert c.state() is TcpState.ESTABLISHED
 
 
 def test_syn_on_an_established_flow_gets_a_challenge_ack() -> None:
@@ -135,7 +135,7 @@ def test_syn_on_an_established_flow_gets_a_challenge_ack() -> None:
     c.to_server(c.peer.syn())
     [(ack, _)] = c.from_server()
     assert ack.flags == ACK and ack.ack == (CLIENT_ISS + 1) & MASK
-    assert c.ep.state is TcpState.ESTABLISHED
+    assert c.state() is TcpState.ESTABLISHED
 
 
 def test_abort_sends_rst_and_reports_nothing() -> None:
@@ -160,7 +160,7 @@ def test_shutdown_before_established_sends_fin_after_handshake() -> None:
     assert synack.flags == SYN | ACK
     c.peer.receive(synack, b"")
     c.to_server(*c.peer.ack())
-    assert c.ep.state is TcpState.FIN_WAIT_1
+    assert c.state() is TcpState.FIN_WAIT_1
     [(seg, data)] = c.from_server()
     assert data == b"banner" and seg.flags & FIN
 
@@ -174,12 +174,12 @@ def test_fin_out_of_order_waits_for_the_data_before_it() -> None:
     # Deliver the second half (with the FIN) first, then the first half.
     tail = dataclasses.replace(seg, seq=(seg.seq + 5) & MASK)
     c.to_server(tail, data[5:])
-    assert c.ep.state is TcpState.ESTABLISHED and c.take_events() == []
+    assert c.state() is TcpState.ESTABLISHED and c.take_events() == []
     head = dataclasses.replace(seg, flags=ACK)
     c.to_server(head, data[:5])
     events = c.take_events()
     assert data_of(events) == b"0123456789" and events[-1] == FlowHalfClosed(7)
-    assert c.ep.state is TcpState.CLOSE_WAIT
+    assert c.state() is TcpState.CLOSE_WAIT
 
 
 def test_fin_waits_for_an_open_window() -> None:

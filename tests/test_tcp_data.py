@@ -150,7 +150,7 @@ def test_zero_window_from_peer_is_probed_until_it_opens() -> None:
         assert c.from_server() == []
     gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps[1] > gaps[0]  # backed off
-    assert c.ep.state is TcpState.ESTABLISHED  # answered probes never time out
+    assert c.state() is TcpState.ESTABLISHED  # answered probes never time out
     c.peer.receive_window = 1 << 20
     c.to_server(*c.peer.ack())  # window update
     [(_seg, data)] = c.from_server()

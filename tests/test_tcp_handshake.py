@@ -30,7 +30,7 @@ SYNACK_TEMPL = dataclasses.replace(
 
 def test_nothing_is_sent_before_accept() -> None:
     c = Conn(accept=False)
-    assert c.ep.state is TcpState.SYN_RECEIVED and not c.ep.accepted
+    assert c.state() is TcpState.SYN_RECEIVED and not c.ep.accepted
     assert c.from_server() == []
     # Duplicate SYNs while held are absorbed, not answered.
     c.to_server(c.peer.syn())
@@ -48,7 +48,7 @@ def test_accept_sends_synack_with_our_options_then_established() -> None:
     assert synack == dataclasses.replace(SYNACK_TEMPL, timestamp=synack.timestamp)
     c.peer.receive(synack, b"")
     c.to_server(*c.peer.ack())
-    assert c.ep.state is TcpState.ESTABLISHED
+    assert c.state() is TcpState.ESTABLISHED
     assert c.ep.get_timer() is None  # no retransmission timer once the SYN-ACK is acked
     assert c.from_server() == []  # the handshake ACK needs no answer
 
@@ -83,7 +83,7 @@ def test_refuse_answers_rst_ack_and_reports_nothing() -> None:
     c.ep.refuse(c.now)
     [(rst, _)] = c.from_server()
     assert rst == dataclasses.replace(SEND_TEMPL, flags=RST | ACK, seq=0, ack=CLIENT_ISS + 1)
-    assert c.ep.closed and c.ep.state is TcpState.CLOSED
+    assert c.ep.closed and c.state() is TcpState.CLOSED
     assert c.take_events() == []
     assert c.from_server() == []
 
@@ -93,7 +93,7 @@ def test_accept_timeout_resets_with_an_event() -> None:
     assert c.ep.get_timer() == c.now + 5.0
     c.now += 4.9
     c.ep.handle_timer(c.now)  # early: lazy timers must tolerate it
-    assert c.ep.state is TcpState.SYN_RECEIVED
+    assert c.state() is TcpState.SYN_RECEIVED
     c.now += 0.2
     c.ep.handle_timer(c.now)
     [(rst, _)] = c.from_server()
@@ -153,7 +153,7 @@ def test_data_with_the_handshake_ack_is_delivered() -> None:
     c.peer.write(b"GET / HTTP/1.1\r\n\r\n")
     [(seg, data)] = c.peer.data_segments(c.now)
     c.to_server(seg, data)  # carries the ACK of our SYN
-    assert c.ep.state is TcpState.ESTABLISHED
+    assert c.state() is TcpState.ESTABLISHED
     assert c.take_events() == [DataReceived(7, b"GET / HTTP/1.1\r\n\r\n")]
     [(ack, _)] = c.from_server()
     assert ack.flags == ACK and ack.ack == (CLIENT_ISS + 1 + len(data)) & 0xFFFFFFFF
@@ -162,5 +162,5 @@ def test_data_with_the_handshake_ack_is_delivered() -> None:
 def test_ack_without_accept_is_ignored() -> None:
     c = Conn(accept=False)
     c.to_server(c.peer.segment(ACK, offset=0, ack=SERVER_ISS + 1))
-    assert c.ep.state is TcpState.SYN_RECEIVED
+    assert c.state() is TcpState.SYN_RECEIVED
     assert c.from_server() == []

@@ -67,12 +67,12 @@ def test_rto_backs_off_and_gives_up_with_reset() -> None:
     c.ep.send(b"into the void", c.now)
     c.from_server()
     times = []
-    while c.ep.state is not TcpState.CLOSED:
+    while c.state() is not TcpState.CLOSED:
         c.now = c.ep.get_timer() or c.now
         times.append(c.now)
         c.ep.handle_timer(c.now)
         out = c.from_server()
-        if c.ep.state is not TcpState.CLOSED:
+        if c.state() is not TcpState.CLOSED:
             assert [p for _, p in out] == [b"into the void"]
     gaps = [b - a for a, b in itertools.pairwise(times[1:])]  # times[0] is the probe
     assert all(abs(later - 2 * earlier) < 1e-6 for earlier, later in itertools.pairwise(gaps))
@@ -324,7 +324,7 @@ def test_bidirectional_transfer_survives_random_loss(
     def finished() -> bool:
         events.extend(c.take_events())
         return c.ep.closed or (
-            c.ep.state is TcpState.TIME_WAIT and c.peer.fin_acked and c.peer.fin_received
+            c.state() is TcpState.TIME_WAIT and c.peer.fin_acked and c.peer.fin_received
         )
 
     c.run(finished, limit=5000.0, step=0.1)

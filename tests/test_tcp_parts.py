@@ -125,7 +125,8 @@ def test_rto_follows_rfc6298() -> None:
     assert rtt.rto >= 0.2
     rtt.backoff()
     rtt.backoff()
-    assert rtt.rto == pytest.approx(4 * max(0.2, rtt.srtt + 4 * rtt.rttvar))  # type: ignore[operator]
+    assert rtt.srtt is not None
+    assert rtt.rto == pytest.approx(4 * max(0.2, rtt.srtt + 4 * rtt.rttvar))
     for _ in range(30):
         rtt.backoff()
     assert rtt.rto == 60.0
