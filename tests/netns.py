@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 CLIENT4 = "10.231.0.1"
 GATEWAY4 = "10.231.0.2"
@@ -46,6 +47,7 @@ SERVER6 = "fd00:232::1"
 PROXY4 = "10.232.0.2"
 
 REPO = Path(__file__).resolve().parent.parent
+LOG_TAIL_LINES = 200
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -246,8 +248,10 @@ class Tunproxy:
 
 
 class Topology:
-    def __init__(self, workdir: Path, *, mtu: int = 1500) -> None:
+    def __init__(self, workdir: Path, *, mtu: int = 1500, echo_logs: bool = True) -> None:
         tag = secrets.token_hex(3)
+        # Print each tunproxy's log (its tail) at close: pytest shows it when a test fails.
+        self.echo_logs = echo_logs
         self.workdir = workdir
         self.client = Netns(f"tpc-{tag}")
         self.server = Netns(f"tps-{tag}")
@@ -304,8 +308,9 @@ class Topology:
         for tp in self._tunproxies:
             with contextlib.suppress(Exception):
                 tp.kill()
-            # Captured by pytest and shown when the test fails.
-            print(f"---- tunproxy log ({tp.config_path.name}) ----\n{tp.log}")
+            if self.echo_logs:
+                tail = "\n".join(tp.log.splitlines()[-LOG_TAIL_LINES:])
+                print(f"---- tunproxy log ({tp.config_path.name}), last lines ----\n{tail}")
         for ns in self._made:
             ns.kill_spawned()
             # Anything else still inside (a client a test forgot): end it so the namespace goes.
@@ -318,7 +323,7 @@ class Topology:
 
 
 @contextlib.contextmanager
-def topology(workdir: Path, **kwargs: int) -> Iterator[Topology]:
+def topology(workdir: Path, **kwargs: Any) -> Iterator[Topology]:
     topo = Topology(workdir, **kwargs)
     try:
         yield topo
