@@ -457,8 +457,9 @@ class TcpEndpoint:
         self._dup_bytes = 0
         if self._board is not None and self._retries > 1:
             # RFC 2018 8 asks to forget SACK information after a timeout, in case the
-            # receiver reneged. Linux never reneges, so the first timeout keeps it (and
-            # resends only holes); a second one in a row forgets it.
+            # receiver reneged. That is rare (Linux prunes its out-of-order queue only
+            # under memory pressure), so the first timeout keeps it and resends only the
+            # holes; a second one in a row forgets it.
             self._board.clear()
         self._rtx_next = una
         self._rtx_limit = snd_max
@@ -617,8 +618,13 @@ class TcpEndpoint:
             return
         if not flags & ACK:
             return  # RFC 9293 3.10.7.4 fifth check: drop segments without ACK
-        if ts is not None and self._ts_ok and rel <= self._last_ack_sent - rcv_nxt:
-            # RFC 7323 4.3: remember the TSval of the segment our next ACK acknowledges.
+        if (
+            ts is not None
+            and self._ts_ok
+            and rel <= self._last_ack_sent - rcv_nxt
+            and delta(ts[0], self._ts_recent) > 0
+        ):
+            # RFC 7323 4.3: remember the newest TSval of the segment our next ACK covers.
             self._ts_recent = ts[0]
         if not self._receive_ack(seg, rel, plen, now):
             return
