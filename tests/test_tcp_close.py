@@ -196,3 +196,17 @@ def test_fin_waits_for_an_open_window() -> None:
     c.to_server(*c.peer.ack())
     [(fin, _)] = c.from_server()
     assert fin.flags == ACK | FIN
+
+
+def test_time_wait_lets_a_new_syn_replace_the_flow() -> None:
+    c = Conn()
+    c.ep.shutdown_write(c.now)
+    c.pump()
+    c.peer.fin_queued = True
+    c.pump()
+    assert c.state() is TcpState.TIME_WAIT
+    new_syn = dataclasses.replace(c.peer.syn(), seq=(c.peer.seq(0) + 100_000) & MASK)
+    assert c.ep.accepts_new_syn(new_syn)
+    old_syn = c.peer.syn()  # the old connection's own SYN, retransmitted
+    assert not c.ep.accepts_new_syn(old_syn)
+    assert not Conn().ep.accepts_new_syn(new_syn)  # only in TIME-WAIT

@@ -9,7 +9,7 @@ direction, offset 0 is the first data byte and -1 the SYN; a FIN sits at the
 offset just past the last data byte. Raw sequence numbers appear only when a
 segment is parsed or built.
 
-Sending (RFC 9293 3.8, RFC 5681, RFC 6582, RFC 6675, RFC 6298):
+Sending (RFC 9293 3.8, RFC 5681, RFC 6582, RFC 6675, RFC 6298, RFC 8985):
   * ``send`` queues into a ``SendBuffer``; segments leave only from
     ``segments_to_send``, as large as the peer's window, the congestion window
     and ``config.max_payload`` allow (GSO super-segments).
@@ -17,14 +17,32 @@ Sending (RFC 9293 3.8, RFC 5681, RFC 6582, RFC 6675, RFC 6298):
     what the peer holds; only holes are retransmitted) and NewReno otherwise.
     Retransmission is driven by two pointers: ``_rtx_next`` walks the range
     ``[_rtx_next, _rtx_limit)`` that is deemed lost, skipping SACKed bytes;
-    fast retransmit and the retransmission timer both just (re)set that range.
-  * A retransmission that is itself lost is detected when data sent after it
-    is SACKed (the idea behind RACK, RFC 8985), which starts another round of
-    hole retransmission instead of waiting for the timer.
+    fast retransmit, the probe timer and the retransmission timer all just
+    (re)set that range.
+  * A hole is deemed lost once more than ``_reo_thresh`` bytes above it are
+    SACKed (RFC 6675 IsLost). The threshold starts at 2 MSS and grows to the
+    reordering depth that D-SACKs reveal (RFC 2883, RFC 3708); when every
+    retransmission of an episode proves spurious, the window cut is undone.
+  * A tail loss probe (RFC 8985 7) fires after ~2 RTTs of silence with data
+    outstanding, long before the RTO: outside recovery it sends one segment so
+    a lost tail gets SACKed; with SACK information or in recovery it declares
+    the remaining holes (and unanswered retransmissions) lost by time.
+  * A retransmission that is itself lost is also detected when data sent after
+    it is SACKed far enough beyond it (the sequence half of RACK).
+  * The congestion window starts at ``initial_window`` (the peer is local),
+    grows by slow start / congestion avoidance with byte counting, and is cut
+    by 0.7 on loss (CUBIC's beta; RFC 9438) or to one MSS on a timeout.
 
 Receiving: in-order data is delivered at once as ``DataReceived`` unless the
 application paused the flow; data held (paused, or out of order) shrinks the
-window we advertise, which is how backpressure reaches the local sender.
+window we advertise, which is how backpressure reaches the local sender. Out of
+order data is SACKed on a pure ACK of its own (data segments carry no SACK
+blocks: with GSO the segment size leaves no room for them).
+
+Timestamps (RFC 7323): echoed when the peer offers them; our TSval ticks every
+10 ms so the peer's PAWS survives milliseconds of reordering; our own PAWS
+check is a "lite" one with one second of slack; RTT comes from one timed
+segment per round trip (Karn).
 """
 
 from __future__ import annotations
@@ -297,6 +315,17 @@ class TcpEndpoint:
 
     def get_timer(self) -> float | None:
         return self._timer_at
+
+    def accepts_new_syn(self, syn: TcpRepr) -> bool:
+        """True when ``syn`` (a SYN without ACK for this 4-tuple) may start a new
+        connection in place of this one: we are in TIME-WAIT, the application has had
+        the final event, and the SYN is above everything of the old connection
+        (RFC 9293 3.10.7.4 TIME-WAIT note, RFC 6191). The stack then drops this
+        endpoint and opens a new flow instead of feeding the SYN here (which would
+        only get a challenge ACK and cost the peer a SYN retransmission)."""
+        if self.state is not TcpState.TIME_WAIT or not self._done:
+            return False
+        return delta(syn.seq, (self._irs + 1 + self._rcv_nxt) & MASK) >= 0
 
     def send_buffer_free(self) -> int:
         used = len(self._buf) if self._buf is not None else 0
