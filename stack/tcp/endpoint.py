@@ -860,6 +860,7 @@ class TcpEndpoint:
                 self._disarm(_PROBE)
         if (
             self._writable_wanted
+            and self._fin_off is None  # after shutdown_write nobody is waiting to write
             and self._buf is not None
             and len(self._buf) <= self.config.send_buffer // 2
         ):
