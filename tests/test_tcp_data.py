@@ -191,3 +191,21 @@ def test_many_small_sends_are_coalesced_into_full_segments() -> None:
     segs = c.from_server()
     assert len(segs) == -(-10_000 // c.ep.effective_mss)
     assert b"".join(p for _, p in segs) == b"".join(bytes([i % 256]) * 10 for i in range(1000))
+
+
+def test_window_closed_with_data_outstanding_never_times_out_while_answered() -> None:
+    c = Conn(config=make_config(max_retries=3))
+    c.ep.send(b"q" * 3000, c.now)
+    c.from_server()  # lost
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())  # the peer closes its window; our data is still outstanding
+    for _ in range(8):  # more timeouts than max_retries, each answered
+        c.now = c.ep.get_timer() or c.now
+        c.ep.handle_timer(c.now)
+        c.from_server()
+        c.to_server(*c.peer.ack())
+    assert c.state() is TcpState.ESTABLISHED and c.take_events() == []
+    c.peer.receive_window = 1 << 20
+    c.to_server(*c.peer.ack())
+    c.run(lambda: len(c.peer.received) == 3000)
+    assert c.peer.received == b"q" * 3000

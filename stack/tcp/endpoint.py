@@ -469,10 +469,19 @@ class TcpEndpoint:
         snd_max = self._snd_max
         if una >= snd_max or state is TcpState.CLOSED:
             return
-        self._retries += 1
-        if self._retries > self.config.max_retries:
-            self._give_up()
-            return
+        if self._snd_wnd == 0:
+            # The peer closed its window with data outstanding: our retransmissions are
+            # window probes, and a peer that keeps answering them is alive (RFC 9293
+            # 3.8.6.1; Linux tcp_retransmit_timer does the same).
+            self._probes += 1
+            if self._probes > self.config.max_retries:
+                self._give_up()
+                return
+        else:
+            self._retries += 1
+            if self._retries > self.config.max_retries:
+                self._give_up()
+                return
         self._count("tcp.rto")
         mss = self.effective_mss
         if self._retries == 1:
