@@ -109,14 +109,25 @@ def idle_flows(
             proc.wait(timeout=10)
 
 
-def tun_bytes(ns: Netns, device: str) -> int | None:
-    """Bytes through ``device`` both ways, or None when it does not exist."""
+def tun_counters(ns: Netns, device: str) -> dict[str, int] | None:
+    """``device``'s byte and packet counters, or None when it does not exist.
+
+    For a TUN device, ``tx`` is what the kernel handed to tunproxy (tunproxy's reads) and
+    ``rx`` what tunproxy handed to the kernel (its writes).
+    """
     proc = ns.run("ip", "-j", "-s", "link", "show", "dev", device, check=False)
     if proc.returncode != 0:
         return None
     (link,) = json.loads(proc.stdout)
     stats = link.get("stats64") or link["stats"]
-    return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+    return {f"{way}_{what}": int(stats[way][what])
+            for way in ("rx", "tx") for what in ("bytes", "packets")}
+
+
+def tun_bytes(ns: Netns, device: str) -> int | None:
+    """Bytes through ``device`` both ways, or None when it does not exist."""
+    counters = tun_counters(ns, device)
+    return None if counters is None else counters["rx_bytes"] + counters["tx_bytes"]
 
 
 def vm_rss_kib(pid: int) -> int:

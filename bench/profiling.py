@@ -34,10 +34,14 @@ class Profile:
     samples: int
     rows: list[ProfileRow]
     raw_path: str
+    # Share of the recording the thread was running (py-spy leaves idle samples out).
+    busy_pct: float | None = None
+    notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         return {
             "title": self.title, "samples": self.samples, "raw": self.raw_path,
+            "busy_pct": self.busy_pct, "notes": list(self.notes),
             "top": [vars(row) for row in self.rows],
         }
 
@@ -46,11 +50,14 @@ def available() -> bool:
     return shutil.which("py-spy") is not None
 
 
-def start_recording(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes]:
+RATE = 200  # samples per second
+
+
+def start_recording(pid: int, seconds: int, output: Path) -> subprocess.Popen[bytes]:
     """Sample ``pid`` for ``seconds``; ``--nonblocking`` so the proxy is not paused to read it."""
     return subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--duration", f"{max(1, round(seconds))}",
-         "--rate", "200", "--format", "raw", "--nonblocking", "--output", str(output)],
+        ["py-spy", "record", "--pid", str(pid), "--duration", str(seconds),
+         "--rate", str(RATE), "--format", "raw", "--nonblocking", "--output", str(output)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -69,7 +76,10 @@ def frame_name(frame: str) -> str:
     return f"{match.group('func')} ({path})"
 
 
-def summarize(raw: str, title: str, raw_path: str, top: int = 15) -> Profile:
+def summarize(
+    raw: str, title: str, raw_path: str, top: int = 15, seconds: float | None = None,
+    notes: tuple[str, ...] = (),
+) -> Profile:
     self_counts: Counter[str] = Counter()
     total_counts: Counter[str] = Counter()
     samples = 0
@@ -89,12 +99,16 @@ def summarize(raw: str, title: str, raw_path: str, top: int = 15) -> Profile:
         ProfileRow(name, 100.0 * n / samples, 100.0 * total_counts[name] / samples)
         for name, n in self_counts.most_common(top)
     ] if samples else []
-    return Profile(title, samples, rows, raw_path)
+    busy = None if not seconds else min(100.0, 100.0 * samples / (RATE * seconds))
+    return Profile(title, samples, rows, raw_path, busy, notes)
 
 
 def render(profile: Profile) -> str:
-    lines = [f"py-spy: {profile.title} ({profile.samples} samples, raw stacks: {profile.raw_path})",
-             f"  {'self%':>6} {'total%':>7}  function"]
+    busy = f", busy {profile.busy_pct:.0f}% of the time" if profile.busy_pct is not None else ""
+    lines = [f"py-spy: {profile.title} ({profile.samples} samples{busy}; raw stacks: "
+             f"{profile.raw_path})"]
+    lines += [f"  {note}" for note in profile.notes]
+    lines.append(f"  {'self%':>6} {'total%':>7}  function")
     for row in profile.rows:
         lines.append(f"  {row.self_pct:6.1f} {row.total_pct:7.1f}  {row.function}")
     if not profile.rows:

@@ -85,6 +85,15 @@ SNAPSHOT_ENV = "TUNPROXY_BENCH_SNAPSHOT"
 FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18.0.0/15
 
 
+PROFILE_LEGEND = (
+    "Reading the profiles: self% is time with the function at the top of the Python stack, "
+    "including the system calls it makes\n(the kernel does the receiving side's TCP work "
+    "inside a TUN write). Self time of Runner.run (asyncio/runners.py) is time inside\n"
+    "uvloop's C event loop: epoll, socket reads and writes done in C, callback dispatch. "
+    "busy% = samples / (rate x seconds): below 100%\nthe process was waiting, not computing."
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     iperf_seconds: float
@@ -366,30 +375,50 @@ class Runner:
         self.record(column, ("rss_rest", "rss_per_flow"), once)
 
     def profile_tcp(self, column: Column, mtu: int) -> None:
-        """Extra (unmeasured) iperf3 runs with py-spy attached: where tunproxy spends its time."""
+        """Extra (unmeasured) iperf3 runs with py-spy attached: where tunproxy spends its time.
+
+        Also notes the TUN's average packet sizes during the run: with offloads working,
+        tunproxy reads and writes super-packets far larger than the MTU.
+        """
         assert self.topo is not None and self.tp is not None and self.profile_dir is not None
         if not profiling.available():
             progress("  py-spy not found (pip install py-spy): no profile")
             return
-        seconds = max(self.settings.iperf_seconds, 5)
+        seconds = max(round(self.settings.iperf_seconds), 5)
+        ns = self.topo.client
         for direction, reverse in (("upload", False), ("download", True)):
             name = f"mtu{mtu}-{column.label.replace(' ', '-')}-{direction}"
             raw = self.profile_dir / f"{name}.txt"
             self.step(column, f"py-spy during iperf3 {direction} (not measured)")
+            before = measure.tun_counters(ns, TUN_NAME)
             spy = profiling.start_recording(self.tp.proc.pid, seconds, raw)
+            gbps = None
             try:
                 with contextlib.suppress(MeasureError):
-                    measure.iperf(self.topo.client, seconds, reverse=reverse)
+                    gbps = measure.iperf(ns, seconds, reverse=reverse)["gbps"]
                 _, err = spy.communicate(timeout=seconds + 60)
             finally:
                 if spy.poll() is None:
                     spy.kill()
                     spy.wait(timeout=10)
+            after = measure.tun_counters(ns, TUN_NAME)
             if not raw.exists():
                 progress(f"  py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
                 continue
-            profile = profiling.summarize(raw.read_text(), f"MTU {mtu} {column.label} iperf3 "
-                                          f"{direction}", str(raw))
+            notes = [f"iperf3 {direction} under py-spy: "
+                     + (f"{gbps:.2f} Gbit/s" if gbps is not None else "failed")]
+            if before is not None and after is not None:
+                d = {key: after[key] - before[key] for key in after}
+                for way, what in (("tx", "kernel -> tunproxy (reads)"),
+                                  ("rx", "tunproxy -> kernel (writes)")):
+                    packets = d[f"{way}_packets"]
+                    if packets:
+                        notes.append(f"TUN {what}: {packets / seconds:,.0f} packets/s, "
+                                     f"{d[f'{way}_bytes'] / packets:,.0f} B per packet")
+            profile = profiling.summarize(
+                raw.read_text(), f"MTU {mtu} {column.label} iperf3 {direction}", str(raw),
+                seconds=seconds, notes=tuple(notes),
+            )
             self.profiles.append(profile)
 
     # .. columns and sections ..
@@ -755,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = check_targets(sections)
     if args.targets:
         text += "\n\nTargets (issue 7):\n" + render_targets(verdicts)
+    if runner.profiles:
+        text += "\n\n" + PROFILE_LEGEND
     for profile in runner.profiles:
         text += "\n\n" + profiling.render(profile)
     text += f"\n\n(run took {meta['duration_s']:.0f} s)"
