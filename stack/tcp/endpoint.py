@@ -127,6 +127,7 @@ class TcpEndpoint:
         "_counters",
         "_cwnd",
         "_done",
+        "_dsack",
         "_dup_bytes",
         "_dupacks",
         "_events",
@@ -292,6 +293,7 @@ class TcpEndpoint:
         self._peer_fin_off: int | None = None
         self._half_close_pending = False
         self._peer_fin_delivered = False
+        self._dsack: tuple[int, int] | None = None  # a duplicate to report once
 
         # -- output flags
         self._ack_pending = False
@@ -641,6 +643,10 @@ class TcpEndpoint:
             if flags & RST:
                 return  # RFC 5961 3.2: out-of-window RST, silently dropped
             self._ack_pending = True
+            if plen and rel < 0 and rel + plen <= 0 and self._sack_ok:
+                # Entirely old data: tell the sender its retransmission was not needed
+                # (RFC 2883 D-SACK; Linux uses it to learn about reordering).
+                self._dsack = (rcv_nxt + rel, rcv_nxt + rel + plen)
             if state is TcpState.TIME_WAIT and flags & FIN:
                 # RFC 9293 3.10.7.4: a retransmitted FIN restarts the TIME-WAIT timeout.
                 self._arm(_TIME_WAIT, now + self.config.time_wait)
@@ -1137,21 +1143,29 @@ class TcpEndpoint:
         )
 
     def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
-        """RFC 2018 4: the block holding the latest segment first, then the others."""
-        ooo = self._ooo
-        if not self._sack_ok or not ooo:
+        """RFC 2883: a duplicate first (once); then RFC 2018 4: the block holding the
+        latest segment, then the others."""
+        if not self._sack_ok:
             return ()
+        ooo = self._ooo
         limit = 3 if self._ts_ok else 4  # 40 bytes of options
-        ranges = ooo.ranges()
-        last_start, last_end = ooo.last_block
-        first = next(
-            (r for r in ranges if r[0] <= last_start and last_end <= r[1]), ranges[0]
-        )
-        chosen = [first]
+        chosen: list[tuple[int, int]] = []
+        if self._dsack is not None:
+            chosen.append(self._dsack)
+            self._dsack = None
+        if ooo:
+            ranges = ooo.ranges()
+            last_start, last_end = ooo.last_block
+            first = next(
+                (r for r in ranges if r[0] <= last_start and last_end <= r[1]), ranges[0]
+            )
+            chosen.append(first)
+        else:
+            ranges = []
         for r in ranges:
             if len(chosen) >= limit:
                 break
-            if r != first:
+            if r not in chosen:
                 chosen.append(r)
         base = self._irs + 1
         return tuple(((base + s) & MASK, (base + e) & MASK) for s, e in chosen)
@@ -1179,7 +1193,9 @@ class TcpEndpoint:
             return out
         if self.state is TcpState.SYN_RECEIVED:
             return out
-        sack_ack = self._ack_pending and bool(self._ooo) and self._sack_ok
+        sack_ack = (
+            self._ack_pending and (bool(self._ooo) or self._dsack is not None) and self._sack_ok
+        )
         if self._buf is not None or self._fin_off is not None:
             self._send_data(out, now)
         if self._probe_pending:
