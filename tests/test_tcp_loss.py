@@ -439,3 +439,28 @@ def test_duplicate_data_is_reported_with_a_dsack() -> None:
     assert ack.sack_blocks == ((base, base + 1000),)  # RFC 2883: below the ACK
     c.to_server(*c.peer.ack())
     assert c.from_server() == []  # reported once
+
+
+def test_sack_repeats_the_most_recently_reported_blocks() -> None:
+    c = Conn()
+    c.peer.write(os.urandom(20_000))
+    segs = c.peer.data_segments(c.now)
+    mss = len(segs[0][1])
+    base = CLIENT_ISS + 1
+
+    def block(i: int) -> tuple[int, int]:
+        return ((base + i * mss) & MASK, (base + (i + 1) * mss) & MASK)
+
+    for i in (2, 4, 6, 8, 10):
+        c.to_server(*segs[i])
+        [(ack, _)] = c.from_server()
+        assert ack.sack_blocks[0] == block(i)  # the newest block leads
+    # RFC 2018 4: then the blocks that led the previous options, newest first.
+    assert ack.sack_blocks == (block(10), block(8), block(6))
+    c.to_server(*segs[3])  # extends the block at 2 (now 2..4) which leads again
+    [(ack, _)] = c.from_server()
+    assert ack.sack_blocks == (
+        ((base + 2 * mss) & MASK, (base + 5 * mss) & MASK),
+        block(10),
+        block(8),
+    )

@@ -1143,16 +1143,18 @@ class TcpEndpoint:
         )
 
     def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
-        """RFC 2883: a duplicate first (once); then RFC 2018 4: the block holding the
-        latest segment, then the others."""
+        """RFC 2883: a duplicate first (once). Then RFC 2018 4: the block holding the
+        latest segment, then the blocks that led the previous SACK options (most recent
+        first), then any others: so every block is reported again soon even when many
+        holes are open and some of our ACKs are lost."""
         if not self._sack_ok:
             return ()
-        ooo = self._ooo
         limit = 3 if self._ts_ok else 4  # 40 bytes of options
         chosen: list[tuple[int, int]] = []
         if self._dsack is not None:
             chosen.append(self._dsack)
             self._dsack = None
+        ooo = self._ooo
         if ooo:
             ranges = ooo.ranges()
             last_start, last_end = ooo.last_block
@@ -1160,13 +1162,23 @@ class TcpEndpoint:
                 (r for r in ranges if r[0] <= last_start and last_end <= r[1]), ranges[0]
             )
             chosen.append(first)
-        else:
-            ranges = []
-        for r in ranges:
-            if len(chosen) >= limit:
-                break
-            if r not in chosen:
-                chosen.append(r)
+            history = ooo.sack_history
+            for start in history:
+                if len(chosen) >= limit:
+                    break
+                r = next((r for r in ranges if r[0] <= start < r[1]), None)
+                if r is not None and r not in chosen:
+                    chosen.append(r)
+            for r in ranges:
+                if len(chosen) >= limit:
+                    break
+                if r not in chosen:
+                    chosen.append(r)
+            # Remember which blocks led: the freshest first, a few of them.
+            if first[0] in history:
+                history.remove(first[0])
+            history.insert(0, first[0])
+            del history[limit:]
         base = self._irs + 1
         return tuple(((base + s) & MASK, (base + e) & MASK) for s, e in chosen)
 

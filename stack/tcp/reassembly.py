@@ -14,7 +14,7 @@ __all__ = ["Reassembly"]
 
 
 class Reassembly:
-    __slots__ = ("_data", "_starts", "held", "last_block")
+    __slots__ = ("_data", "_starts", "held", "last_block", "sack_history")
 
     def __init__(self) -> None:
         self._starts: list[int] = []
@@ -23,6 +23,8 @@ class Reassembly:
         # Offsets (start, end) of the most recently received segment, for the first SACK
         # block (RFC 2018 4: the first block reports the most recently received segment).
         self.last_block: tuple[int, int] = (0, 0)
+        # Starts of the blocks that led recent SACK options, freshest first (RFC 2018 4).
+        self.sack_history: list[int] = []
 
     def __bool__(self) -> bool:
         return bool(self._starts)
