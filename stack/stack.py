@@ -277,12 +277,17 @@ class Stack:
         tkey = (src, seg.src_port, dst, seg.dst_port)
         flow = self._tcp.get(tkey)
         if flow is not None:
-            if not (flow.endpoint.closed and seg.flags & (tcp.SYN | tcp.ACK) == tcp.SYN):
-                flow.endpoint.receive_segment(seg, payload, now)
+            endpoint = flow.endpoint
+            new_syn = seg.flags & (tcp.SYN | tcp.ACK) == tcp.SYN and (
+                endpoint.closed or endpoint.accepts_new_syn(seg)
+            )
+            if not new_syn:
+                endpoint.receive_segment(seg, payload, now)
                 self._touch(flow)
                 return
-            # A new SYN on the 4-tuple of a flow that is over but not yet collected:
-            # send what the old one still had, forget it, open the new one.
+            # A new SYN on the 4-tuple of a flow that is over (or in TIME-WAIT and the SYN
+            # is above its sequence space, RFC 9293 3.10.7.4 / RFC 6191): send what the old
+            # one still had, forget it, open the new one.
             self._collect(flow)
         flags = seg.flags
         if flags & tcp.RST:

@@ -16,6 +16,7 @@ from stack import (
     Stack,
     StackConfig,
 )
+from stack.tcp import TcpState
 from stack.wire import tcp, virtio
 from stack.wire.checksum import pseudo_header_sum
 from tests.ippeer import A4, A6, B4, B6, TcpPeer, drain, events, ip_packet, tcp_l4, with_vnet
@@ -345,3 +346,33 @@ def test_stale_timer_entries_are_compacted() -> None:
     assert s.counters["flows.open"] == 0
     assert len(s._timers) <= 1024 + 2 and s.counters["timer.compactions"] > 0
     assert s.get_timer() is None
+
+
+def test_new_syn_on_a_time_wait_tuple_opens_a_new_flow() -> None:
+    # We close first, so our endpoint sits in TIME-WAIT; a client reusing the port with a
+    # higher ISN must get a new flow at once, not a challenge ACK (RFC 9293 3.10.7.4).
+    s = Stack(StackConfig(seed=1))
+    peer = TcpPeer(s, isn=1000)
+    fid = open_flow(s, peer)
+    s.shutdown_write(fid, 0.5)
+    peer.take(drain(s))
+    peer.deliver(tcp.ACK | tcp.FIN, now=0.6)
+    assert [type(e) for e in events(s)] == [FlowHalfClosed, FlowClosed]
+    peer.take(drain(s))
+    assert s._flows[fid].endpoint.state is TcpState.TIME_WAIT  # type: ignore[union-attr]
+    again = TcpPeer(s, isn=peer.seq + 100_000)
+    again.syn(0.7)
+    (opened,) = events(s)
+    assert isinstance(opened, FlowOpened) and opened.flow != fid
+    assert s.flow_key(fid) is None
+    # A SYN below the old sequence space is still only an old duplicate: no new flow.
+    stale = TcpPeer(s, sport=40001, isn=5000)
+    fid2 = open_flow(s, stale)
+    s.shutdown_write(fid2, 1.0)
+    stale.take(drain(s))
+    stale.deliver(tcp.ACK | tcp.FIN, now=1.1)
+    events(s)
+    stale.take(drain(s))
+    old = TcpPeer(s, sport=40001, isn=10)
+    old.syn(1.2)
+    assert events(s) == []
