@@ -375,51 +375,79 @@ class Runner:
         self.record(column, ("rss_rest", "rss_per_flow"), once)
 
     def profile_tcp(self, column: Column, mtu: int) -> None:
-        """Extra (unmeasured) iperf3 runs with py-spy attached: where tunproxy spends its time.
+        """py-spy during an extra (unmeasured) iperf3 upload and download."""
+        assert self.topo is not None
+        ns = self.topo.client
+        seconds = max(round(self.settings.iperf_seconds), 5)
+        for direction, reverse in (("upload", False), ("download", True)):
 
-        Also notes the TUN's average packet sizes during the run: with offloads working,
-        tunproxy reads and writes super-packets far larger than the MTU.
-        """
+            def load(reverse: bool = reverse, direction: str = direction) -> str:
+                try:
+                    gbps = measure.iperf(ns, seconds, reverse=reverse)["gbps"]
+                except MeasureError as exc:
+                    return f"iperf3 {direction} under py-spy failed: {exc}"
+                return f"iperf3 {direction} under py-spy: {gbps:.2f} Gbit/s"
+
+            self.profile(column, mtu, f"iperf3 {direction}", seconds, load)
+
+    def profile_cps(self, column: Column, mtu: int) -> None:
+        """py-spy during an extra (unmeasured) connections/s run."""
+        assert self.topo is not None
+        ns = self.topo.client
+        seconds = 5
+
+        def load() -> str:
+            # About as many connections as tunproxy opens in the seconds recorded.
+            try:
+                r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
+                                   "--count", "5000", "--timeout", "5")
+            except MeasureError as exc:
+                return f"connections/s under py-spy failed: {exc}"
+            return (f"connections/s under py-spy: {r['per_s']:,.0f} ({r['count']} connections "
+                    f"in {r['elapsed_s']:.1f} s of the {seconds} s recorded)")
+
+        self.profile(column, mtu, "connections/s", seconds, load)
+
+    def profile(
+        self, column: Column, mtu: int, what: str, seconds: int, load: Callable[[], str]
+    ) -> None:
+        """Record tunproxy with py-spy while ``load`` runs; also note the TUN's packet counts
+        and sizes (with offloads working, tunproxy reads and writes super-packets far
+        larger than the MTU)."""
         assert self.topo is not None and self.tp is not None and self.profile_dir is not None
         if not profiling.available():
             progress("  py-spy not found (pip install py-spy): no profile")
             return
-        seconds = max(round(self.settings.iperf_seconds), 5)
         ns = self.topo.client
-        for direction, reverse in (("upload", False), ("download", True)):
-            name = f"mtu{mtu}-{column.label.replace(' ', '-')}-{direction}"
-            raw = self.profile_dir / f"{name}.txt"
-            self.step(column, f"py-spy during iperf3 {direction} (not measured)")
-            before = measure.tun_counters(ns, TUN_NAME)
-            spy = profiling.start_recording(self.tp.proc.pid, seconds, raw)
-            gbps = None
-            try:
-                with contextlib.suppress(MeasureError):
-                    gbps = measure.iperf(ns, seconds, reverse=reverse)["gbps"]
-                _, err = spy.communicate(timeout=seconds + 60)
-            finally:
-                if spy.poll() is None:
-                    spy.kill()
-                    spy.wait(timeout=10)
-            after = measure.tun_counters(ns, TUN_NAME)
-            if not raw.exists():
-                progress(f"  py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
-                continue
-            notes = [f"iperf3 {direction} under py-spy: "
-                     + (f"{gbps:.2f} Gbit/s" if gbps is not None else "failed")]
-            if before is not None and after is not None:
-                d = {key: after[key] - before[key] for key in after}
-                for way, what in (("tx", "kernel -> tunproxy (reads)"),
-                                  ("rx", "tunproxy -> kernel (writes)")):
-                    packets = d[f"{way}_packets"]
-                    if packets:
-                        notes.append(f"TUN {what}: {packets / seconds:,.0f} packets/s, "
-                                     f"{d[f'{way}_bytes'] / packets:,.0f} B per packet")
-            profile = profiling.summarize(
-                raw.read_text(), f"MTU {mtu} {column.label} iperf3 {direction}", str(raw),
-                seconds=seconds, notes=tuple(notes),
-            )
-            self.profiles.append(profile)
+        name = re.sub(r"[^A-Za-z0-9]+", "-", f"mtu{mtu} {column.label} {what}")
+        raw = self.profile_dir / f"{name}.txt"
+        self.step(column, f"py-spy during {what} (not measured)")
+        before = measure.tun_counters(ns, TUN_NAME)
+        spy = profiling.start_recording(self.tp.proc.pid, seconds, raw)
+        err = b""
+        try:
+            notes = [load()]
+            _, err = spy.communicate(timeout=seconds + 60)
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(timeout=10)
+        after = measure.tun_counters(ns, TUN_NAME)
+        if not raw.exists():
+            progress(f"  py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
+            return
+        if before is not None and after is not None:
+            delta = {key: after[key] - before[key] for key in after}
+            for way, role in (("tx", "kernel -> tunproxy (reads)"),
+                              ("rx", "tunproxy -> kernel (writes)")):
+                packets = delta[f"{way}_packets"]
+                if packets:
+                    notes.append(f"TUN {role}: {packets:,} packets, "
+                                 f"{delta[f'{way}_bytes'] / packets:,.0f} B per packet")
+        self.profiles.append(profiling.summarize(
+            raw.read_text(), f"MTU {mtu} {column.label} {what}", str(raw), seconds=seconds,
+            notes=tuple(notes),
+        ))
 
     # .. columns and sections ..
 
@@ -429,9 +457,9 @@ class Runner:
         for test in self.TEST_ORDER:
             if test in tests:
                 getattr(self, f"test_{test}")(column)
-                if (test == "tcp" and self.profile_dir is not None and self.tp is not None
-                        and column.offload and self.round == 0):
-                    self.profile_tcp(column, mtu)
+                if (test in ("tcp", "cps") and self.profile_dir is not None
+                        and self.tp is not None and column.offload and self.round == 0):
+                    getattr(self, f"profile_{test}")(column, mtu)
 
     def fail_tests(self, column: Column, tests: tuple[str, ...], reason: str) -> None:
         for metric in METRICS:
@@ -489,9 +517,6 @@ class Runner:
                 tp.kill()
         with contextlib.suppress(OSError):
             (self.section_dir / f"{name}.log").write_text(tp.log)
-        # The log is saved; Topology.close() need not print or kill this one again.
-        with contextlib.suppress(AttributeError, ValueError):
-            self.topo._tunproxies.remove(tp)  # type: ignore[union-attr]
 
     def run_section(self, section: Section) -> None:
         tests = {t for c in section.columns for t in c.tests}
@@ -499,7 +524,8 @@ class Runner:
         workdir = self.section_dir = self.workdir / f"mtu{section.mtu}"
         workdir.mkdir(parents=True, exist_ok=True)
         progress(f"MTU {section.mtu}: building the topology")
-        with topology(workdir, mtu=section.mtu) as topo:
+        # echo_logs=False: the logs are saved in the workdir, not printed over the table.
+        with topology(workdir, mtu=section.mtu, echo_logs=False) as topo:
             self.topo = topo
             try:
                 prepare_namespaces(topo)
@@ -693,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PASS/FAIL against issue 7's targets (exit 0 unless --strict)")
     parser.add_argument("--strict", action="store_true", help="with --targets: exit 1 on FAIL")
     parser.add_argument("--profile", metavar="DIR", type=Path,
-                        help="py-spy tunproxy during extra iperf3 runs; raw stacks go to DIR")
+                        help="py-spy tunproxy during extra iperf3 and connections/s runs; raw "
+                             "stacks go to DIR")
     parser.add_argument("--keep", metavar="DIR", type=Path,
                         help="keep configs and tunproxy logs in DIR (default: a temp dir, "
                              "removed)")
