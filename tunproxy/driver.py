@@ -1,7 +1,8 @@
 """The asyncio adapter around the sans-I/O stack: a few dozen lines of I/O.
 
 Read the TUN in batches until it would block, feed the stack, hand its events
-to the relay, write what it emits, re-arm the one timer. No per-packet tasks.
+to the relay, hand what it emits to the writer thread, re-arm the one timer.
+No per-packet tasks.
 Commands the relay issues outside a read (upstream data arriving) schedule one
 flush per loop iteration, so everything queued in that iteration leaves in one
 pass.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +27,9 @@ log = logging.getLogger("tunproxy.driver")
 
 READ_BATCH = 128  # packets per readable callback before yielding to other callbacks
 READ_SIZE = 65535 + VNET_HDR_LEN
+# Batches up to this many bytes are written by the loop itself when the writer thread
+# has nothing pending (ACKs, small replies: latency over overlap).
+INLINE_WRITE_MAX = 4096
 
 
 class TunDriver:
@@ -45,6 +51,11 @@ class TunDriver:
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self.write_errors = 0
+        # Batches of packets for the writer thread, in order; None ends it.
+        self._writer: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._pending = 0  # batches queued or being written by the writer thread
+        self._writer_thread = threading.Thread(
+            target=self._write_loop, name="tun-writer", daemon=True)
         self._faults_in = self._faults_out = None
         if faults:
             from stack.fault import FaultInjector
@@ -54,6 +65,7 @@ class TunDriver:
             log.warning("fault injection on at the TUN boundary: %s", faults)
 
     def start(self) -> None:
+        self._writer_thread.start()
         for fd in self._tun.fds:
             self._loop.add_reader(fd, self._on_readable, fd)
 
@@ -63,6 +75,9 @@ class TunDriver:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._writer_thread.is_alive():
+            self._writer.put(None)  # after everything already queued
+            self._writer_thread.join(timeout=5)
 
     # -- input ----------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
@@ -129,6 +144,28 @@ class TunDriver:
             for packet in packets:
                 faults.push(packet, now)
             packets = faults.pop_due(now)
+        if not self._pending and sum(map(len, packets)) <= INLINE_WRITE_MAX:
+            # Small packets (ACKs) with nothing queued ahead of them: a handoff would
+            # only delay them.
+            self._write_packets(packets)
+        else:
+            self._queue(packets)
+
+    def _queue(self, packets: list[bytes]) -> None:
+        self._pending += 1
+        self._writer.put(packets)
+
+    def _write_loop(self) -> None:
+        """The writer thread. A TUN write runs the kernel's side of the packet (GSO
+        segmentation, checksums, its TCP receive) inside the syscall, with the GIL
+        released: here it overlaps with the loop's Python work on another core.
+        One thread keeps the packets in order."""
+        get = self._writer.get
+        while (packets := get()) is not None:
+            self._write_packets(packets)
+            self._pending -= 1  # only after the writes: inline writes never overtake
+
+    def _write_packets(self, packets: list[bytes]) -> None:
         fd = self._write_fd
         write = os.write
         for packet in packets:
@@ -160,14 +197,9 @@ class TunDriver:
     def flush_faults_out(self) -> None:
         """Timer path for delayed outbound packets."""
         if self._faults_out is not None:
-            self._write_now(self._faults_out.pop_due(self._loop.time()))
-
-    def _write_now(self, packets: list[bytes]) -> None:
-        for packet in packets:
-            try:
-                os.write(self._write_fd, packet)
-            except OSError:
-                self.write_errors += 1
+            packets = self._faults_out.pop_due(self._loop.time())
+            if packets:
+                self._queue(packets)
 
 
 def _make_injector(cls: Any, faults: dict[str, Any], direction: int) -> Any:
