@@ -111,7 +111,7 @@ class Journal:
                 )
             if previous.get("netns") == netns_id():
                 log.warning("undoing what a previous run (pid %s) left behind", pid)
-                await self._undo(
+                await _undo(
                     [Change.from_json(c) for c in previous.get("changes", [])], self._ipr
                 )
             self.path.unlink(missing_ok=True)
@@ -127,7 +127,7 @@ class Journal:
         """Undo every change in reverse order and remove the state file."""
         ipr = self._ipr or AsyncIPRoute()
         try:
-            await self._undo(self.changes, ipr)
+            await _undo(self.changes, ipr)
             self.changes.clear()
             self.path.unlink(missing_ok=True)
         finally:
@@ -178,19 +178,6 @@ class Journal:
             raise SetupError(f"interface {ifname} disappeared")
         return int(links[0])
 
-    async def _undo(self, changes: list[Change], ipr: AsyncIPRoute) -> None:
-        for change in reversed(changes):
-            try:
-                await _undo_one(change, ipr)
-            except NetlinkError as exc:
-                if exc.code not in _GONE:
-                    log.error("could not undo %s: %s", change.describe(), exc.args[1])
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    log.error("could not undo %s: %s", change.describe(), exc)
-            else:
-                log.debug("undid %s", change.describe())
-
     def _write(self) -> None:
         data = {
             "pid": os.getpid(),
@@ -204,6 +191,21 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+async def _undo(changes: list[Change], ipr: AsyncIPRoute) -> None:
+    """Undo ``changes`` in reverse order; what is already gone is skipped."""
+    for change in reversed(changes):
+        try:
+            await _undo_one(change, ipr)
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                log.error("could not undo %s: %s", change.describe(), exc.args[1])
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                log.error("could not undo %s: %s", change.describe(), exc)
+        else:
+            log.debug("undid %s", change.describe())
 
 
 async def _undo_one(change: Change, ipr: AsyncIPRoute) -> None:
@@ -294,8 +296,7 @@ async def cleanup_state_dir(state_dir: Path) -> list[str]:
         changes = [Change.from_json(c) for c in data.get("changes", [])]
         ipr = AsyncIPRoute()
         try:
-            journal = Journal(state_dir, path.stem)
-            await journal._undo(changes, ipr)
+            await _undo(changes, ipr)
         finally:
             ipr.close()
         path.unlink(missing_ok=True)
