@@ -117,24 +117,21 @@ class Netns:
         return sock
 
     def wait_tcp_listening(self, port: int, timeout: float = 10.0) -> None:
-        """Wait until something listens on ``port`` in this namespace (polls ``ss``)."""
-        deadline = time.monotonic() + timeout
-        pattern = re.compile(rf"[:\]]{port}\s")
-        while time.monotonic() < deadline:
-            out = self.run("ss", "-Htln", check=False).stdout
-            if pattern.search(out):
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"nothing listens on port {port} in {self.name}")
+        """Wait until something listens on TCP ``port`` in this namespace (polls ``ss``)."""
+        self._wait_bound("-Htln", f"tcp port {port}", port, timeout)
 
     def wait_udp_bound(self, port: int, timeout: float = 10.0) -> None:
+        """Wait until something is bound to UDP ``port`` in this namespace."""
+        self._wait_bound("-Huln", f"udp port {port}", port, timeout)
+
+    def _wait_bound(self, ss_flags: str, what: str, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pattern = re.compile(rf"[:\]]{port}\s")
         while time.monotonic() < deadline:
-            if pattern.search(self.run("ss", "-Huln", check=False).stdout):
+            if pattern.search(self.run("ss", ss_flags, check=False).stdout):
                 return
             time.sleep(0.02)
-        raise TimeoutError(f"nothing is bound to udp port {port} in {self.name}")
+        raise TimeoutError(f"nothing on {what} in {self.name}")
 
     def routing_snapshot(self) -> dict[str, str]:
         """What `ip rule`, routes (all tables) and links look like now."""
