@@ -164,21 +164,33 @@ def test_tcp_without_offloads(lab: Lab) -> None:
     download(lab, SERVER4, BULK // 4)
 
 
-def _echo_after_half_close(lab: Lab, size: int, seed: int) -> None:
-    data = b"".join(payload_chunks(seed, size))
-    with lab.connect() as sock:
+def read_to_eof(sock: socket.socket) -> bytes:
+    received = bytearray()
+    while chunk := sock.recv(1 << 20):
+        received += chunk
+    return bytes(received)
+
+
+def echo_after_half_close(lab: Lab, data: bytes) -> None:
+    """Send ``data`` to the echo server, FIN, and read the echo to its end.
+
+    The reader runs from the start: megabytes are more than the buffers on the
+    path are sure to hold (a server's send buffer stays small while loss keeps
+    its window small), and a client that read only after sending would stall
+    on its own full receive window.
+    """
+    with lab.connect() as sock, ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(read_to_eof, sock)
         sock.sendall(b"ECHO\n" + data)
         sock.shutdown(socket.SHUT_WR)  # our side is done; the server keeps sending
-        received = bytearray()
-        while chunk := sock.recv(1 << 20):
-            received += chunk
-    assert bytes(received) == data
+        received = reading.result()
+    assert received == data
 
 
 @pytest.mark.parametrize("target", ["DIRECT", "socks"])
 def test_half_close_client_first(lab: Lab, target: str) -> None:
     lab.topo.start_tunproxy(config(target))
-    _echo_after_half_close(lab, 3 * 1024 * 1024, seed=3)
+    echo_after_half_close(lab, b"".join(payload_chunks(3, 3 * 1024 * 1024)))
 
 
 def test_half_close_server_first(lab: Lab) -> None:
@@ -197,7 +209,7 @@ def test_many_concurrent_flows(lab: Lab) -> None:
     tp = lab.topo.start_tunproxy(config("DIRECT"))
 
     def one(i: int) -> None:
-        _echo_after_half_close(lab, 64 * 1024, seed=i)
+        echo_after_half_close(lab, b"".join(payload_chunks(i, 64 * 1024)))
 
     with ThreadPoolExecutor(max_workers=50) as pool:
         list(pool.map(one, range(200)))

@@ -11,14 +11,13 @@ Every transfer is checked by sha256 at the other end.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.netns import SERVER4, SERVER6, Netns, topology
-from tests.test_relay_e2e import BULK, Lab, config, download, upload
+from tests.test_relay_e2e import BULK, Lab, config, download, echo_after_half_close, upload
 
 pytestmark = pytest.mark.netns
 
@@ -89,15 +88,8 @@ def test_kernel_side_random_loss(lab: Lab, offload: bool, size: int) -> None:
 
 def test_half_close_both_orders_under_loss(lab: Lab) -> None:
     lab.topo.start_tunproxy(config("DIRECT", faults=FAULTS))
-    # Client first: it FINs, then reads the whole echo.
-    data = b"".join(bytes([i % 251]) * 1000 for i in range(2000))
-    with lab.connect() as sock:
-        sock.sendall(b"ECHO\n" + data)
-        sock.shutdown(socket.SHUT_WR)
-        received = bytearray()
-        while chunk := sock.recv(1 << 20):
-            received += chunk
-    assert bytes(received) == data
+    # Client first: it FINs while the echo is still flowing back.
+    echo_after_half_close(lab, b"".join(bytes([i % 251]) * 1000 for i in range(2000)))
     # Server first: it FINs after its data while the client keeps sending.
     with lab.connect() as sock:
         sock.sendall(b"SOURCE 2000000 9\n")
