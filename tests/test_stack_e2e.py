@@ -11,13 +11,23 @@ Every transfer is checked by sha256 at the other end.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.e2e_peer import payload_chunks
 from tests.netns import SERVER4, SERVER6, Netns, topology
-from tests.test_relay_e2e import BULK, Lab, config, download, echo_after_half_close, upload
+from tests.test_relay_e2e import (
+    BULK,
+    Lab,
+    config,
+    download,
+    echo_after_half_close,
+    read_to_eof,
+    upload,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -98,3 +108,18 @@ def test_half_close_both_orders_under_loss(lab: Lab) -> None:
             got += len(chunk)
         sock.sendall(b"after the server's FIN" * 1000)
     assert got == 2000000
+
+
+def test_app_that_sends_without_reading_under_loss(lab: Lab) -> None:
+    # The client writes 2 MB to the echo server before it reads anything: its receive
+    # buffer (128 KiB until it reads) fills and its window shrinks to a few hundred bytes
+    # while it keeps sending, and the path (tunproxy, the server's autotuned socket
+    # buffers) holds the rest. Our ACKs then have to stay inside that tiny window and
+    # our retransmissions must not overrun it: Linux drops such segments whole, ACK
+    # field included, and the connection would stall with everything delivered.
+    lab.topo.start_tunproxy(config("DIRECT", faults=FAULTS))
+    data = b"".join(payload_chunks(5, 2_000_000))
+    with lab.connect() as sock:
+        sock.sendall(b"ECHO\n" + data)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == data

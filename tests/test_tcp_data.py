@@ -7,7 +7,7 @@ import os
 
 from stack.events import DataReceived, FlowWritable
 from stack.tcp import TcpState
-from stack.wire.tcp import ACK, PSH
+from stack.wire.tcp import ACK, PSH, TcpRepr
 from tests.tcp_peer import (
     CLIENT_ISS,
     SEND_TEMPL,
@@ -209,3 +209,79 @@ def test_window_closed_with_data_outstanding_never_times_out_while_answered() ->
     c.to_server(*c.peer.ack())
     c.run(lambda: len(c.peer.received) == 3000)
     assert c.peer.received == b"q" * 3000
+
+
+def _right_edges(segs: list[tuple[TcpRepr, bytes]]) -> list[int]:
+    return [(s.seq - SERVER_ISS - 1 + len(p)) & MASK for s, p in segs]
+
+
+def test_an_ack_that_advances_takes_its_window_even_from_an_older_sequence() -> None:
+    # The trace behind this test (Linux 6.18 client, 2 % loss): the client retransmits
+    # an old segment of its own that also acknowledges our data and announces a window
+    # of 1 KiB. By RFC 9293's SND.WL1 rule its window is older than that of the client's
+    # earlier, higher-sequence segment, and the 1 KiB would be ignored while SND.UNA
+    # moves, sliding a stale window to the right. Like Linux (tcp_may_update_window),
+    # an ACK that moves SND.UNA updates the window.
+    c = Conn()
+    c.peer.write(b"p" * 2896)
+    first, second = c.peer.data_segments(c.now)
+    c.to_server(*second)  # the first is lost: out of order, SND.WL1 moves past it
+    c.from_server()
+    c.ep.send(b"d" * 10_000, c.now)
+    for seg, payload in c.from_server():
+        c.peer.receive(seg, payload)
+    assert c.peer.rcv_nxt == 10_000
+    c.peer.receive_window = 1024  # the app stopped reading
+    # The retransmission: old sequence, new ACK, small window.
+    c.to_server(c.peer.segment(ACK | PSH, offset=0), first[1])
+    c.from_server()
+    c.ep.send(b"e" * 10_000, c.now)
+    sent = c.from_server()
+    assert sent, "the 1 KiB window allows one small segment"
+    assert max(_right_edges(sent)) <= 10_000 + 1024
+
+
+def test_pure_acks_stay_inside_a_window_the_peer_shrank() -> None:
+    # A segment beyond the receiver's window is dropped whole, ACK field and all
+    # (RFC 9293 3.10.7.4; Linux since 6.16 even drops one that starts inside but ends
+    # outside while its receive queue is not empty). After a peer shrinks its window
+    # below what we already sent, our ACKs carry the window's right edge as their
+    # sequence number (Linux tcp_acceptable_seq), so they still count.
+    c = Conn()
+    c.ep.send(b"d" * 8000, c.now)
+    sent = c.from_server()
+    assert max(_right_edges(sent)) == 8000
+    c.peer.receive(*sent[0])
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())  # acknowledges 1448 and shrinks the window to nothing
+    c.peer.write(b"q" * 100)
+    for seg, payload in c.peer.data_segments(c.now):
+        # Data into our open window: it must be acknowledged
+        c.to_server(seg, payload)
+    [(ack, data)] = c.from_server()
+    assert data == b"" and ack.ack == (CLIENT_ISS + 1 + 100) & MASK
+    assert ack.seq == (SERVER_ISS + 1 + c.ep.effective_mss) & MASK  # SND.UNA + 0
+
+
+def test_retransmissions_are_cut_to_the_peers_window() -> None:
+    c = Conn()
+    mss = c.ep.effective_mss
+    c.ep.send(b"d" * 8000, c.now)
+    sent = c.from_server()
+    c.peer.receive(*sent[0])
+    c.peer.receive_window = 1000
+    c.to_server(*c.peer.ack())  # acknowledges one segment; 1000 bytes of room after it
+    c.now = c.ep.get_timer() or c.now  # the rest is lost: probe, then retransmission timer
+    c.ep.handle_timer(c.now)
+    resent = c.from_server()
+    while not resent:
+        c.now = c.ep.get_timer() or c.now
+        c.ep.handle_timer(c.now)
+        resent = c.from_server()
+    assert all(edge <= mss + 1000 for edge in _right_edges(resent)), _right_edges(resent)
+    c.peer.receive_window = 0
+    c.to_server(*c.peer.ack())  # now closed: a timeout may only probe
+    c.now = c.ep.get_timer() or c.now
+    c.ep.handle_timer(c.now)
+    [(probe, data)] = c.from_server()
+    assert data == b"" and probe.seq == (SERVER_ISS + mss) & MASK  # SND.UNA - 1

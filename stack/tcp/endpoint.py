@@ -713,9 +713,17 @@ class TcpEndpoint:
         if ack_off < una:
             return True  # an old duplicate ACK: ignore it, keep the text
         self._probes = 0
-        # RFC 9293 3.10.7.4: update the send window only from newer segments (SND.WL1/WL2).
+        # RFC 9293 3.10.7.4: update the send window only from newer segments (SND.WL1/WL2),
+        # and, like Linux (tcp_may_update_window), from any ACK that moves SND.UNA: the
+        # window is relative to that ACK, and a peer's retransmission of its own old data
+        # carries its newest ACK and window. Kept, the old window would slide right with
+        # SND.UNA and our data would overrun a window the peer has long since closed.
         window_changed = False
-        if self._wl1 < seg_off or (self._wl1 == seg_off and self._wl2 <= ack_off):
+        if (
+            ack_off > una
+            or self._wl1 < seg_off
+            or (self._wl1 == seg_off and self._wl2 <= ack_off)
+        ):
             wnd = seg.window << self._snd_shift
             if wnd != self._snd_wnd:
                 window_changed = True
@@ -1220,8 +1228,21 @@ class TcpEndpoint:
             # Data segments never carry SACK blocks: the GSO size (effective_mss) leaves no
             # room for them, so the SACK information goes on a pure ACK of its own.
             self._ack_pending = False
-            out.append((self._make(ACK, self._snd_max, now, sack=sack_ack), b""))
+            out.append((self._make(ACK, self._ack_seq(), now, sack=sack_ack), b""))
         return out
+
+    def _ack_seq(self) -> int:
+        """The sequence offset of a pure ACK: SND.NXT, or the peer's window edge if lower.
+
+        A peer that shrank its window (or a window we overran) drops a segment that
+        starts beyond it, ACK field and all (RFC 9293 3.10.7.4), so the ACK would never
+        count; Linux's tcp_acceptable_seq does the same.
+        """
+        seq = self._snd_max
+        edge = self._snd_una + self._snd_wnd
+        if edge < seq:
+            seq = max(edge, self._snd_una)
+        return seq
 
     def _synack(self, now: float) -> TcpRepr:
         """RFC 9293 3.10.7.2: <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> with our options."""
@@ -1274,9 +1295,12 @@ class TcpEndpoint:
         pipe = self._pipe()
         board = self._board
 
-        # 1. Retransmissions of what is deemed lost (RFC 6675 NextSeg rule 1).
+        # 1. Retransmissions of what is deemed lost (RFC 6675 NextSeg rule 1), cut to the
+        # peer's window: a receiver drops a segment that ends beyond it whole (Linux since
+        # 6.16 when its receive queue holds data), ACK field included.
         force = self._force_rtx
         self._force_rtx = False
+        wnd_edge = una + self._snd_wnd
         while self._rtx_next < self._rtx_limit and (force or pipe < cwnd):
             start = self._rtx_next
             if board:
@@ -1289,8 +1313,19 @@ class TcpEndpoint:
                 stop = self._rtx_limit
             if start < una:
                 start = una
-            data_stop = min(stop, data_end, start + max_seg)
-            fin = fin_off is not None and data_stop == fin_off and stop > fin_off
+            data_stop = min(stop, data_end, start + max_seg, wnd_edge)
+            fin = (
+                fin_off is not None
+                and data_stop == fin_off
+                and stop > fin_off
+                and fin_off < wnd_edge
+            )
+            if data_stop <= start and not fin:
+                if start == una:
+                    # The window is closed at SND.UNA: ask for it instead (an old sequence
+                    # number, which any receiver answers with an ACK and its window).
+                    self._probe_pending = True
+                break
             self._emit(out, start, data_stop, fin, now)
             self._count("tcp.retransmits")
             self._rtt_off = None  # Karn (RFC 6298 3)
