@@ -169,9 +169,9 @@ class Proxy:
                 loop.add_signal_handler(sig, self._stop, sig)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             log.info(
-                "tunproxy ready: %s mtu %d, offloads %s, %d rules, dns %s",
+                "tunproxy ready: %s mtu %d, offloads %s, writes %s, %d rules, dns %s",
                 tun.name, config.tun.mtu, " ".join(sorted(tun.offloads)) or "off",
-                config.rule_count, "on" if dns is not None else "off",
+                driver.write_method, config.rule_count, "on" if dns is not None else "off",
             )
             await self.stopping.wait()
             log.info("stopping: %d flows open", len(relay.flows))

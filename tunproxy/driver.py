@@ -2,7 +2,9 @@
 
 Read the TUN in batches until it would block, feed the stack, hand its events
 to the relay, hand what it emits to the writer thread, re-arm the one timer.
-No per-packet tasks.
+No per-packet tasks. The writer thread writes each batch with one io_uring
+system call where the kernel allows (tunproxy/uring.py), else one write(2)
+per packet.
 Commands the relay issues outside a read (upstream data arriving) schedule one
 flush per loop iteration, so everything queued in that iteration leaves in one
 pass.
@@ -11,6 +13,7 @@ pass.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import queue
@@ -20,6 +23,7 @@ from typing import Any
 
 from stack import Event, Stack
 from tunproxy.tun import VNET_HDR_LEN, TunDevice
+from tunproxy.uring import BatchWriter
 
 __all__ = ["TunDriver"]
 
@@ -56,6 +60,12 @@ class TunDriver:
         self._pending = 0  # batches queued or being written by the writer thread
         self._writer_thread = threading.Thread(
             target=self._write_loop, name="tun-writer", daemon=True)
+        # The writer thread's batches go through io_uring when the kernel allows it.
+        self._batch_writer: BatchWriter | None = None
+        try:
+            self._batch_writer = BatchWriter(self._write_fd)
+        except OSError as exc:
+            log.info("io_uring unavailable (%s): one write(2) per TUN packet", exc.strerror)
         self._faults_in = self._faults_out = None
         if faults:
             from stack.fault import FaultInjector
@@ -78,6 +88,14 @@ class TunDriver:
         if self._writer_thread.is_alive():
             self._writer.put(None)  # after everything already queued
             self._writer_thread.join(timeout=5)
+        if self._batch_writer is not None and not self._writer_thread.is_alive():
+            self._batch_writer.close()
+            self._batch_writer = None
+
+    @property
+    def write_method(self) -> str:
+        """How batches reach the TUN: "io_uring" or "write"."""
+        return "io_uring" if self._batch_writer is not None else "write"
 
     # -- input ----------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
@@ -162,7 +180,21 @@ class TunDriver:
         One thread keeps the packets in order."""
         get = self._writer.get
         while (packets := get()) is not None:
-            self._write_packets(packets)
+            batch_writer = self._batch_writer
+            if batch_writer is None:
+                self._write_packets(packets)
+            else:
+                try:
+                    for err in batch_writer.write(packets):
+                        self._write_failed(err)
+                except OSError as exc:
+                    # io_uring itself failed (not a packet): write(2) from now on. The
+                    # batch is written again, whole; TCP takes duplicates in its stride.
+                    log.warning("io_uring failed (%s): one write(2) per TUN packet from now on",
+                                exc.strerror)
+                    self._batch_writer = None
+                    batch_writer.close()
+                    self._write_packets(packets)
             self._pending -= 1  # only after the writes: inline writes never overtake
 
     def _write_packets(self, packets: list[bytes]) -> None:
@@ -172,11 +204,14 @@ class TunDriver:
             try:
                 write(fd, packet)
             except OSError as exc:
-                # The kernel drops here too when its queue is full; TCP retransmits.
-                self.write_errors += 1
-                if self.write_errors & (self.write_errors - 1) == 0:
-                    log.warning("writing to the TUN failed (%d times so far): %s",
-                                self.write_errors, exc)
+                self._write_failed(exc.errno or errno.EIO)
+
+    def _write_failed(self, err: int) -> None:
+        # The kernel drops here too when its queue is full; TCP retransmits.
+        self.write_errors += 1
+        if self.write_errors & (self.write_errors - 1) == 0:
+            log.warning("writing to the TUN failed (%d times so far): %s",
+                        self.write_errors, os.strerror(err))
 
     def _rearm(self) -> None:
         when = self._stack.get_timer()
