@@ -148,11 +148,10 @@ class BatchWriter:
     def _write_batch(self, batch: Sequence[bytes], errors: list[int]) -> None:
         sq, sqes, mask, fd = self._sq, self._sqes, self._sq_mask, self.fd
         tail = _U32.unpack_from(sq, self._sq_tail)[0]
-        # The c_char_p objects point into the bytes objects (no copy) and keep the
-        # addresses valid: ``batch`` holds the bytes until the kernel is done with them.
-        pointers = [ctypes.c_char_p(packet) for packet in batch]
-        for n, (packet, pointer) in enumerate(zip(batch, pointers, strict=True)):
-            address = ctypes.cast(pointer, ctypes.c_void_p).value or 0
+        for n, packet in enumerate(batch):
+            # c_char_p points into the bytes object, no copy; ``batch`` keeps the bytes
+            # (and so the address) alive until the kernel is done with them.
+            address = ctypes.cast(ctypes.c_char_p(packet), ctypes.c_void_p).value or 0
             _SQE.pack_into(
                 sqes, ((tail + n) & mask) * _SQE_SIZE,
                 _OP_WRITE, 0, 0, fd, _POS_CURRENT, address, len(packet), 0, n, 0, 0, 0, 0, 0,
@@ -161,25 +160,27 @@ class BatchWriter:
         _U32.pack_into(sq, self._sq_tail, (tail + count) & _MASK32)
         submitted = 0
         while submitted < count:
-            # Signals (EINTR) can end the wait early; a retry submits nothing twice because
-            # the kernel has already moved the submission head past what it took.
-            ret = _syscall(_SYS_IO_URING_ENTER, self._ring_fd, count - submitted, count,
-                           _ENTER_GETEVENTS, None, 0)  # fmt: skip
-            if ret < 0:
-                err = ctypes.get_errno()
-                if err == errno.EINTR:
-                    continue
-                raise OSError(err, os.strerror(err))
-            submitted += ret
+            submitted += self._enter(count - submitted, count)
         reaped = self._reap(count, errors)
         while reaped < count:
-            ret = _syscall(_SYS_IO_URING_ENTER, self._ring_fd, 0, count - reaped,
-                           _ENTER_GETEVENTS, None, 0)  # fmt: skip
-            if ret < 0 and ctypes.get_errno() != errno.EINTR:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            self._enter(0, count - reaped)
             reaped += self._reap(count - reaped, errors)
-        del pointers
+
+    def _enter(self, to_submit: int, min_complete: int) -> int:
+        """io_uring_enter(2): submit, wait for completions; the number submitted.
+
+        A signal (EINTR) ends the call before anything is submitted, or only ends the
+        wait; either way a retry submits nothing twice, because the kernel has already
+        moved the submission head past what it took.
+        """
+        while True:
+            ret = _syscall(_SYS_IO_URING_ENTER, self._ring_fd, to_submit, min_complete,
+                           _ENTER_GETEVENTS, None, 0)  # fmt: skip
+            if ret >= 0:
+                return int(ret)
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise OSError(err, os.strerror(err))
 
     def _reap(self, limit: int, errors: list[int]) -> int:
         cq = self._cq

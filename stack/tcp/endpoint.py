@@ -1238,11 +1238,7 @@ class TcpEndpoint:
         starts beyond it, ACK field and all (RFC 9293 3.10.7.4), so the ACK would never
         count; Linux's tcp_acceptable_seq does the same.
         """
-        seq = self._snd_max
-        edge = self._snd_una + self._snd_wnd
-        if edge < seq:
-            seq = max(edge, self._snd_una)
-        return seq
+        return min(self._snd_max, self._snd_una + self._snd_wnd)
 
     def _synack(self, now: float) -> TcpRepr:
         """RFC 9293 3.10.7.2: <SEQ=ISS><ACK=RCV.NXT><CTL=SYN,ACK> with our options."""
@@ -1353,7 +1349,6 @@ class TcpEndpoint:
         if self._tlp_new:
             self._tlp_new = False
             cwnd = max(cwnd, pipe + mss)  # RFC 8985 7.3: the probe may exceed cwnd
-        wnd_edge = una + self._snd_wnd
         while True:
             nxt = self._snd_max
             if nxt < data_end:
