@@ -1,13 +1,8 @@
 """Building outgoing packets: virtio-net header + IP header + L4 header + payload.
 
 Each packet is assembled as one small header ``bytearray`` and joined with the
-payload in a single copy (``b"".join``), except a TCP packet whose payload is
-at least ``SCATTER_MIN`` bytes: that one stays a ``(header, payload)`` pair
-(an ``OutPacket``), the payload a zero-copy view of the send buffer, for a
-writer that hands both to the kernel in one writev(2)/``IORING_OP_WRITEV``.
-The kernel copies the payload once either way; the pair saves the userspace
-copy of every 64 KB super-packet (``join_packet`` makes the one-buffer form
-for whoever needs it). L4 checksums are either computed in full without a
+payload in a single copy (``b"".join``), so a 64 KB TCP super-packet costs one
+memcpy of its payload. L4 checksums are either computed in full without a
 Python loop (``stack.wire.checksum``) or, with a virtio-net header, left to the
 kernel: the field holds the pseudo-header sum and the header says NEEDS_CSUM
 with ``csum_start``/``csum_offset`` (virtio spec 5.1.6.2).
@@ -29,24 +24,7 @@ from stack.wire import tcp as tcp_wire
 from stack.wire import udp as udp_wire
 from stack.wire.checksum import finish, ones_sum, pseudo_header_sum
 
-__all__ = [
-    "DEFAULT_TTL",
-    "PROTO_ICMP",
-    "PROTO_TCP",
-    "PROTO_UDP",
-    "SCATTER_MIN",
-    "OutPacket",
-    "PacketBuilder",
-    "join_packet",
-    "packet_len",
-]
-
-# One packet for the TUN: one buffer, or the header and the payload to write as one.
-OutPacket = bytes | tuple[bytes, bytes | memoryview]
-
-# Below this a copy costs less than the writer's second iovec; above it the copy
-# dominates (a 64 KB super-packet).
-SCATTER_MIN = 8192
+__all__ = ["DEFAULT_TTL", "PROTO_ICMP", "PROTO_TCP", "PROTO_UDP", "PacketBuilder"]
 
 DEFAULT_TTL = 64
 PROTO_ICMP = 1
@@ -55,19 +33,6 @@ PROTO_UDP = 17
 
 _U16 = struct.Struct("!H")
 _NO_VNET = bytes(virtio.HEADER_LEN)
-
-
-def packet_len(packet: OutPacket) -> int:
-    if isinstance(packet, tuple):
-        return len(packet[0]) + len(packet[1])
-    return len(packet)
-
-
-def join_packet(packet: OutPacket) -> bytes:
-    """The packet as one buffer (a copy of the payload when it is a pair)."""
-    if isinstance(packet, tuple):
-        return b"".join(packet)
-    return packet
 
 
 class PacketBuilder:
@@ -94,13 +59,13 @@ class PacketBuilder:
     # -- TCP -----------------------------------------------------------------
     def tcp(
         self, src: bytes, dst: bytes, seg: tcp_wire.TcpRepr, payload: bytes | memoryview, mss: int
-    ) -> list[OutPacket]:
+    ) -> list[bytes]:
         """One packet, a GSO super-packet when ``payload`` exceeds ``mss`` and GSO is
         on, else the payload cut into ``mss``-sized segments in software (FIN and
         PSH on the last only, as the kernel's GSO does)."""
         if len(payload) <= mss or self.gso:
             return [self._tcp_packet(src, dst, seg, payload, mss)]
-        out: list[OutPacket] = []
+        out = []
         view = memoryview(payload)
         last_flags = seg.flags
         middle_flags = last_flags & ~(tcp_wire.FIN | tcp_wire.PSH)
@@ -115,7 +80,7 @@ class PacketBuilder:
 
     def _tcp_packet(
         self, src: bytes, dst: bytes, seg: tcp_wire.TcpRepr, payload: bytes | memoryview, mss: int
-    ) -> OutPacket:
+    ) -> bytes:
         vh = virtio.HEADER_LEN if self.vnet else 0
         v6 = len(src) == 16
         ip_len = ipv6.HEADER_LEN if v6 else ipv4.HEADER_LEN
@@ -147,8 +112,6 @@ class PacketBuilder:
             # separately gives the same 16-bit alignment as summing them together.
             csum = finish(ones_sum(payload, ones_sum(memoryview(hdr)[l4:], psum)))
             _U16.pack_into(hdr, l4 + tcp_wire.CHECKSUM_OFFSET, csum)
-        if plen >= SCATTER_MIN:
-            return (bytes(hdr), payload)
         return b"".join((hdr, payload)) if plen else bytes(hdr)
 
     # -- UDP -----------------------------------------------------------------

@@ -9,7 +9,7 @@ Driving loop (see ``tunproxy/driver.py``)::
         stack.receive_packet(data, now)
     while (event := stack.next_event()) is not None:
         handle(event)            # may call stack.accept/send/... which queue packets
-    write_all(stack.packets_to_send())   # or packets_to_write(): pairs for writev
+    write_all(stack.packets_to_send())
     rearm(stack.get_timer())     # at that time: stack.handle_timer(now), then as above
 
 How it works:
@@ -30,9 +30,7 @@ How it works:
   pops, the flow's real deadline is re-read (lazy invalidation), so a
   retransmission timer restarted on every ACK costs no heap push.
 - Output: ``stack.output.PacketBuilder`` (checksums or NEEDS_CSUM, GSO,
-  fragmentation of large UDP/ICMP replies). ``packets_to_write()`` hands large
-  TCP packets out as (header, payload) pairs, the payload a view of the send
-  buffer, for a writer with writev(2); ``packets_to_send()`` joins them.
+  fragmentation of large UDP/ICMP replies).
 
 ``counters`` (a live dict; read it, do not write it):
 ``packets.in``/``packets.out``, ``bytes.in``/``bytes.out``, ``drop.<reason>``,
@@ -61,7 +59,7 @@ from stack.icmp import (
     unreachable_v4,
     unreachable_v6,
 )
-from stack.output import PROTO_ICMP, OutPacket, PacketBuilder, join_packet, packet_len
+from stack.output import PROTO_ICMP, PacketBuilder
 from stack.reassembly import Ipv4Reassembler
 from stack.tcp.endpoint import TcpConfig, TcpEndpoint, TcpState
 from stack.udp import UdpSession
@@ -147,7 +145,7 @@ class Stack:
         self.config = config = config or StackConfig()
         self._counters: defaultdict[str, int] = defaultdict(int)
         self._events: deque[Event] = deque()
-        self._out: list[OutPacket] = []
+        self._out: list[bytes] = []
         self._flows: dict[int, _Flow] = {}
         self._tcp: dict[_TupleKey, _TcpFlow] = {}
         self._udp: dict[_TupleKey, UdpSession] = {}
@@ -556,12 +554,6 @@ class Stack:
     # -- output --------------------------------------------------------------
     def packets_to_send(self) -> list[bytes]:
         """Packets to write to the TUN (each with a virtio-net header when ``vnet_hdr``)."""
-        return [join_packet(packet) for packet in self.packets_to_write()]
-
-    def packets_to_write(self) -> list[OutPacket]:
-        """The same packets, a large TCP one as a (header, payload) pair to write with
-        writev(2). The payload is a read-only view of ``bytes`` the send buffer holds;
-        bytes never change, so the view stays valid for as long as the writer keeps it."""
         if self._dirty:
             dirty = self._dirty
             self._dirty = {}
@@ -588,7 +580,7 @@ class Stack:
         self._out = []
         c = self._counters
         c["packets.out"] += len(out)
-        c["bytes.out"] += sum(map(packet_len, out))
+        c["bytes.out"] += sum(map(len, out))
         return out
 
     def next_event(self) -> Event | None:

@@ -16,7 +16,6 @@ from stack import (
     Stack,
     StackConfig,
 )
-from stack.output import SCATTER_MIN, join_packet, packet_len
 from stack.tcp import TcpState
 from stack.wire import tcp, virtio
 from stack.wire.checksum import pseudo_header_sum
@@ -278,36 +277,6 @@ def test_gso_out(a: bytes, b: bytes) -> None:
         peer.deliver(tcp.ACK, now=now)
     assert bytes(total) == data
     assert gso_seen > 0 and s.counters["tcp.gso_out"] == gso_seen
-
-
-def test_large_tcp_packets_come_as_header_payload_pairs_for_writev() -> None:
-    """packets_to_write keeps a super-packet's payload apart (a view of what the app
-    sent, no copy); joined, each pair is exactly the packet packets_to_send gives."""
-    config = StackConfig(vnet_hdr=True, gso=True, seed=1)
-    data = bytes(range(251)) * 1000
-    twins = [Stack(config), Stack(config)]
-    flows = []
-    for s in twins:
-        peer = TcpPeer(s, mss=1400)
-        fid = open_flow(s, peer)
-        s.send(fid, data, 1.0)
-        flows.append(fid)
-    before = twins[0].counters["bytes.out"]
-    pairs = twins[0].packets_to_write()
-    joined = twins[1].packets_to_send()
-    assert [join_packet(p) for p in pairs] == joined
-    assert twins[0].counters["bytes.out"] == twins[1].counters["bytes.out"]
-    assert twins[0].counters["bytes.out"] - before == sum(map(len, joined))
-    big = [p for p in pairs if isinstance(p, tuple)]
-    assert big and all(len(payload) >= SCATTER_MIN for _, payload in big)
-    for header, payload in big:
-        assert packet_len((header, payload)) == len(header) + len(payload)
-        start = data.find(bytes(payload[:64]))
-        assert bytes(payload) == data[start : start + len(payload)]
-        assert isinstance(payload, memoryview) and payload.obj is data  # the app's own bytes
-    # Small packets (the pure ACK after a small send) stay single buffers.
-    twins[0].send(flows[0], b"x", 2.0)
-    assert all(isinstance(p, bytes) for p in twins[0].packets_to_write())
 
 
 def test_gso_in_super_segment() -> None:

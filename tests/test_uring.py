@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from stack.output import OutPacket, join_packet
 from tunproxy.uring import BatchWriter
 
 
@@ -61,29 +60,6 @@ def test_each_failed_packet_reports_its_errno_and_the_rest_still_go(
         packets = [b"first", too_big, b"third", too_big, b"fifth"]
         assert writer.write(packets) == [errno.EMSGSIZE, errno.EMSGSIZE]
         assert [rx.recv(100) for _ in range(3)] == [b"first", b"third", b"fifth"]
-    finally:
-        writer.close()
-
-
-def test_a_header_payload_pair_arrives_as_one_datagram(
-    dgram_pair: tuple[socket.socket, socket.socket],
-) -> None:
-    """IORING_OP_WRITEV: the pair is one packet; a payload given as a view of part of a
-    larger buffer (as the stack's send buffer hands them out) is read where it points."""
-    tx, rx = dgram_pair
-    writer = _writer(tx.fileno(), entries=4)
-    try:
-        backing = os.urandom(200_000)
-        packets: list[OutPacket] = [
-            b"alone",
-            (b"head-1:", memoryview(backing)[1234 : 1234 + 65000]),
-            (b"head-2:", backing[:9000]),
-            b"after",
-            (b"head-3:", memoryview(backing)[150_000:]),
-        ]
-        assert writer.write(packets) == []
-        got = [rx.recv(70_000) for _ in packets]
-        assert got == [join_packet(p) for p in packets]
     finally:
         writer.close()
 

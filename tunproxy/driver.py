@@ -4,8 +4,7 @@ Read the TUN in batches until it would block, feed the stack, hand its events
 to the relay, hand what it emits to the writer thread, re-arm the one timer.
 No per-packet tasks. The writer thread writes each batch with one io_uring
 system call where the kernel allows (tunproxy/uring.py), else one write(2)
-per packet. A TCP super-packet comes from the stack as a (header, payload)
-pair and goes out with one writev: its payload is never copied in userspace.
+per packet.
 Commands the relay issues outside a read (upstream data arriving) schedule one
 flush per loop iteration, so everything queued in that iteration leaves in one
 pass.
@@ -23,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from stack import Event, Stack
-from stack.output import OutPacket, join_packet
 from tunproxy.tun import VNET_HDR_LEN, TunDevice
 from tunproxy.uring import BatchWriter
 
@@ -58,7 +56,7 @@ class TunDriver:
         self._flush_scheduled = False
         self.write_errors = 0
         # Batches of packets for the writer thread, in order; None ends it.
-        self._writer: queue.SimpleQueue[list[OutPacket] | None] = queue.SimpleQueue()
+        self._writer: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._pending = 0  # batches queued or being written by the writer thread
         self._writer_thread = threading.Thread(
             target=self._write_loop, name="tun-writer", daemon=True)
@@ -152,27 +150,26 @@ class TunDriver:
                 on_event(event)
             except Exception:
                 log.exception("bug: the relay failed on %r", event)
-        self._write(stack.packets_to_write())
+        self._write(stack.packets_to_send())
         self._rearm()
 
-    def _write(self, packets: list[OutPacket]) -> None:
+    def _write(self, packets: list[bytes]) -> None:
         if not packets:
             return
         faults = self._faults_out
         if faults is not None:
             now = self._loop.time()
             for packet in packets:
-                faults.push(join_packet(packet), now)
-            due: list[OutPacket] = list(faults.pop_due(now))
-            packets = due
-        if not self._pending and _small(packets):
+                faults.push(packet, now)
+            packets = faults.pop_due(now)
+        if not self._pending and sum(map(len, packets)) <= INLINE_WRITE_MAX:
             # Small packets (ACKs) with nothing queued ahead of them: a handoff would
             # only delay them.
             self._write_packets(packets)
         else:
             self._queue(packets)
 
-    def _queue(self, packets: list[OutPacket]) -> None:
+    def _queue(self, packets: list[bytes]) -> None:
         self._pending += 1
         self._writer.put(packets)
 
@@ -200,14 +197,12 @@ class TunDriver:
                     self._write_packets(packets)
             self._pending -= 1  # only after the writes: inline writes never overtake
 
-    def _write_packets(self, packets: list[OutPacket]) -> None:
+    def _write_packets(self, packets: list[bytes]) -> None:
         fd = self._write_fd
+        write = os.write
         for packet in packets:
             try:
-                if isinstance(packet, tuple):
-                    os.writev(fd, packet)
-                else:
-                    os.write(fd, packet)
+                write(fd, packet)
             except OSError as exc:
                 self._write_failed(exc.errno or errno.EIO)
 
@@ -240,16 +235,6 @@ class TunDriver:
             packets = self._faults_out.pop_due(self._loop.time())
             if packets:
                 self._queue(packets)
-
-
-def _small(packets: list[OutPacket]) -> bool:
-    """At most INLINE_WRITE_MAX bytes, all of them single buffers (no super-packet)."""
-    total = 0
-    for packet in packets:
-        if isinstance(packet, tuple):
-            return False
-        total += len(packet)
-    return total <= INLINE_WRITE_MAX
 
 
 def _make_injector(cls: Any, faults: dict[str, Any], direction: int) -> Any:

@@ -16,11 +16,6 @@ Memory ordering with the kernel needs no barriers from Python: without SQPOLL
 the kernel reads the submission tail inside ``io_uring_enter``, and the
 completions are read after it returns; a system call orders both.
 
-A packet given as a (header, payload) pair is one ``IORING_OP_WRITEV`` of two
-iovecs (the TUN takes a writev as one packet), so the payload is copied once,
-by the kernel. Its address comes from the buffer protocol (``PyObject_GetBuffer``):
-a read-only memoryview has no other way to say where it points.
-
 Unavailable io_uring (an old kernel, ``kernel.io_uring_disabled``, a seccomp
 profile such as Docker's default) raises ``OSError`` from the constructor, and
 the caller falls back to write(2) per packet.
@@ -35,8 +30,6 @@ import os
 import struct
 from collections.abc import Sequence
 
-from stack.output import OutPacket
-
 __all__ = ["BatchWriter"]
 
 # The io_uring system calls have one number on every architecture (asm-generic).
@@ -46,7 +39,6 @@ _OFF_SQ_RING = 0
 _OFF_CQ_RING = 0x8000000
 _OFF_SQES = 0x10000000
 _FEAT_SINGLE_MMAP = 1 << 0
-_OP_WRITEV = 2
 _OP_WRITE = 23
 _ENTER_GETEVENTS = 1 << 0
 _POS_CURRENT = (1 << 64) - 1  # "offset -1": the file's own position (a TUN has none)
@@ -58,57 +50,12 @@ _SQE_SIZE = 64
 _CQE_SIZE = 16
 _CQE_RES = struct.Struct("<i")  # struct io_uring_cqe: user_data u64, res s32, flags u32
 _CQE_RES_OFFSET = 8
-_IOV_PAIR = struct.Struct("<QQQQ")  # two struct iovec: base, len, base, len
-_IOV_PAIR_SIZE = 32
 _U32 = struct.Struct("<I")
 _MASK32 = 0xFFFFFFFF
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-
-
-class _PyBuffer(ctypes.Structure):
-    """Py_buffer (stable ABI since Python 3.11)."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-_PYBUF_SIMPLE = 0  # contiguous bytes, read-only is fine
-
-
-def _address(data: bytes | memoryview) -> int:
-    """Where ``data``'s bytes are. The caller keeps ``data`` alive while the kernel
-    reads them; the bytes a memoryview shows are immutable ``bytes`` here, so the
-    address stays good after the buffer is released."""
-    if type(data) is bytes:
-        # c_char_p points into the bytes object, no copy.
-        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-    view = _PyBuffer()
-    ref = ctypes.byref(view)
-    if _get_buffer(data, ref, _PYBUF_SIMPLE) != 0:  # raises the Python error itself
-        raise BufferError("no contiguous buffer")
-    try:
-        return view.buf or 0
-    finally:
-        _release_buffer(ref)
 
 
 class _Params(ctypes.Structure):
@@ -155,9 +102,6 @@ class BatchWriter:
             raise
         self.fd = fd
         self.entries = params.sq_entries
-        # Each submission slot's two iovecs, for a pair written with IORING_OP_WRITEV.
-        self._iovs = ctypes.create_string_buffer(self.entries * _IOV_PAIR_SIZE)
-        self._iovs_at = ctypes.addressof(self._iovs)
 
     def _map_rings(self, p: _Params) -> None:
         sq_off, cq_off = list(p.sq_off), list(p.cq_off)
@@ -194,31 +138,23 @@ class BatchWriter:
             os.close(self._ring_fd)
             self._ring_fd = -1
 
-    def write(self, packets: Sequence[OutPacket]) -> list[int]:
+    def write(self, packets: Sequence[bytes]) -> list[int]:
         errors: list[int] = []
         step = self.entries
         for i in range(0, len(packets), step):
             self._write_batch(packets[i : i + step], errors)
         return errors
 
-    def _write_batch(self, batch: Sequence[OutPacket], errors: list[int]) -> None:
+    def _write_batch(self, batch: Sequence[bytes], errors: list[int]) -> None:
         sq, sqes, mask, fd = self._sq, self._sqes, self._sq_mask, self.fd
         tail = _U32.unpack_from(sq, self._sq_tail)[0]
         for n, packet in enumerate(batch):
-            # ``batch`` keeps every buffer (and so its address) alive until the kernel
-            # is done with it: the completions are reaped before this returns.
-            slot = (tail + n) & mask
-            if isinstance(packet, tuple):
-                header, payload = packet
-                iov = slot * _IOV_PAIR_SIZE
-                _IOV_PAIR.pack_into(self._iovs, iov, _address(header), len(header),
-                                    _address(payload), len(payload))  # fmt: skip
-                op, address, length = _OP_WRITEV, self._iovs_at + iov, 2
-            else:
-                op, address, length = _OP_WRITE, _address(packet), len(packet)
+            # c_char_p points into the bytes object, no copy; ``batch`` keeps the bytes
+            # (and so the address) alive until the kernel is done with them.
+            address = ctypes.cast(ctypes.c_char_p(packet), ctypes.c_void_p).value or 0
             _SQE.pack_into(
-                sqes, slot * _SQE_SIZE,
-                op, 0, 0, fd, _POS_CURRENT, address, length, 0, n, 0, 0, 0, 0, 0,
+                sqes, ((tail + n) & mask) * _SQE_SIZE,
+                _OP_WRITE, 0, 0, fd, _POS_CURRENT, address, len(packet), 0, n, 0, 0, 0, 0, 0,
             )  # fmt: skip
         count = len(batch)
         _U32.pack_into(sq, self._sq_tail, (tail + count) & _MASK32)
