@@ -11,7 +11,14 @@ import abc
 import asyncio
 from dataclasses import dataclass
 
-__all__ = ["DatagramReceiver", "DatagramSession", "Outbound", "Target"]
+__all__ = [
+    "DatagramReceiver",
+    "DatagramSession",
+    "Outbound",
+    "StreamProtocol",
+    "StreamReceiver",
+    "Target",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +66,26 @@ class DatagramSession(abc.ABC):
     def close(self) -> None: ...
 
 
+class StreamReceiver(asyncio.BufferedProtocol):
+    """A protocol for ``open_stream`` that reads into a buffer it provides
+    (``get_buffer``/``buffer_updated``), so the read size is its choice, not the event
+    loop's; bytes an outbound read before handing over (the rest of a proxy's reply)
+    arrive through ``data_received``."""
+
+    def data_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+
+# What open_stream connects: a plain Protocol, or a StreamReceiver.
+StreamProtocol = asyncio.Protocol | StreamReceiver
+
+
 class Outbound(abc.ABC):
     name: str
 
     @abc.abstractmethod
     async def open_stream(
-        self, target: Target, protocol: asyncio.Protocol, *, timeout: float
+        self, target: Target, protocol: StreamProtocol, *, timeout: float
     ) -> asyncio.Transport:
         """Connect to ``target``; return a transport whose protocol is ``protocol``.
 

@@ -27,7 +27,13 @@ from collections.abc import Awaitable, Callable
 from typing import cast
 
 from tunproxy.errors import ConnectRefused, ConnectTimeout, OutboundError, Unreachable
-from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound, Target
+from tunproxy.outbounds.base import (
+    DatagramReceiver,
+    DatagramSession,
+    Outbound,
+    StreamProtocol,
+    Target,
+)
 
 __all__ = ["DirectOutbound", "Resolver", "dial_tcp", "map_connect_error", "marked_socket"]
 
@@ -135,7 +141,7 @@ class DirectOutbound(Outbound):
         return addresses
 
     async def open_stream(
-        self, target: Target, protocol: asyncio.Protocol, *, timeout: float
+        self, target: Target, protocol: StreamProtocol, *, timeout: float
     ) -> asyncio.Transport:
         loop = asyncio.get_running_loop()
         try:

@@ -7,7 +7,13 @@ from __future__ import annotations
 import asyncio
 
 from tunproxy.errors import ConnectRefused
-from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound, Target
+from tunproxy.outbounds.base import (
+    DatagramReceiver,
+    DatagramSession,
+    Outbound,
+    StreamProtocol,
+    Target,
+)
 
 __all__ = ["RejectOutbound"]
 
@@ -16,7 +22,7 @@ class RejectOutbound(Outbound):
     name = "REJECT"
 
     async def open_stream(
-        self, target: Target, protocol: asyncio.Protocol, *, timeout: float
+        self, target: Target, protocol: StreamProtocol, *, timeout: float
     ) -> asyncio.Transport:
         raise ConnectRefused(f"{target}: rejected by the rules")
 

@@ -35,7 +35,13 @@ from tunproxy.errors import (
     ProxyError,
     Unreachable,
 )
-from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound, Target
+from tunproxy.outbounds.base import (
+    DatagramReceiver,
+    DatagramSession,
+    Outbound,
+    StreamProtocol,
+    Target,
+)
 from tunproxy.outbounds.direct import address_family, dial_tcp, marked_socket
 from tunproxy.protocols.socks5 import (
     Connected,
@@ -126,7 +132,7 @@ class Socks5Outbound(Outbound):
     # --- TCP --------------------------------------------------------------------------------
 
     async def open_stream(
-        self, target: Target, protocol: asyncio.Protocol, *, timeout: float
+        self, target: Target, protocol: StreamProtocol, *, timeout: float
     ) -> asyncio.Transport:
         _check_expressible(target)
         holder: list[_Handshake] = []
@@ -349,7 +355,7 @@ class _Handshake(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def hand_over(self, protocol: asyncio.Protocol, event: Connected) -> None:
+    def hand_over(self, protocol: StreamProtocol, event: Connected) -> None:
         """Give the transport to the relay's protocol, as if it had been there all along."""
         transport = self.transport
         assert transport is not None
