@@ -4,11 +4,13 @@ random bytes raise only WireError."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stack.flow import ip_text
 from stack.wire import WireError, ipv4, ipv6
 from stack.wire.checksum import checksum
 
@@ -267,3 +269,8 @@ def test_random_bodies_behind_valid_version(body: bytes, version: int) -> None:
             ipv4.Ipv4Repr.parse(ipv4.Ipv4Packet(memoryview(data)))
         else:
             ipv6.Ipv6Repr.parse(ipv6.Ipv6Packet(memoryview(data)))
+
+
+@given(st.binary(min_size=4, max_size=4) | st.binary(min_size=16, max_size=16))
+def test_ip_text_matches_ipaddress(addr: bytes) -> None:
+    assert ip_text(addr) == str(ipaddress.ip_address(addr))
