@@ -220,7 +220,11 @@ class TunDriver:
                 due = faults.get_timer()
                 if due is not None and (when is None or due < when):
                     when = due
-        if when == self._timer_at:
+        at = self._timer_at
+        if at is not None and (when is None or when >= at):
+            # Armed for earlier: keep it. It fires, finds nothing due (or less than it
+            # was armed for), and re-arms; far cheaper than a cancel + call_at on every
+            # pass, since most passes only push a flow's deadline later.
             return
         if self._timer is not None:
             self._timer.cancel()
