@@ -4,8 +4,14 @@ It behaves like the Linux side of the TUN where it matters for the tests: its
 SYN carries MSS, SACK-permitted, timestamps and window scale 7; it ACKs every
 batch it receives (cumulative + SACK blocks for out-of-order data); it sends
 its own data within the endpoint's window and goes back to SND.UNA when its
-own retransmission timer expires. Everything is driven by ``Conn`` with a
-hand-set clock; segments cross through the real codec (``emit`` then
+own retransmission timer expires. With ``strict_window`` it also does what
+Linux does since 6.16 while its application is not reading (``app_reading``
+False, unread bytes queued): it never moves its window's right edge left, and
+it drops a segment that ends beyond that edge whole, ACK field included,
+answering with a duplicate ACK (tcp_sequence(), SKB_DROP_REASON_TCP_INVALID_END_SEQUENCE);
+it answers an old segment (a window probe) with an ACK, and sends a window
+update when its application reads.
+Everything is driven by ``Conn`` with a hand-set clock; segments cross through the real codec (``emit`` then
 ``parse``) so the wire format is exercised on every hop.
 
 Expected segments are built from ``SEND_TEMPL``-style templates with
@@ -93,6 +99,7 @@ class Peer:
         mss: int = 1460,
         receive_window: int = 1 << 20,
         rto: float = 0.5,
+        strict_window: bool = False,
     ) -> None:
         self.iss = iss
         self.window_scale = window_scale
@@ -101,6 +108,12 @@ class Peer:
         self.mss = mss
         self.receive_window = receive_window
         self.rto = rto
+        self.strict_window = strict_window
+        self.app_reading = True  # False: in-order bytes wait in ``unread`` until read()
+        self.unread = 0
+        self.adv_right = 0  # offset of the right edge of the window last advertised
+        self.min_window = receive_window  # smallest window advertised once established
+        self.over_window_drops = 0
         # send side
         self.outgoing = bytearray()  # everything the application wrote, from offset 0
         self.snd_una = 0  # offsets into outgoing
@@ -155,7 +168,31 @@ class Peer:
         shift = (self.window_scale or 0) if self.established else 0
         # Like Linux, out-of-order data does not shrink the advertised window (so that
         # duplicate ACKs stay duplicates for a sender without SACK).
-        return min(0xFFFF, max(self.receive_window, 0) >> shift)
+        free = max(self.receive_window - self.unread, 0)
+        if self.strict_window:
+            # Linux never moves the right edge left (tcp_select_window).
+            free = max(free, self.adv_right - self.rcv_nxt)
+        field = min(0xFFFF, free >> shift)
+        if self.established:
+            self.adv_right = max(self.adv_right, self.rcv_nxt + (field << shift))
+            self.min_window = min(self.min_window, field << shift)
+        return field
+
+    def read(self, n: int | None = None) -> None:
+        """The application reads ``n`` queued bytes (all of them by default)."""
+        before = self.unread
+        self.unread -= self.unread if n is None else min(n, self.unread)
+        if self.strict_window and self.unread < before:
+            self.need_ack = True  # the window update tcp_cleanup_rbuf() sends
+
+    def _beyond_window(self, seg: TcpRepr, payload: bytes) -> bool:
+        """Linux >= 6.16 tcp_sequence(): with data queued unread, a segment whose end
+        lies beyond the advertised right edge is not acceptable at all."""
+        if not (self.strict_window and self.established and self.unread):
+            return False
+        start = self.rcv_nxt + delta(seg.seq, (self.irs + 1 + self.rcv_nxt) & MASK)
+        end = start + len(payload) + (1 if seg.flags & FIN else 0)
+        return end > self.adv_right
 
     def sack_blocks(self) -> tuple[tuple[int, int], ...]:
         if not (self.sack and self.peer_sack) or not (self.ooo or self.dsack):
@@ -256,6 +293,10 @@ class Peer:
             self.established = True
             self.need_ack = True
             return
+        if self._beyond_window(seg, payload):
+            self.over_window_drops += 1
+            self.need_ack = True  # tcp_send_dupack
+            return
         if seg.flags & ACK:
             acked = delta(seg.ack, self.seq(self.snd_una))
             fin_unacked = self.fin_sent and not self.fin_acked
@@ -274,6 +315,7 @@ class Peer:
         if payload:
             self.need_ack = True
             if start <= self.rcv_nxt < start + len(payload):
+                before = self.rcv_nxt
                 self.received += payload[self.rcv_nxt - start :]
                 self.rcv_nxt = start + len(payload)
                 while True:
@@ -286,11 +328,15 @@ class Peer:
                     if nxt + len(block) > self.rcv_nxt:
                         self.received += block[self.rcv_nxt - nxt :]
                         self.rcv_nxt = nxt + len(block)
+                if not self.app_reading:
+                    self.unread += self.rcv_nxt - before
             elif start > self.rcv_nxt:
                 self.ooo[start] = payload
                 self.last_ooo = start
             else:
                 self.dsack = (start, start + len(payload))
+        elif self.strict_window and start < self.rcv_nxt and not seg.flags & FIN:
+            self.need_ack = True  # an old sequence number: tcp_send_dupack()
         if seg.flags & FIN and start + len(payload) == self.rcv_nxt and not self.fin_received:
             self.fin_received = True
             self.need_ack = True
