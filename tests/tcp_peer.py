@@ -10,8 +10,8 @@ False, unread bytes queued): it never moves its window's right edge left, and
 it drops a segment that ends beyond that edge whole, ACK field included,
 answering with a duplicate ACK (tcp_sequence(), SKB_DROP_REASON_TCP_INVALID_END_SEQUENCE);
 it answers an old segment (a window probe) with an ACK, and sends a window
-update when its application reads.
-Everything is driven by ``Conn`` with a hand-set clock; segments cross through the real codec (``emit`` then
+update when its application reads. Everything is driven by ``Conn`` with a
+hand-set clock; segments cross through the real codec (``emit`` then
 ``parse``) so the wire format is exercised on every hop.
 
 Expected segments are built from ``SEND_TEMPL``-style templates with
