@@ -106,9 +106,10 @@ class Section:
     def baseline(self) -> Column | None:
         return next((c for c in self.columns if c.path == "baseline"), None)
 
-    def ratio(self, column: Column, key: str) -> float | None:
-        """Median of the per-round ratios to the baseline; without pairs, ratio of medians."""
-        base = self.baseline
+    def ratio(self, column: Column, key: str, reference: Column | None = None) -> float | None:
+        """Median of the per-round ratios to the baseline (or to ``reference``); without
+        pairs, ratio of medians."""
+        base = reference or self.baseline
         if base is None or base is column:
             return None
         cell, base_cell = column.cells.get(key), base.cells.get(key)
@@ -262,13 +263,28 @@ def check_targets(sections: list[Section]) -> list[Verdict]:
                     verdicts.append(Verdict(target, section.mtu, "SKIP", "no baseline figure"))
                     continue
                 ok = ratio >= target.limit
-                detail = f"{ratio:.2f}x (limit {target.limit:.2f}x)"
+                detail = f"{ratio:.2f}x (limit {target.limit:.2f}x)" + _ceiling(
+                    section, column, target.key
+                )
             else:
                 value = cell.value
                 ok = value < target.limit if target.kind == "below" else value <= target.limit
                 detail = f"{value:.1f} {metric.unit} (limit {target.limit:g} {metric.unit})"
             verdicts.append(Verdict(target, section.mtu, "PASS" if ok else "FAIL", detail))
     return verdicts
+
+
+def _ceiling(section: Section, column: Column, key: str) -> str:
+    """For a SOCKS5 figure: what the SOCKS5 server reaches alone, without tunproxy (the
+    most any proxy in front of it can reach), and how much of that tunproxy keeps."""
+    only = next((c for c in section.columns if c.path == "socks5-only"), None)
+    if column.path != "socks5" or only is None:
+        return ""
+    alone = section.ratio(only, key)
+    kept = section.ratio(column, key, reference=only)
+    if alone is None or kept is None:
+        return ""
+    return f"; the SOCKS5 server alone: {alone:.2f}x, tunproxy keeps {kept:.2f} of it"
 
 
 def render_targets(verdicts: list[Verdict]) -> str:

@@ -69,6 +69,21 @@ def test_targets_use_the_median_of_per_round_ratios() -> None:
     assert verdicts["RSS at rest via DIRECT < 60 MiB"].status == "SKIP"
 
 
+def test_a_socks5_target_names_what_the_server_alone_allows() -> None:
+    section = _section(direct_up=[5.0], socks_cps=90.0, socks_error=None)
+    only = Column("socks5-only", tests=("cps",))
+    only.cell("cps").add(180.0, 0)
+    section.columns.append(only)
+    verdicts = {v.target.name: v for v in check_targets([section])}
+    cps = verdicts["connections/s via SOCKS5 >= 0.35x baseline"]
+    # 90 / 1000 against the limit; the server alone 180 / 1000; tunproxy keeps 90 / 180.
+    assert cps.status == "FAIL"
+    assert cps.detail == (
+        "0.09x (limit 0.35x); the SOCKS5 server alone: 0.18x, tunproxy keeps 0.50 of it"
+    )
+    assert "server alone" not in verdicts["TCP upload via DIRECT >= 0.40x baseline"].detail
+
+
 def test_unmeasurable_figure_fails_its_target_and_is_footnoted() -> None:
     section = _section(direct_up=[1.0], socks_cps=None, socks_error="tunproxy did not start: X")
     verdicts = {v.target.name: v for v in check_targets([section])}
