@@ -45,6 +45,7 @@ SERVER6 = "fd00:232::1"
 # A second address in the server namespace for proxies: upstream servers' own addresses
 # bypass the tunnel, so they must not be the addresses the tests reach through it.
 PROXY4 = "10.232.0.2"
+PROXY6 = "fd00:232::2"
 
 REPO = Path(__file__).resolve().parent.parent
 LOG_TAIL_LINES = 200
@@ -286,6 +287,7 @@ class Topology:
         s.run("ip", "addr", "add", f"{SERVER4}/32", "dev", "lo")
         s.run("ip", "addr", "add", f"{SERVER6}/128", "dev", "lo")
         s.run("ip", "addr", "add", f"{PROXY4}/32", "dev", "lo")
+        s.run("ip", "addr", "add", f"{PROXY6}/128", "dev", "lo", "nodad")
         s.run("ip", "link", "set", self.veth_server, "up")
 
     def start_tunproxy(

@@ -24,7 +24,17 @@ from pathlib import Path
 import pytest
 
 from tests.e2e_peer import payload_chunks, payload_sha256
-from tests.netns import GATEWAY4, PROXY4, REPO, SERVER4, SERVER6, Topology, run, topology
+from tests.netns import (
+    GATEWAY4,
+    PROXY4,
+    PROXY6,
+    REPO,
+    SERVER4,
+    SERVER6,
+    Topology,
+    run,
+    topology,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -45,18 +55,33 @@ user.unprivileged: nobody
 client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
 socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }}
 """
+# Listening on IPv4 and IPv6, going out on either (danted.conf(5): 0/0 is any address of
+# either family).
+DANTE_CONF_DUAL = """\
+logoutput: stderr
+internal: {proxy4} port = {port}
+internal: {proxy6} port = {port}
+external: {server4}
+external: {server6}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0/0 to: 0/0 }}
+socks pass {{ from: 0/0 to: 0/0 command: connect }}
+"""
 
 
 def config(target: str = "DIRECT", extra_rules: str = "", mtu: int = 1500,
            offload: bool = True, faults: str = "", sniff: bool = False,
-           relay_extra: str = "") -> str:
+           relay_extra: str = "", proxy: str = f"{PROXY4}:{SOCKS_PORT}") -> str:
     return f"""\
 tun:
   name: tp0
   mtu: {mtu}
   offload: {"true" if offload else "false"}
 upstreams:
-  socks: {{type: socks5, server: "{PROXY4}:{SOCKS_PORT}"}}
+  socks: {{type: socks5, server: "{proxy}"}}
 relay:
   connect-timeout: 3
   sniff: {"true" if sniff else "false"}
@@ -81,9 +106,13 @@ class Lab:
         topo.server.wait_tcp_listening(TCP_PORT)
         topo.server.wait_udp_bound(UDP_PORT)
 
-    def start_dante(self) -> None:
+    def start_dante(self, dual_stack: bool = False) -> None:
         conf = self.topo.workdir / "danted.conf"
-        conf.write_text(DANTE_CONF.format(internal=PROXY4, port=SOCKS_PORT, external=SERVER4))
+        if dual_stack:
+            conf.write_text(DANTE_CONF_DUAL.format(proxy4=PROXY4, proxy6=PROXY6, port=SOCKS_PORT,
+                                                   server4=SERVER4, server6=SERVER6))  # fmt: skip
+        else:
+            conf.write_text(DANTE_CONF.format(internal=PROXY4, port=SOCKS_PORT, external=SERVER4))
         log = (self.topo.workdir / "danted.log").open("ab")
         self.dante = self.topo.server.spawn(
             "/usr/sbin/danted", "-f", str(conf), "-N", "1",
@@ -170,6 +199,18 @@ def test_tcp_through_socks5_both_ways(lab: Lab) -> None:
     download(lab, SERVER4, BULK)
     tp.stop()
     assert "via socks" in tp.log
+
+
+def test_socks5_proxy_over_ipv6_carries_ipv6_and_ipv4_destinations(lab: Lab) -> None:
+    """The proxy's only address in the config is IPv6; IPv6 destinations go as ATYP 4."""
+    lab.stop_dante()
+    lab.start_dante(dual_stack=True)
+    tp = lab.topo.start_tunproxy(config("socks", proxy=f"[{PROXY6}]:{SOCKS_PORT}"))
+    upload(lab, SERVER6, BULK // 8)
+    download(lab, SERVER6, BULK // 8)
+    download(lab, SERVER4, BULK // 8)
+    tp.stop()
+    assert tp.log.count("via socks: closed-by-") >= 3, tp.log[-3000:]
 
 
 def test_tcp_without_offloads(lab: Lab) -> None:
