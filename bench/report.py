@@ -102,9 +102,12 @@ class Section:
     mtu: int
     columns: list[Column]
 
+    def column(self, path: str) -> Column | None:
+        return next((c for c in self.columns if c.path == path), None)
+
     @property
     def baseline(self) -> Column | None:
-        return next((c for c in self.columns if c.path == "baseline"), None)
+        return self.column("baseline")
 
     def ratio(self, column: Column, key: str, reference: Column | None = None) -> float | None:
         """Median of the per-round ratios to the baseline (or to ``reference``); without
@@ -277,7 +280,7 @@ def check_targets(sections: list[Section]) -> list[Verdict]:
 def _ceiling(section: Section, column: Column, key: str) -> str:
     """For a SOCKS5 figure: what the SOCKS5 server reaches alone, without tunproxy (the
     most any proxy in front of it can reach), and how much of that tunproxy keeps."""
-    only = next((c for c in section.columns if c.path == "socks5-only"), None)
+    only = section.column("socks5-only")
     if column.path != "socks5" or only is None:
         return ""
     alone = section.ratio(only, key)
