@@ -58,6 +58,10 @@ def test_minimal_file_is_enough(tmp_path: Path) -> None:
         ("rules:\n  - MATCH,DIRECT\n  - BOGUS-TYPE,x,DIRECT\n", 3, "BOGUS-TYPE"),
         ("rules:\n  - MATCH,DIRECT\nupstreams:\n  p:\n    type: socks5\n    server: nope\n",
          6, "host:port"),
+        ("rules:\n  - MATCH,DIRECT\nupstreams:\n  p:\n    type: socks5\n    server: a:1\n"
+         "    pipeline: yes please\n", 7, "upstreams.p.pipeline: expected true or false"),
+        ("rules:\n  - MATCH,DIRECT\nupstreams:\n  q:\n    type: quic\n    server: a:1\n"
+         "    pipeline: true\n", 7, "is a socks5 setting"),
         ("rules: [MATCH,DIRECT\n", 2, "YAML"),
         ("rules:\n  - MATCH,DIRECT\nbogus: 1\n", 3, "unknown section"),
         ("tun:\n  name: x\n", 1, "'rules' is required"),

@@ -614,6 +614,50 @@ def test_socks5_connect_by_domain_is_resolved_by_the_proxy(
     assert nsloop.run(go()) == b"remote dns"
 
 
+def test_socks5_pipelined_connect_and_udp_associate_through_dante(
+    env: tuple[NsLoop, Servers],
+) -> None:
+    nsloop, servers = env
+
+    async def go() -> tuple[str, str, bytes]:
+        outbound = Socks5Outbound("dante", "127.0.0.1", DANTE_PORT, fwmark=MARK, pipeline=True)
+        sink = Sink()
+        transport = await outbound.open_stream(
+            Target(servers.tcp_echo, "127.0.0.1"), sink, timeout=5
+        )
+        sent, got = await echo_through(transport, sink, BIG, half_close=True)
+        inbox = Inbox()
+        session = await outbound.open_datagram(
+            Target(servers.udp_echo, "127.0.0.1"), inbox, timeout=5
+        )
+        session.send(b"ping")
+        reply = await asyncio.wait_for(inbox.queue.get(), 5)
+        session.close()
+        return sent, got, reply
+
+    sent, got, reply = nsloop.run(go())
+    assert sent == got
+    assert reply == b"echo:ping"
+
+
+def test_socks5_pipelined_to_a_proxy_that_reads_one_message_per_recv(
+    env: tuple[NsLoop, Servers],
+) -> None:
+    """microsocks answers the greeting and drops the rest of that read: the stall
+    the pipeline setting risks, and the error names it."""
+    nsloop, servers = env
+
+    async def go() -> None:
+        outbound = Socks5Outbound(
+            "microsocks", "127.0.0.1", MICROSOCKS_PORT, username=USER, password=PASSWORD,
+            fwmark=MARK, pipeline=True,
+        )
+        await outbound.open_stream(Target(servers.tcp_echo, "127.0.0.1"), Sink(), timeout=1)
+
+    with pytest.raises(ProxyError, match=r"stuck in await-auth; or it does not take pipelined"):
+        nsloop.run(go())
+
+
 def test_socks5_request_carries_the_domain(env: tuple[NsLoop, Servers]) -> None:
     nsloop, servers = env
 

@@ -163,6 +163,63 @@ def test_no_acceptable_method() -> None:
     assert events == [Failed(None, "the proxy accepts none of our authentication methods")]
 
 
+# --- pipelining: everything in the first write --------------------------------------------
+
+
+@pytest.mark.parametrize(("how", "chunk"), FEEDS)
+def test_pipelined_connect_sends_everything_before_any_reply(how: str, chunk: int | None) -> None:
+    client = Socks5Client(pipeline=True)
+    client.connect("192.0.2.7", 443)
+    assert client.data_to_send() == GREETING_NOAUTH + CONNECT_V4
+    _, events = feed(client, METHOD_NOAUTH + REPLY_OK_V4 + PAYLOAD, chunk)
+    assert client.data_to_send() == b""  # nothing is sent twice
+    assert client.state is State.ESTABLISHED
+    assert len(events) == 1 and isinstance(events[0], Connected)
+    assert (events[0].bound_addr, events[0].bound_port) == ("10.0.0.2", 50000)
+
+
+@pytest.mark.parametrize(("how", "chunk"), FEEDS)
+def test_pipelined_with_credentials_offers_only_username_password(
+    how: str, chunk: int | None
+) -> None:
+    client = Socks5Client(auth=("user", "secret"), pipeline=True)
+    client.connect("192.0.2.7", 443)
+    # Offering NO_AUTH too would leave it open whether the credentials that follow
+    # are read as credentials or as the request.
+    assert client.data_to_send() == bytes.fromhex("05 01 02") + AUTH_USER_PASS + CONNECT_V4
+    sent, events = feed(client, METHOD_USERPASS + AUTH_OK + REPLY_OK_V4, chunk)
+    assert sent == b""
+    assert events == [Connected("10.0.0.2", 50000, b"")]
+
+
+@pytest.mark.parametrize(
+    ("auth", "server", "message"),
+    [
+        (None, bytes.fromhex("05 ff"), "none of our authentication methods"),
+        (("user", "secret"), METHOD_USERPASS + AUTH_BAD, "username or password"),
+        (None, METHOD_NOAUTH + REPLY_REFUSED, "connection refused"),
+    ],
+)
+def test_pipelined_refusals_are_failed_events(
+    auth: tuple[str, str] | None, server: bytes, message: str
+) -> None:
+    client = Socks5Client(auth=auth, pipeline=True)
+    client.connect("192.0.2.7", 443)
+    client.data_to_send()
+    _, events = feed(client, server, 1)
+    assert len(events) == 1 and isinstance(events[0], Failed)
+    assert message in events[0].message
+    assert client.state is State.FAILED
+
+
+def test_pipelined_method_never_offered_is_remote_error() -> None:
+    client = Socks5Client(auth=("user", "secret"), pipeline=True)
+    client.connect("192.0.2.7", 443)
+    client.data_to_send()
+    with pytest.raises(Socks5RemoteError):
+        client.receive_data(METHOD_NOAUTH)  # only USERNAME_PASSWORD was offered
+
+
 @pytest.mark.parametrize("code", [int(r) for r in Reply if r != Reply.SUCCEEDED] + [0x42])
 def test_reply_codes_fail(code: int) -> None:
     client = Socks5Client()

@@ -51,7 +51,7 @@ def build_outbounds(config: Config, resolve: Any | None) -> dict[str, Outbound]:
         if up.type == "socks5":
             outbounds[name] = Socks5Outbound(
                 name, up.host, up.port, username=up.username, password=up.password,
-                fwmark=fwmark, udp=up.udp,
+                fwmark=fwmark, udp=up.udp, pipeline=up.pipeline,
             )
         else:
             raise SetupError(f"upstream {name}: type {up.type} is not supported yet")

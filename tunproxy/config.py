@@ -65,6 +65,7 @@ class UpstreamConfig:
     username: str | None = None
     password: str | None = None
     udp: bool = True
+    pipeline: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     line: int = 0
 
@@ -316,8 +317,8 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
         if name.upper() in BUILTIN_TARGETS:
             raise ConfigError(f"upstream name {name!r} is reserved", file, entry.line)
         s = _Section(entry, file, f"upstreams.{name}", (
-            "type", "server", "username", "password", "udp", "sni", "insecure", "alpn",
-            "ca", "congestion",
+            "type", "server", "username", "password", "udp", "pipeline", "sni", "insecure",
+            "alpn", "ca", "congestion",
         ))
         kind = s.string("type", None)
         if kind not in UPSTREAM_TYPES:
@@ -333,11 +334,14 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
         password = s.string("password", None)
         if (username is None) != (password is None):
             raise s.error("username", "username and password go together")
+        pipeline = s.boolean("pipeline", False)
+        if pipeline and kind != "socks5":
+            raise s.error("pipeline", "is a socks5 setting")
         options = {k: _unwrap(v) for k, v in s.items.items()
-                   if k not in ("type", "server", "username", "password", "udp")}
+                   if k not in ("type", "server", "username", "password", "udp", "pipeline")}
         upstreams[name] = UpstreamConfig(
             name=name, type=kind, host=host, port=port, username=username, password=password,
-            udp=s.boolean("udp", True), options=options, line=entry.line,
+            udp=s.boolean("udp", True), pipeline=pipeline, options=options, line=entry.line,
         )
     return upstreams
 
