@@ -123,7 +123,8 @@ def progress(message: str) -> None:
 # -- tunproxy configurations ------------------------------------------------------------
 
 
-def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: bool) -> str:
+def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: bool,
+                    pipeline: bool = False) -> str:
     lines = [
         "tun:",
         f"  name: {TUN_NAME}",
@@ -133,6 +134,8 @@ def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: boo
     if upstream_port is not None:
         lines += ["upstreams:", "  socks:", "    type: socks5",
                   f'    server: "{SOCKS4}:{upstream_port}"']
+        if pipeline:
+            lines += ["    pipeline: true"]
     lines += ["rules:", f"  - MATCH,{'socks' if upstream_port is not None else 'DIRECT'}"]
     if dns:
         # Fake-ip answers A queries itself; the upstream is there for anything else.
@@ -186,10 +189,11 @@ def log_reason(log: str) -> str:
 class Runner:
     def __init__(
         self, settings: Settings, workdir: Path, profile_dir: Path | None, log_level: str,
-        socks_port: int,
+        socks_port: int, socks_pipeline: bool = False,
     ) -> None:
         self.settings = settings
         self.socks_port = socks_port
+        self.socks_pipeline = socks_pipeline
         self.workdir = workdir
         self.profile_dir = profile_dir
         self.log_level = log_level
@@ -471,7 +475,8 @@ class Runner:
         broken = self.broken.get((f"{section.mtu} {column.label}", group.name))
         if broken is not None:
             return  # the reason is already in every cell of the group
-        config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns)
+        config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns,
+                                 self.socks_pipeline)
         name = (f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
                 f"-round{self.round + 1}")
         self.step(column, f"starting tunproxy ({group.name}: {', '.join(group.tests)})")
@@ -727,6 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socks-server", choices=("dante", "microsocks"), default="dante",
                         help="SOCKS5 server for TCP (default dante; microsocks caps throughput "
                              "at a fraction of the baseline by itself; UDP always uses dante)")
+    parser.add_argument("--socks-pipeline", action="store_true",
+                        help="tunproxy's SOCKS5 upstream with pipeline: true (request sent with "
+                             "the greeting); dante takes it, microsocks does not")
     parser.add_argument("--commit", metavar="REV",
                         help="measure the code of commit REV (git archive into a temp dir), "
                              "not the working tree, which others may be editing")
@@ -790,8 +798,13 @@ def main(argv: list[str] | None = None) -> int:
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     socks_port = DANTE_PORT if args.socks_server == "dante" else MICROSOCKS_PORT
-    meta["socks_server"] = args.socks_server
-    runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level, socks_port)
+    if args.socks_pipeline and args.socks_server != "dante":
+        print("--socks-pipeline needs --socks-server dante (microsocks stalls on it)",
+              file=sys.stderr)
+        return 2
+    meta["socks_server"] = args.socks_server + (" (pipelined)" if args.socks_pipeline else "")
+    runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level, socks_port,
+                    args.socks_pipeline)
     interrupted = False
     started = time.monotonic()
     try:

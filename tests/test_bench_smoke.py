@@ -108,3 +108,12 @@ def test_profile_summary_counts_self_and_total_time() -> None:
     assert top.function == "parse (stack/wire/tcp.py)" and top.self_pct == 90.0
     run = next(r for r in profile.rows if r.function.startswith("run "))
     assert run.self_pct == 10.0 and run.total_pct == 100.0
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_bench_config_is_one_tunproxy_accepts(pipeline: bool) -> None:
+    from bench.run import tunproxy_config
+    from tunproxy.config import parse_config
+
+    config = parse_config(tunproxy_config(1500, True, 1081, False, pipeline), Path("bench.yaml"))
+    assert config.upstreams["socks"].pipeline is pipeline
