@@ -113,7 +113,11 @@ def test_profile_summary_counts_self_and_total_time() -> None:
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_bench_config_is_one_tunproxy_accepts(pipeline: bool) -> None:
     from bench.run import tunproxy_config
+    from tunproxy.app import build_outbounds
     from tunproxy.config import parse_config
+    from tunproxy.outbounds import Socks5Outbound
 
     config = parse_config(tunproxy_config(1500, True, 1081, False, pipeline), Path("bench.yaml"))
     assert config.upstreams["socks"].pipeline is pipeline
+    outbound = build_outbounds(config, None)["socks"]
+    assert isinstance(outbound, Socks5Outbound) and outbound.pipeline is pipeline

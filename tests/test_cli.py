@@ -40,6 +40,15 @@ def test_check_accepts_the_examples() -> None:
         assert ": ok:" in result.stdout
 
 
+def test_check_names_a_pipelined_upstream(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("upstreams:\n  p: {type: socks5, server: 192.0.2.1:1080, pipeline: true}\n"
+                    "  q: {type: socks5, server: 192.0.2.2:1080}\nrules: [MATCH,p]\n")
+    result = tunproxy("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "p (socks5 192.0.2.1:1080, pipelined), q (socks5 192.0.2.2:1080)," in result.stdout
+
+
 def test_minimal_file_is_enough(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("rules: [MATCH,DIRECT]\n")

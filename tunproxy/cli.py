@@ -88,8 +88,10 @@ def _check(file: str) -> int:
     from tunproxy.config import load_config
 
     config = load_config(file)
-    upstreams = ", ".join(f"{u.name} ({u.type} {u.host}:{u.port})"
-                          for u in config.upstreams.values()) or "none"
+    upstreams = ", ".join(
+        f"{u.name} ({u.type} {u.host}:{u.port}{', pipelined' if u.pipeline else ''})"
+        for u in config.upstreams.values()
+    ) or "none"
     print(f"{file}: ok: {config.rule_count} rules, upstreams: {upstreams}, "
           f"tun {config.tun.name} mtu {config.tun.mtu}")
     return 0
