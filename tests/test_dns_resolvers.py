@@ -382,3 +382,25 @@ def test_tcp_refused_is_a_resolver_error_at_once() -> None:
 
 def test_qtype_constant() -> None:
     assert QTYPE.A == 1  # the zone helper relies on dnslib's numbering
+
+
+def test_aioquic_loads_only_when_a_quic_server_is_configured() -> None:
+    """tunproxy's modules leave aioquic (~12 MiB of RSS) unloaded until a quic:// or
+    h3:// server needs it, or a QUIC flow is sniffed."""
+    import subprocess
+
+    program = """
+import sys
+import tunproxy.app, tunproxy.cli, tunproxy.dns.service, tunproxy.relay, tunproxy.sniff
+from tunproxy.dns.config import parse_server_url
+from tunproxy.dns.resolvers import make_resolver
+loaded = lambda: any(m.split(".")[0] in ("aioquic", "cryptography") for m in sys.modules)
+print(loaded())
+make_resolver(parse_server_url("tls://127.0.0.1"), lambda network, target: None)
+print(loaded())
+print(type(make_resolver(parse_server_url("quic://127.0.0.1"), lambda n, t: None)).__name__)
+print(loaded())
+"""
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False", "QuicResolver", "True"]

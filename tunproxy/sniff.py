@@ -26,8 +26,10 @@ import ipaddress
 import re
 import struct
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from aioquic.quic.crypto import CryptoPair
+if TYPE_CHECKING:
+    from aioquic.quic.crypto import CryptoPair
 
 __all__ = [
     "NEED_MORE",
@@ -351,6 +353,10 @@ class QuicSniffer:
 
     def _initial(self, packet: bytes, pn_offset: int, dcid: bytes, version: int) -> None:
         if self._crypto is None:
+            # Imported here: aioquic and the cryptography package are ~20 MiB of RSS,
+            # paid only once a QUIC flow is sniffed.
+            from aioquic.quic.crypto import CryptoPair
+
             self._dcid, self._version = dcid, version
             self._crypto = CryptoPair()
             self._crypto.setup_initial(cid=dcid, is_client=False, version=version)
