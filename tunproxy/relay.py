@@ -52,7 +52,7 @@ from tunproxy.outbounds.base import (
     StreamReceiver,
     Target,
 )
-from tunproxy.sniff import NEED_MORE, QuicSniffer, sniff_stream
+from tunproxy.sniff import NEED_MORE, QuicSniffer, load_quic_crypto, sniff_stream
 
 __all__ = ["Decision", "Relay", "Router"]
 
@@ -435,6 +435,8 @@ class Relay:
         self._idle_sweep: asyncio.TimerHandle | None = None
         if config.tcp_idle_timeout > 0:
             self._arm_idle_sweep()
+        if config.sniff:
+            load_quic_crypto()  # now, not as a stall of the loop at the first QUIC flow
 
     def _arm_idle_sweep(self) -> None:
         # One timer for all flows; a flow idles out between 1x and 1.25x the timeout.
