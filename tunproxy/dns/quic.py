@@ -32,7 +32,13 @@ from aioquic.quic.events import (
 
 from tunproxy.dns.channel import ChannelClosed
 from tunproxy.dns.config import ServerSpec
-from tunproxy.dns.resolvers import OutboundFor, Resolver, ResolverError, with_id
+from tunproxy.dns.resolvers import (
+    OutboundFor,
+    Reconnecting,
+    Resolver,
+    ResolverError,
+    with_id,
+)
 from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound, Target
 
 __all__ = ["H3Resolver", "QuicResolver"]
@@ -225,8 +231,7 @@ class QuicResolver(Resolver):
 
     def __init__(self, spec: ServerSpec, outbound_for: OutboundFor) -> None:
         super().__init__(spec, outbound_for)
-        self._client: _QuicClient | None = None
-        self._connecting: asyncio.Future[_QuicClient] | None = None
+        self._connection = Reconnecting(self._connect, lambda client: not client.closed)
         self.connections = 0
 
     async def _connect(self, timeout: float) -> _QuicClient:
@@ -239,23 +244,9 @@ class QuicResolver(Resolver):
         self.connections += 1
         return client
 
-    async def _get_client(self, timeout: float) -> _QuicClient:
-        if self._client is not None and not self._client.closed:
-            return self._client
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect(timeout))
-        connecting = self._connecting
-        try:
-            client = await asyncio.shield(connecting)
-        finally:
-            if self._connecting is connecting and connecting.done():
-                self._connecting = None
-        self._client = client
-        return client
-
     async def _exchange(self, query: bytes, timeout: float) -> bytes:
         original_id = _U16.unpack_from(query, 0)[0]
-        client = await self._get_client(timeout)
+        client = await self._connection.get(timeout)
         answer = await self._ask(client, with_id(query, 0))  # RFC 9250 4.2.1, RFC 8484 4.1
         return with_id(answer, original_id)
 
@@ -263,11 +254,9 @@ class QuicResolver(Resolver):
         return await client.exchange_doq(query)
 
     async def aclose(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        client = self._connection.drop()
+        if client is not None:
+            client.close()
 
 
 class H3Resolver(QuicResolver):

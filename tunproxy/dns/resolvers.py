@@ -26,8 +26,8 @@ import contextlib
 import secrets
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 from tunproxy.dns.channel import (
     BufferedReader,
@@ -42,6 +42,7 @@ from tunproxy.outbounds.base import DatagramReceiver, DatagramSession, Outbound,
 
 __all__ = [
     "HttpsResolver",
+    "Reconnecting",
     "Resolver",
     "ResolverError",
     "TcpResolver",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 OutboundFor = Callable[[str, Target], Outbound]
+C = TypeVar("C")
 _U16 = struct.Struct("!H")
 HEADER_LEN = 12
 TC_BIT = 0x0200
@@ -235,13 +237,49 @@ class _Pipeline:
         self.channel.close()
 
 
+class Reconnecting(Generic[C]):
+    """A resolver's one connection: opened on demand, again once it is no longer
+    ``alive``; concurrent queries share one connection attempt."""
+
+    def __init__(
+        self, connect: Callable[[float], Awaitable[C]], alive: Callable[[C], bool]
+    ) -> None:
+        self._connect = connect
+        self._alive = alive
+        self._current: C | None = None
+        self._connecting: asyncio.Future[C] | None = None
+
+    async def get(self, timeout: float) -> C:
+        current = self._current
+        if current is not None and self._alive(current):
+            return current
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect(timeout))
+        connecting = self._connecting
+        try:
+            # Shielded: one caller's timeout must not cancel the attempt the others share.
+            current = await asyncio.shield(connecting)
+        finally:
+            if self._connecting is connecting and connecting.done():
+                self._connecting = None
+        self._current = current
+        return current
+
+    def drop(self) -> C | None:
+        """Cancel an attempt in progress; return the connection (for the caller to close)."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None
+        current, self._current = self._current, None
+        return current
+
+
 class TcpResolver(Resolver):
     alpn: list[str] | None = None
 
     def __init__(self, spec: ServerSpec, outbound_for: OutboundFor) -> None:
         super().__init__(spec, outbound_for)
-        self._pipeline: _Pipeline | None = None
-        self._connecting: asyncio.Future[_Pipeline] | None = None
+        self._connection = Reconnecting(self._connect, lambda pipeline: pipeline.alive)
         self.connections = 0
 
     def _ssl(self) -> Any:
@@ -256,23 +294,8 @@ class TcpResolver(Resolver):
         self.connections += 1
         return _Pipeline(channel)
 
-    async def _get_pipeline(self, timeout: float) -> _Pipeline:
-        if self._pipeline is not None and self._pipeline.alive:
-            return self._pipeline
-        if self._connecting is None:
-            # Concurrent queries share one connection attempt.
-            self._connecting = asyncio.ensure_future(self._connect(timeout))
-        connecting = self._connecting
-        try:
-            pipeline = await asyncio.shield(connecting)
-        finally:
-            if self._connecting is connecting and connecting.done():
-                self._connecting = None
-        self._pipeline = pipeline
-        return pipeline
-
     async def _exchange(self, query: bytes, timeout: float) -> bytes:
-        pipeline = await self._get_pipeline(timeout)
+        pipeline = await self._connection.get(timeout)
         reused = pipeline.used
         try:
             return await pipeline.exchange(query)
@@ -280,16 +303,14 @@ class TcpResolver(Resolver):
             if not reused:
                 raise
         # The server closed an idle connection under us (RFC 7766 6.2.3): once more.
-        return await (await self._get_pipeline(timeout)).exchange(query)
+        return await (await self._connection.get(timeout)).exchange(query)
 
     async def aclose(self) -> None:
-        if self._connecting is not None:
-            self._connecting.cancel()
-        if self._pipeline is not None:
-            self._pipeline.close()
+        pipeline = self._connection.drop()
+        if pipeline is not None:
+            pipeline.close()
             with contextlib.suppress(BaseException):
-                await self._pipeline.reader
-            self._pipeline = None
+                await pipeline.reader
 
 
 class TlsResolver(TcpResolver):
