@@ -560,13 +560,14 @@ def test_direct_udp_refused_ends_session(env: tuple[NsLoop, Servers]) -> None:
 # --- SOCKS5 via dante -----------------------------------------------------------------------
 
 
-def dante() -> Socks5Outbound:
-    return Socks5Outbound("dante", "127.0.0.1", DANTE_PORT, fwmark=MARK)
+def dante(pipeline: bool = False) -> Socks5Outbound:
+    return Socks5Outbound("dante", "127.0.0.1", DANTE_PORT, fwmark=MARK, pipeline=pipeline)
 
 
-def microsocks(password: str = PASSWORD) -> Socks5Outbound:
+def microsocks(password: str = PASSWORD, pipeline: bool = False) -> Socks5Outbound:
     return Socks5Outbound(
-        "microsocks", "127.0.0.1", MICROSOCKS_PORT, username=USER, password=password, fwmark=MARK
+        "microsocks", "127.0.0.1", MICROSOCKS_PORT, username=USER, password=password,
+        fwmark=MARK, pipeline=pipeline,
     )
 
 
@@ -620,7 +621,7 @@ def test_socks5_pipelined_connect_and_udp_associate_through_dante(
     nsloop, servers = env
 
     async def go() -> tuple[str, str, bytes]:
-        outbound = Socks5Outbound("dante", "127.0.0.1", DANTE_PORT, fwmark=MARK, pipeline=True)
+        outbound = dante(pipeline=True)
         sink = Sink()
         transport = await outbound.open_stream(
             Target(servers.tcp_echo, "127.0.0.1"), sink, timeout=5
@@ -648,11 +649,9 @@ def test_socks5_pipelined_to_a_proxy_that_reads_one_message_per_recv(
     nsloop, servers = env
 
     async def go() -> None:
-        outbound = Socks5Outbound(
-            "microsocks", "127.0.0.1", MICROSOCKS_PORT, username=USER, password=PASSWORD,
-            fwmark=MARK, pipeline=True,
+        await microsocks(pipeline=True).open_stream(
+            Target(servers.tcp_echo, "127.0.0.1"), Sink(), timeout=1
         )
-        await outbound.open_stream(Target(servers.tcp_echo, "127.0.0.1"), Sink(), timeout=1)
 
     with pytest.raises(ProxyError, match=r"stuck in await-auth; or it does not take pipelined"):
         nsloop.run(go())
