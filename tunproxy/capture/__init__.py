@@ -1,0 +1,1 @@
+"""Packet capture: the pcapng codec (sans-I/O), TUN frames, and the file writer."""
