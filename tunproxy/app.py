@@ -135,6 +135,7 @@ class Proxy:
         self.config = config
         self.stopping = asyncio.Event()
         self.router: Router | None = None
+        self.flow_log = FlowLog()
 
     def reload(self) -> None:
         """SIGHUP: new rules for new flows; existing flows keep their verdict."""
@@ -159,12 +160,13 @@ class Proxy:
             outbounds = build_outbounds(config, dns.resolve if dns is not None else None)
             self.router = Router(config.ruleset, outbounds, dns, self._processes())
             driver_ref: list[TunDriver] = []
-            relay = Relay(loop, stack, self.router, config.relay, FlowLog(),
+            relay = Relay(loop, stack, self.router, config.relay, self.flow_log,
                           lambda: driver_ref[0].flush_soon())
             driver = TunDriver(loop, tun, stack, relay.handle_event,
                                faults=config.fault_injection)
             driver_ref.append(driver)
             driver.start()
+            self.started(relay, driver)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop, sig)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -194,6 +196,9 @@ class Proxy:
                     await dns.aclose()
             if self.router is not None and self.router.processes is not None:
                 self.router.processes.close()
+
+    def started(self, relay: Relay, driver: TunDriver) -> None:
+        """Called once the data path runs (``tunproxy run`` starts its command here)."""
 
     def _stop(self, sig: int) -> None:
         log.info("received %s", signal.Signals(sig).name)

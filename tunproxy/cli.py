@@ -5,6 +5,8 @@
     tunproxy explain --rules FILE tcp 1.2.3.4:443 [--domain ...]
                                    which rule a flow would match, and why
     tunproxy cleanup               undo what a crashed run left behind
+    tunproxy run [--rules FILE] [--capture FILE] [--summary] -- CMD [ARGS...]
+                                   one command, in a network namespace of its own
 
 Every error the user can cause or fix is one sentence on stderr and a
 non-zero exit; tracebacks are for our own bugs.
@@ -34,6 +36,7 @@ examples:
   tunproxy check examples/socks5.yaml
   tunproxy explain --rules examples/socks5.yaml tcp 93.184.216.34:443 --domain example.com
   sudo tunproxy cleanup
+  sudo tunproxy run --summary --capture curl.pcapng -- curl https://example.com
 """
 
 
@@ -64,8 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tunproxy {__version__}")
     parser.add_argument("--rules", metavar="FILE", help="the rules file (YAML) to run with")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"], help="default: info")
+    parser.add_argument("--log-level", default=None,
+                        choices=["debug", "info", "warning", "error"],
+                        help="default: info (warning for run, whose stderr is the command's)")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help=f"where the undo record lives (default: {DEFAULT_STATE_DIR})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -76,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="undo what a crashed tunproxy left behind")
     cleanup.add_argument("--state-dir", type=Path, default=None, dest="cleanup_state_dir",
                          help=argparse.SUPPRESS)
+
+    run = sub.add_parser(
+        "run", help="run one command with only its traffic through tunproxy",
+        description="Run CMD in a network namespace of its own whose only route is this "
+        "tunproxy; the host's network is not changed.")
+    run.add_argument("--rules", metavar="FILE", dest="run_rules",
+                     help="rules file (default: everything DIRECT, fake-ip DNS)")
+    run.add_argument("--capture", metavar="FILE", type=Path,
+                     help="write CMD's packets to FILE (pcapng, one comment per packet)")
+    run.add_argument("--capture-limit", metavar="MB", type=float, default=256.0,
+                     help="stop writing the capture at this size (default: 256)")
+    run.add_argument("--summary", action="store_true",
+                     help="when CMD exits, print what it talked to (per destination)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     explain = sub.add_parser("explain", help="show which rule a flow matches, and why")
     from tunproxy import explain as explain_module
@@ -125,15 +143,43 @@ def _run(rules: str, state_dir: Path) -> int:
     return run(config, state_dir)
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    from tunproxy.command import can_make_namespaces, default_config, host_nameservers, run_command
+    from tunproxy.config import load_config
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("tunproxy: give the command to run after --, e.g. tunproxy run -- curl URL",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    rules = args.run_rules or args.rules
+    config = load_config(rules) if rules else default_config(host_nameservers())
+    if not can_make_namespaces():
+        print("tunproxy: tunproxy run needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN) to "
+              "create the command's network namespace and TUN; run it with sudo",
+              file=sys.stderr)
+        return EXIT_SETUP
+    capture = None
+    if args.capture is not None:
+        from tunproxy.capture.file import CaptureFile
+
+        capture = CaptureFile(args.capture, limit=int(args.capture_limit * 1024 * 1024))
+    return run_command(config, cmd, summary=args.summary, capture=capture)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or ("warning" if args.command == "run" else "info"))
     try:
         if args.command == "check":
             return _check(args.file)
         if args.command == "cleanup":
             return _cleanup(args.cleanup_state_dir or args.state_dir)
+        if args.command == "run":
+            return _run_command(args)
         if args.command == "explain":
             from tunproxy import explain as explain_module
 
@@ -141,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rules is None:
             parser.print_usage(sys.stderr)
             print("tunproxy: give a rules file with --rules FILE (or a command: check, explain, "
-                  "cleanup)", file=sys.stderr)
+                  "cleanup, run)", file=sys.stderr)
             return EXIT_CONFIG
         return _run(args.rules, args.state_dir)
     except ConfigError as exc:

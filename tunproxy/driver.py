@@ -55,6 +55,9 @@ class TunDriver:
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self.write_errors = 0
+        # A packet capture's tap: called once per batch, (packets, from_app); checked once
+        # per batch, never per packet, so no capture costs nothing.
+        self.tap: Callable[[list[bytes], bool], None] | None = None
         # Batches of packets for the writer thread, in order; None ends it.
         self._writer: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
         self._pending = 0  # batches queued or being written by the writer thread
@@ -99,6 +102,9 @@ class TunDriver:
 
     # -- input ----------------------------------------------------------------
     def _on_readable(self, fd: int) -> None:
+        if self.tap is not None:
+            self._on_readable_tapped(fd, self.tap)
+            return
         now = self._loop.time()
         stack = self._stack
         read = os.read
@@ -118,6 +124,31 @@ class TunDriver:
         if faults is not None:
             for data in faults.pop_due(now):
                 stack.receive_packet(data, now)
+        self._process()
+
+    def _on_readable_tapped(self, fd: int, tap: Callable[[list[bytes], bool], None]) -> None:
+        """``_on_readable`` while a capture runs: the batch also goes to the tap."""
+        batch: list[bytes] = []
+        for _ in range(READ_BATCH):
+            try:
+                batch.append(os.read(fd, READ_SIZE))
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.error("reading the TUN failed: %s", exc)
+                break
+        if batch:
+            tap(batch, True)
+        now = self._loop.time()
+        faults = self._faults_in
+        for data in batch:
+            if faults is not None:
+                faults.push(data, now)
+            else:
+                self._stack.receive_packet(data, now)
+        if faults is not None:
+            for data in faults.pop_due(now):
+                self._stack.receive_packet(data, now)
         self._process()
 
     def _on_timer(self) -> None:
@@ -162,6 +193,8 @@ class TunDriver:
             for packet in packets:
                 faults.push(packet, now)
             packets = faults.pop_due(now)
+        if self.tap is not None and packets:
+            self.tap(packets, False)
         if not self._pending and sum(map(len, packets)) <= INLINE_WRITE_MAX:
             # Small packets (ACKs) with nothing queued ahead of them: a handoff would
             # only delay them.

@@ -1,0 +1,240 @@
+"""``tunproxy run -- CMD``: one command's traffic through tunproxy, nothing else touched.
+
+The whole ``tunproxy run`` runs inside the Topology's client namespace (``ip netns exec``),
+so the "host" whose routing must stay untouched is that namespace, and DIRECT leaves by its
+veth to the server namespace. Each test checks what the command sees (output, exit
+status), what tunproxy reports (summary, capture), and what is left behind (nothing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.netns import REPO, SERVER4, Netns, Topology, topology
+
+pytestmark = pytest.mark.netns
+
+HTTP_PORT = 8080
+HTTP_PORT_B = 8082
+CLOSED_PORT = 8081  # nothing listens: refused
+NAME = "web.run.test"
+
+
+class Lab:
+    def __init__(self, topo: Topology, tmp: Path) -> None:
+        self.topo = topo
+        self.tmp = tmp
+        self.webroot = tmp / "www"
+        self.webroot.mkdir()
+        self.payload = secrets.token_bytes(200_000)
+        (self.webroot / "data.bin").write_bytes(self.payload)
+        (self.webroot / "b.bin").write_bytes(b"the other run\n")
+        for port in (HTTP_PORT, HTTP_PORT_B):
+            topo.server.spawn(sys.executable, "-m", "http.server", "--bind", SERVER4,
+                              "--directory", str(self.webroot), str(port))
+            topo.server.wait_tcp_listening(port)
+        self.dnsmasq_log = tmp / "dnsmasq.log"
+        self.dnsmasq_log.write_text("")
+        topo.server.spawn(
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+            "--conf-file=/dev/null", "--user=root", "--pid-file",
+            f"--listen-address={SERVER4}", "--bind-interfaces", "--port=53",
+            f"--address=/{NAME}/{SERVER4}", "--log-queries", f"--log-facility={self.dnsmasq_log}",
+        )  # fmt: skip
+        topo.server.wait_udp_bound(53)
+        self.rules = tmp / "rules.yaml"
+        self.rules.write_text(
+            "rules:\n  - MATCH,DIRECT\n"
+            f"dns:\n  mode: fake-ip\n  servers: [udp://{SERVER4}:53]\n"
+        )
+
+    def argv(self, *args: str, cmd: Sequence[str]) -> list[str]:
+        return self.topo.client.cmd(sys.executable, "-m", "tunproxy", "run", *args, "--", *cmd)
+
+    def run(self, *args: str, cmd: Sequence[str], timeout: float = 90,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(self.argv(*args, cmd=cmd), capture_output=True, timeout=timeout,
+                              cwd=REPO, env=env)
+
+    def url(self, host: str = SERVER4, port: int = HTTP_PORT, path: str = "data.bin") -> str:
+        return f"http://{host}:{port}/{path}"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with topology(tmp_path) as topo:
+        yield Lab(topo, tmp_path)
+
+
+def _netns_users(inode: int) -> list[str]:
+    """Every process, and every open fd, that still holds network namespace ``inode``."""
+    users = []
+    link = f"net:[{inode}]"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/net") == link:
+                users.append(f"pid {pid}")
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    users.append(f"pid {pid} fd {fd}")
+        except OSError:
+            continue
+    return users
+
+
+def _wait_for(condition: object, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+# -- output, status, host untouched ------------------------------------------------------------
+
+
+def test_curl_output_and_exit_status_pass_through(lab: Lab) -> None:
+    before = lab.topo.client.routing_snapshot()
+    done = lab.run(cmd=["curl", "-sS", lab.url()])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == lab.payload
+    assert lab.topo.client.routing_snapshot() == before
+
+    done = lab.run(cmd=["sh", "-c", "echo to-stderr >&2; exit 42"])
+    assert done.returncode == 42
+    assert done.stderr == b"to-stderr\n"  # and nothing of tunproxy's at the default level
+
+
+def test_refused_target_gives_curl_exit_7(lab: Lab) -> None:
+    done = lab.run(cmd=["curl", "-sS", lab.url(port=CLOSED_PORT)])
+    assert done.returncode == 7, done.stderr
+    assert b"Could not connect" in done.stderr or b"Failed to connect" in done.stderr
+
+
+def test_host_untouched_during_run_and_nothing_left_after_kill_9(lab: Lab) -> None:
+    client: Netns = lab.topo.client
+    before = client.routing_snapshot()
+    state_dir = lab.tmp / "state"
+    proc = subprocess.Popen(
+        client.cmd(sys.executable, "-m", "tunproxy", "--state-dir", str(state_dir), "run",
+                   "--", "sh", "-c", "echo $$; exec sleep 600"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        cmd_pid = int(proc.stdout.readline())
+        inner = int(os.stat(f"/proc/{cmd_pid}/ns/net").st_ino)
+        mounts = int(os.stat(f"/proc/{cmd_pid}/ns/mnt").st_ino)
+        assert inner != os.stat(f"/run/netns/{client.name}").st_ino
+        # Inside: its own TUN and routes, DNS pointed at tunproxy.
+        inside = subprocess.run(["nsenter", "-t", str(cmd_pid), "-n", "-m", "sh", "-c",
+                                 "ip route; cat /etc/resolv.conf"],
+                                capture_output=True, text=True, check=True).stdout
+        assert "default dev tunproxy0" in inside and "nameserver 172.19.0.2" in inside
+        assert client.routing_snapshot() == before  # during
+        proc.kill()  # kill -9 of tunproxy (ip netns exec exec'd it: this pid is tunproxy)
+        proc.wait(timeout=10)
+        _wait_for(lambda: not os.path.exists(f"/proc/{cmd_pid}"), what="CMD to die")
+        _wait_for(lambda: not _netns_users(inner), what=f"netns {inner} to go")
+        assert not any(os.readlink(f"/proc/{p}/ns/mnt") == f"mnt:[{mounts}]"
+                       for p in filter(str.isdigit, os.listdir("/proc"))
+                       if os.path.exists(f"/proc/{p}/ns/mnt"))
+        assert client.routing_snapshot() == before  # after
+        assert not state_dir.exists() or not list(state_dir.iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_command_runs_as_the_invoking_user(lab: Lab) -> None:
+    env = dict(os.environ, SUDO_UID="65534", SUDO_GID="65534")
+    done = lab.run(cmd=["sh", "-c", "id -u; id -g"], env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [b"65534", b"65534"]
+
+
+def test_signals_sent_to_tunproxy_reach_the_command(lab: Lab) -> None:
+    proc = subprocess.Popen(
+        lab.argv(cmd=["sh", "-c", "trap 'echo got-term; exit 5' TERM; echo ready; "
+                      "while :; do sleep 0.05; done"]),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, _err = proc.communicate(timeout=20)
+        assert out == b"got-term\n"
+        assert proc.returncode == 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_missing_command_is_127(lab: Lab) -> None:
+    done = lab.run(cmd=["no-such-command-tunproxy"])
+    assert done.returncode == 127
+    assert b"no-such-command-tunproxy: command not found" in done.stderr
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def _summary_rows(stderr: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in stderr.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) >= 6 and cells[2].isdigit():
+            rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+def test_summary_names_domain_bytes_and_refusals(lab: Lab) -> None:
+    script = (f"curl -sS -o /dev/null -w '%{{size_download}} %{{size_header}} %{{size_request}}' "
+              f"{lab.url(host=NAME)}; curl -sS {lab.url(port=CLOSED_PORT)}; exit 0")
+    done = lab.run("--rules", str(lab.rules), "--summary", cmd=["sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    size_download, size_header, size_request = map(int, done.stdout.split())
+    assert size_download == len(lab.payload)
+    rows = _summary_rows(done.stderr.decode())
+    web = rows[(NAME, f"tcp/{HTTP_PORT}")]
+    assert web[2] == "1"  # flows
+    assert int(web[3]) == size_request
+    assert int(web[4]) == size_header + size_download
+    assert "MATCH,DIRECT" in web[5]
+    refused = rows[(SERVER4, f"tcp/{CLOSED_PORT}")]
+    assert refused[-1] == "refused 1"
+    dns = [cells for (dest, proto), cells in rows.items() if proto == "udp/53"]
+    assert dns and all(cells[5] == "dns.hijack" for cells in dns)
+
+
+def test_two_concurrent_runs_carry_only_their_own_traffic(lab: Lab) -> None:
+    flags = lab.tmp
+    def script(me: str, other: str, port: int) -> list[str]:
+        return ["sh", "-c", f"touch {flags}/{me}; while [ ! -e {flags}/{other} ]; do "
+                f"sleep 0.05; done; curl -sS -o /dev/null {lab.url(port=port, path='b.bin')}; "
+                f"curl -sS -o /dev/null {lab.url(port=port, path='b.bin')}"]
+    a = subprocess.Popen(lab.argv("--summary", cmd=script("a", "b", HTTP_PORT)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    b = subprocess.Popen(lab.argv("--summary", cmd=script("b", "a", HTTP_PORT_B)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    out_a = a.communicate(timeout=90)
+    out_b = b.communicate(timeout=90)
+    assert a.returncode == 0 and b.returncode == 0, (out_a, out_b)
+    rows_a = _summary_rows(out_a[1].decode())
+    rows_b = _summary_rows(out_b[1].decode())
+    assert set(rows_a) == {(SERVER4, f"tcp/{HTTP_PORT}")}
+    assert set(rows_b) == {(SERVER4, f"tcp/{HTTP_PORT_B}")}
+    assert rows_a[(SERVER4, f"tcp/{HTTP_PORT}")][2] == "2"
+    assert rows_b[(SERVER4, f"tcp/{HTTP_PORT_B}")][2] == "2"

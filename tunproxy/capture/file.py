@@ -1,0 +1,164 @@
+"""``--capture FILE``: the TUN's packets, as pcapng, with each packet's flow written on it.
+
+The I/O side of the capture. The driver's tap hands over whole batches (one call per
+batch); they wait here, unparsed, and are written every ``FLUSH_INTERVAL`` seconds (or
+sooner when many wait). Writing late is what lets every packet carry its flow's full
+story: a SYN arrives before its flow has a rule or a process, but by the time it is
+written both are known. Each packet's comment reads::
+
+    flow #12 tcp curl(4242) example.com rule MATCH,DIRECT via DIRECT
+
+and a Name Resolution Block names every fake (or remembered real) address with its
+domain as soon as a flow to it is known, so Wireshark shows names.
+
+The file stops growing at ``limit`` bytes: later packets are counted, not written, and
+the log says so once. A capture cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tunproxy import __version__
+from tunproxy.capture import pcapng
+from tunproxy.capture.frames import FlowTuple, flow_tuple, frame
+from tunproxy.errors import SetupError
+from tunproxy.flows import FlowRecord
+
+__all__ = ["CaptureFile", "packet_comment"]
+
+log = logging.getLogger("tunproxy.capture")
+
+FLUSH_INTERVAL = 0.5
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+
+
+def packet_comment(record: FlowRecord) -> str:
+    who = f" {record.process}({record.pid})" if record.process else ""
+    domain = f" {record.domain}" if record.domain else ""
+    rule = f" rule {record.rule.rsplit(': ', 1)[-1]}" if record.rule else ""
+    via = f" via {record.outbound}" if record.outbound else ""
+    return f"flow #{record.id} {record.network}{who}{domain}{rule}{via}"
+
+
+class CaptureFile:
+    def __init__(self, path: Path, *, limit: int, interface: str = "tun") -> None:
+        self.path = path
+        self.limit = limit
+        try:
+            self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise SetupError(f"cannot write the capture {path}: {exc.strerror}") from None
+        _give_to_invoking_user(path)
+        self.records: Mapping[int, FlowRecord] = {}
+        self._pending: list[tuple[int, bool, list[bytes]]] = []
+        self._pending_bytes = 0
+        self._vnet_hdr = False
+        self._index: dict[FlowTuple, FlowRecord] = {}
+        self._indexed = 0
+        self._named: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.written = 0  # bytes in the file
+        self.packets = 0
+        self.skipped = 0  # packets not written: the limit was reached
+        self._write(pcapng.section_header(application=f"tunproxy {__version__}")
+                    + pcapng.interface_description(name=interface, tsresol=9))
+
+    # -- wiring --------------------------------------------------------------------------
+    def attach(self, relay: Any, driver: Any) -> None:
+        """Start tapping ``driver`` (called on the event loop once the data path runs)."""
+        self._vnet_hdr = bool(relay.stack.config.vnet_hdr)
+        self._loop = asyncio.get_running_loop()
+        driver.tap = self.tap
+        self._timer = self._loop.call_later(FLUSH_INTERVAL, self._on_timer)
+
+    def tap(self, packets: list[bytes], from_app: bool) -> None:
+        self._pending.append((time.time_ns(), from_app, packets))
+        self._pending_bytes += sum(map(len, packets))
+        if self._pending_bytes > MAX_PENDING_BYTES:
+            self.flush()
+
+    def _on_timer(self) -> None:
+        self.flush()
+        assert self._loop is not None
+        self._timer = self._loop.call_later(FLUSH_INTERVAL, self._on_timer)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.skipped:
+            log.warning("capture %s: %d packets not written (the %d-byte limit was reached)",
+                        self.path, self.skipped, self.limit)
+
+    # -- writing -------------------------------------------------------------------------
+    def flush(self) -> None:
+        if not self._pending or self._file is None:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        self._index_new_records()
+        out: list[bytes] = []
+        for stamp, from_app, packets in pending:
+            for packet in packets:
+                ip = frame(packet, self._vnet_hdr)
+                key = flow_tuple(ip, from_app=from_app)
+                record = self._index.get(key) if key is not None else None
+                out.append(pcapng.enhanced_packet(
+                    0, stamp, ip, comment=packet_comment(record) if record else None,
+                    direction=pcapng.OUTBOUND if from_app else pcapng.INBOUND,
+                ))
+        for block in out:
+            if self.written + len(block) > self.limit:
+                self.skipped += 1
+                if self.skipped == 1:
+                    log.warning("capture %s reached its limit (%d bytes): no more packets "
+                                "are written", self.path, self.limit)
+                continue
+            self._write(block)
+            self.packets += 1
+        self._file.flush()
+
+    def _index_new_records(self) -> None:
+        records = list(self.records.values())
+        names: list[tuple[str, list[str]]] = []
+        for record in records[self._indexed:]:
+            self._index[(record.network, record.src, record.src_port, record.dst,
+                         record.dst_port)] = record
+            if record.domain and record.dst not in self._named:
+                self._named.add(record.dst)
+                names.append((record.dst, [record.domain]))
+        # A domain can be learned after a flow was indexed (sniffing): look again at the
+        # ones still unnamed among the recent records.
+        for record in records[max(0, self._indexed - 256):self._indexed]:
+            if record.domain and record.dst not in self._named:
+                self._named.add(record.dst)
+                names.append((record.dst, [record.domain]))
+        self._indexed = len(records)
+        block = pcapng.name_resolution(names)
+        if block and self.written + len(block) <= self.limit:
+            self._write(block)
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self.written += len(data)
+
+
+def _give_to_invoking_user(path: Path) -> None:
+    """``sudo tunproxy run --capture f``: f belongs to the user, who opens it in Wireshark."""
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if os.getuid() == 0 and uid is not None and gid is not None:
+        with contextlib.suppress(OSError):
+            os.chown(path, int(uid), int(gid))
