@@ -238,3 +238,68 @@ def test_two_concurrent_runs_carry_only_their_own_traffic(lab: Lab) -> None:
     assert set(rows_b) == {(SERVER4, f"tcp/{HTTP_PORT_B}")}
     assert rows_a[(SERVER4, f"tcp/{HTTP_PORT}")][2] == "2"
     assert rows_b[(SERVER4, f"tcp/{HTTP_PORT_B}")][2] == "2"
+
+
+# -- capture -----------------------------------------------------------------------------------
+
+
+def _tshark(path: Path, *fields: str, display: str | None = None) -> list[list[str]]:
+    argv = ["tshark", "-r", str(path), "-N", "n", "-o", "tcp.check_checksum:TRUE",
+            "-o", "ip.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
+            "-T", "fields", "-E", "separator=|", "-E", "occurrence=f"]
+    if display:
+        argv += ["-Y", display]
+    for name in fields:
+        argv += ["-e", name]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [line.split("|") for line in done.stdout.splitlines()]
+
+
+def test_capture_of_curl_and_dig_reads_back_in_tshark(lab: Lab) -> None:
+    capture = lab.tmp / "run.pcapng"
+    script = (f"dig +short {NAME}; curl -4 -sS -o /dev/null "
+              f"-w '%{{size_download}} %{{size_header}}\\n' {lab.url(host=NAME)}")
+    done = lab.run("--rules", str(lab.rules), "--capture", str(capture), cmd=["sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    fake, sizes = done.stdout.decode().split("\n")[:2]
+    size_download, size_header = map(int, sizes.split())
+    assert fake.startswith("198.18.")  # dig got a fake address from tunproxy
+
+    # The TCP handshake of curl's flow, in order, named by the NRB and commented.
+    tcp = _tshark(capture, "tcp.flags.str", "ip.src_host", "ip.dst_host", "frame.comment",
+                  "tcp.checksum.status", "ip.checksum.status",
+                  display=f"tcp.port == {HTTP_PORT}")
+    flags = [row[0].replace("·", "") for row in tcp]
+    assert flags[:3] == ["S", "AS", "A"], flags[:5]
+    assert tcp[0][1] == "172.19.0.1" and tcp[0][2] == NAME  # the fake IP, named
+    assert tcp[1][1] == NAME
+    assert all(re.match(rf"flow #\d+ tcp curl\(\d+\) {re.escape(NAME)} rule MATCH,DIRECT "
+                        r"via DIRECT$", row[3]) for row in tcp), tcp[0][3]
+    # Checksums: the partial ones the offloads leave are finished in the file.
+    assert {row[4] for row in tcp} == {"1"}, "bad or unverified TCP checksums"
+    assert {row[5] for row in tcp} == {"1"}, "bad or unverified IPv4 header checksums"
+
+    # Payload: every byte curl received, once (retransmissions aside).
+    down = _tshark(capture, "tcp.len", display=f"tcp.srcport == {HTTP_PORT} && "
+                   "!tcp.analysis.retransmission")
+    assert sum(int(row[0]) for row in down) == size_header + size_download
+
+    # dig's query and answer, commented with dig.
+    dns = _tshark(capture, "dns.qry.name", "dns.flags.response", "frame.comment",
+                  display=f"dns.qry.name == \"{NAME}\" && dns.qry.type == 1")
+    assert {row[1] for row in dns} == {"False", "True"} or {row[1] for row in dns} == {"0", "1"}
+    assert any(re.match(r"flow #\d+ udp dig\(\d+\) rule dns\.hijack via dns$", row[2])
+               for row in dns), dns
+
+
+def test_capture_stops_at_its_limit(lab: Lab) -> None:
+    capture = lab.tmp / "small.pcapng"
+    limit = 64 * 1024
+    done = lab.run("--capture", str(capture), "--capture-limit", str(limit / 1024 / 1024),
+                   cmd=["curl", "-sS", "-o", "/dev/null", lab.url()])
+    assert done.returncode == 0, done.stderr
+    assert 0 < capture.stat().st_size <= limit
+    assert b"reached its limit" in done.stderr
+    rows = _tshark(capture, "frame.number")
+    assert rows  # still a valid file
