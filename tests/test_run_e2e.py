@@ -8,6 +8,7 @@ status), what tunproxy reports (summary, capture), and what is left behind (noth
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -180,6 +181,76 @@ def test_signals_sent_to_tunproxy_reach_the_command(lab: Lab) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# CMD for the ^C test: takes its signals one by one and says where each came from.
+SIGNAL_REPORTER = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR1})
+print("reporter-ready", flush=True)
+while True:
+    info = signal.sigwaitinfo({signal.SIGINT, signal.SIGUSR1})
+    print(signal.Signals(info.si_signo).name, info.si_code, flush=True)
+    if info.si_signo == signal.SIGUSR1:
+        sys.exit(0)
+"""
+
+
+def test_ctrl_c_reaches_the_command_once(lab: Lab) -> None:
+    """The terminal's ^C goes to tunproxy's process group, CMD included: tunproxy must not
+    send it a second time. A SIGUSR1 sent to tunproxy with kill is passed on. (Two SIGINTs
+    pending at once merge into one, so a wrong second one can hide from CMD: tunproxy's debug
+    log says what it did with each.)"""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        ["setsid", "--ctty", *lab.topo.client.cmd(
+            sys.executable, "-m", "tunproxy", "--log-level", "debug", "run", "--",
+            sys.executable, "-c", SIGNAL_REPORTER)],
+        stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    output = b""
+
+    def read_until(token: bytes) -> None:
+        nonlocal output
+        deadline = time.monotonic() + 30
+        while token not in output:
+            assert time.monotonic() < deadline, output
+            output += os.read(master, 4096)
+
+    try:
+        read_until(b"reporter-ready")
+        os.write(master, b"\x03")
+        read_until(b"SIGINT")
+        # ip netns exec and setsid exec'd: this pid is tunproxy.
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert proc.wait(timeout=20) == 0
+        with contextlib.suppress(OSError):  # EIO once the terminal's last user is gone
+            while chunk := os.read(master, 4096):
+                output += chunk
+        got = re.findall(r"SIG\w+ \d+", output.decode())
+        # SI_KERNEL (128): from the terminal; SI_USER (0): from kill(2), i.e. tunproxy.
+        assert got == ["SIGINT 128", "SIGUSR1 0"], output
+        # And from tunproxy's side (where a merged duplicate cannot hide):
+        text = output.decode()
+        assert "SIGINT from the terminal: the command has it already" in text
+        assert "SIGINT from pid" not in text
+        assert re.search(r"SIGUSR1 from pid \d+: passed on to the command", text)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_stdin_cwd_and_environment_pass_through(lab: Lab) -> None:
+    workdir = lab.tmp / "here"
+    workdir.mkdir()
+    done = subprocess.run(lab.argv(cmd=["sh", "-c", "pwd; echo $RUN_TEST_VAR; cat"]),
+                          input=b"from stdin\n", capture_output=True, timeout=60, cwd=workdir,
+                          env=dict(os.environ, RUN_TEST_VAR="kept",
+                                   PYTHONPATH=str(REPO)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [str(workdir), "kept", "from stdin"]
 
 
 def test_missing_command_is_127(lab: Lab) -> None:

@@ -269,8 +269,11 @@ def _forward_signals(pid: int) -> None:
     def loop() -> None:
         while True:
             info = signal.sigwaitinfo(wanted)
+            name = signal.Signals(info.si_signo).name
             if info.si_code == SI_KERNEL:
+                log.debug("%s from the terminal: the command has it already", name)
                 continue
+            log.debug("%s from pid %d: passed on to the command", name, info.si_pid)
             try:
                 os.kill(pid, info.si_signo)
             except ProcessLookupError:
