@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,11 @@ upstreams:
 rules:
   - MATCH,DIRECT
 """
+
+
+def _state_files(tp: object) -> list[Path]:
+    """The undo records of TUN tp0 (one per network namespace: tp0@netns-<cookie>.json)."""
+    return sorted(tp.state_dir.glob("tp0@netns-*.json"))  # type: ignore[attr-defined]
 
 
 def _tunproxy_cli(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
@@ -49,7 +55,8 @@ def test_routing_is_installed_while_running(topo: Topology) -> None:
     link = topo.client.run("ip", "-d", "link", "show", "tp0").stdout
     assert "mtu 1500" in link and "tun" in link
     # The journal is on disk while running.
-    state = json.loads((tp.state_dir / "tp0.json").read_text())
+    (state_file,) = _state_files(tp)
+    state = json.loads(state_file.read_text())
     assert any(c["kind"] == "rule" for c in state["changes"])
     assert tp.stop() == 0
 
@@ -62,7 +69,7 @@ def test_exit_restores_routing_exactly(topo: Topology, sig: int) -> None:
     assert tp.stop(sig) == 0
     assert topo.client.routing_snapshot() == before
     assert "host configuration restored" in tp.log
-    assert not (tp.state_dir / "tp0.json").exists()
+    assert not _state_files(tp)
 
 
 def test_kill_9_then_cleanup_restores_routing(topo: Topology) -> None:
@@ -97,7 +104,7 @@ def test_cleanup_in_another_namespace_touches_nothing(topo: Topology) -> None:
                              str(tp.state_dir), check=False)
     assert "another network namespace" in result.stdout
     assert topo.server.routing_snapshot() == server_before
-    assert (tp.state_dir / "tp0.json").exists()
+    assert _state_files(tp)
     assert _tunproxy_cli(topo, "cleanup", "--state-dir", str(tp.state_dir)).returncode == 0
 
 

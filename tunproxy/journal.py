@@ -6,9 +6,16 @@ changes are undone in reverse order. After a crash (``kill -9``), the state
 file is still there: ``tunproxy cleanup``, or the next start, undoes it.
 Undoing is idempotent: a change that is already gone is skipped.
 
-The state file records the network namespace it was made in (its inode), so
-a cleanup run in another namespace never touches rules that merely look the
-same there.
+One record per instance: the file is named by the TUN *and* the network
+namespace, ``<tun>@netns-<cookie>.json``. The cookie (``SO_NETNS_COOKIE``,
+Linux 5.14+) comes from a counter the kernel never winds back, so unlike the
+namespace's inode, which a new namespace can get once the old one is gone, it
+names one namespace for as long as the machine runs; the record also holds the
+boot id, for state directories that outlive a reboot. So instances in different
+namespaces never read each other's records, and a record left by a namespace
+that is gone is never undone in a new one that happens to get its inode.
+Before undoing, what is undone is checked to be what was made: the TUN by its
+name, kind and interface index.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +78,59 @@ class Change:
         return cls(kind=str(data["kind"]), args=dict(data.get("args", {})), old=data.get("old"))
 
 
+SO_NETNS_COOKIE = 71  # linux/socket.h, 5.14+
+
+
 def netns_id() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def netns_cookie() -> int | None:
+    """This thread's network namespace's cookie: never reused while the machine runs."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    except OSError:  # before Linux 5.14: the inode (and the boot) must do
+        return None
+    return int(struct.unpack("=Q", raw)[0])
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsIdentity:
+    """Which network namespace a record belongs to: inode, cookie and boot together."""
+
+    inode: int
+    cookie: int | None
+    boot: str
+
+    @classmethod
+    def here(cls) -> NetnsIdentity:
+        return cls(netns_id(), netns_cookie(), boot_id())
+
+    def key(self) -> str:
+        return f"netns-{self.cookie}" if self.cookie is not None else f"netns-ino-{self.inode}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"netns": self.inode, "netns_cookie": self.cookie, "boot_id": self.boot}
+
+    def owns(self, record: dict[str, Any]) -> bool:
+        """The record was made in this very namespace (not one that had its inode before)."""
+        if "netns_cookie" not in record:  # written by an older tunproxy: the inode alone
+            return bool(record.get("netns") == self.inode)
+        return (record.get("netns") == self.inode and record.get("netns_cookie") == self.cookie
+                and record.get("boot_id") == self.boot)
+
+    def before_boot(self, record: dict[str, Any]) -> bool:
+        """The record is from before the last reboot: nothing it made exists any more."""
+        return bool(record.get("boot_id")) and record.get("boot_id") != self.boot
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,7 +148,8 @@ class Journal:
 
     def __init__(self, state_dir: Path, name: str) -> None:
         self.state_dir = state_dir
-        self.path = state_dir / f"{name}.json"
+        self.identity = NetnsIdentity.here()
+        self.path = state_dir / f"{name}@{self.identity.key()}.json"
         self.changes: list[Change] = []
         self._ipr: AsyncIPRoute | None = None
 
@@ -109,11 +169,14 @@ class Journal:
                 raise SetupError(
                     f"another tunproxy (pid {pid}) is running with this interface; stop it first"
                 )
-            if previous.get("netns") == netns_id():
+            if self.identity.owns(previous):
                 log.warning("undoing what a previous run (pid %s) left behind", pid)
                 await _undo(
                     [Change.from_json(c) for c in previous.get("changes", [])], self._ipr
                 )
+            else:
+                log.info("ignoring %s: written before the last reboot or in a namespace that "
+                         "is gone", self.path)
             self.path.unlink(missing_ok=True)
         self._write()
 
@@ -181,7 +244,7 @@ class Journal:
     def _write(self) -> None:
         data = {
             "pid": os.getpid(),
-            "netns": netns_id(),
+            **self.identity.to_json(),
             "started": time.time(),
             "changes": [c.to_json() for c in self.changes],
         }
@@ -216,16 +279,20 @@ async def _undo_one(change: Change, ipr: AsyncIPRoute) -> None:
         await ipr.route("del", **args)
     elif change.kind == "addr":
         links = await ipr.link_lookup(ifname=args["ifname"])
-        if links:
+        if links and args.get("index", links[0]) == links[0]:
             await ipr.addr("del", index=links[0], address=args["address"],
                            prefixlen=args["prefixlen"])
     elif change.kind == "link":
         links = await ipr.link_lookup(ifname=args["ifname"])
-        if links:
-            # Only ever delete the TUN we made, never an interface that took its name later.
+        # Only ever delete the TUN we made, never an interface that took its name later:
+        # same name, same index (when recorded), and a TUN.
+        if links and args.get("index", links[0]) == links[0]:
             kind = await _link_kind(ipr, links[0])
             if kind == "tun":
                 await ipr.link("del", index=links[0])
+            else:
+                log.info("not deleting %s: it is a %s now, not the TUN we made",
+                         args["ifname"], kind)
     elif change.kind == "sysctl" and change.old is not None:
         with contextlib.suppress(FileNotFoundError):
             _write_sysctl(args["path"], change.old)
@@ -280,7 +347,7 @@ async def cleanup_state_dir(state_dir: Path) -> list[str]:
     report: list[str] = []
     if not state_dir.is_dir():
         return report
-    here = netns_id()
+    here = NetnsIdentity.here()
     for path in sorted(state_dir.glob("*.json")):
         data = _read_state(path)
         if data is None:
@@ -289,7 +356,12 @@ async def cleanup_state_dir(state_dir: Path) -> list[str]:
         if pid and _pid_alive(pid) and _is_tunproxy(pid):
             report.append(f"{path.name}: tunproxy pid {pid} is still running; left alone")
             continue
-        if data.get("netns") != here:
+        if here.before_boot(data):
+            path.unlink(missing_ok=True)
+            report.append(f"{path.name}: left before the last reboot, nothing of it remains; "
+                          "removed")
+            continue
+        if not here.owns(data):
             report.append(f"{path.name}: made in another network namespace; left alone "
                           "(run cleanup there)")
             continue

@@ -47,11 +47,11 @@ async def setup_link(journal: Journal, tun: TunConfig) -> int:
     if not links:
         raise SetupError(f"the TUN device {tun.name} vanished right after it was made")
     index = int(links[0])
-    journal.record(Change("link", {"ifname": tun.name}))
+    journal.record(Change("link", {"ifname": tun.name, "index": index}))
     await ipr.link("set", index=index, mtu=tun.mtu, txqlen=tun.txqueuelen)
     for interface in tun.addresses:
         await journal.apply(Change("addr", {
-            "ifname": tun.name, "address": str(interface.ip),
+            "ifname": tun.name, "index": index, "address": str(interface.ip),
             "prefixlen": interface.network.prefixlen,
         }))
     # Replies from the TUN carry far-away source addresses: no reverse-path filtering here.
