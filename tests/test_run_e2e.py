@@ -123,39 +123,64 @@ def test_refused_target_gives_curl_exit_7(lab: Lab) -> None:
     assert b"Could not connect" in done.stderr or b"Failed to connect" in done.stderr
 
 
+def _holders(link: str) -> list[int]:
+    """Pids whose namespace link (e.g. ``net:[4026532]``) is ``link``."""
+    kind = link.split(":", 1)[0]
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/{kind}") == link:
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+NS_REPORT = "readlink /proc/self/ns/net /proc/self/ns/mnt /proc/self/ns/pid"
+
+
 def test_host_untouched_during_run_and_nothing_left_after_kill_9(lab: Lab) -> None:
     client: Netns = lab.topo.client
     before = client.routing_snapshot()
     state_dir = lab.tmp / "state"
     proc = subprocess.Popen(
         client.cmd(sys.executable, "-m", "tunproxy", "--state-dir", str(state_dir), "run",
-                   "--", "sh", "-c", "echo $$; exec sleep 600"),
+                   "--", "sh", "-c", f"{NS_REPORT}; sleep 600 & sleep 600"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     try:
         assert proc.stdout is not None
-        cmd_pid = int(proc.stdout.readline())
-        inner = int(os.stat(f"/proc/{cmd_pid}/ns/net").st_ino)
-        mounts = int(os.stat(f"/proc/{cmd_pid}/ns/mnt").st_ino)
-        assert inner != os.stat(f"/run/netns/{client.name}").st_ino
+        net, mnt, pidns = (proc.stdout.readline().decode().strip() for _ in range(3))
+        assert net != os.readlink(f"/proc/{proc.pid}/ns/net")  # not tunproxy's namespace
+        inside_pid = _holders(net)[0]
         # Inside: its own TUN and routes, DNS pointed at tunproxy.
-        inside = subprocess.run(["nsenter", "-t", str(cmd_pid), "-n", "-m", "sh", "-c",
+        inside = subprocess.run(["nsenter", "-t", str(inside_pid), "-n", "-m", "sh", "-c",
                                  "ip route; cat /etc/resolv.conf"],
                                 capture_output=True, text=True, check=True).stdout
         assert "default dev tunproxy0" in inside and "nameserver 172.19.0.2" in inside
         assert client.routing_snapshot() == before  # during
+        assert len(_holders(pidns)) == 4  # init, sh and its two sleeps
         proc.kill()  # kill -9 of tunproxy (ip netns exec exec'd it: this pid is tunproxy)
         proc.wait(timeout=10)
-        _wait_for(lambda: not os.path.exists(f"/proc/{cmd_pid}"), what="CMD to die")
-        _wait_for(lambda: not _netns_users(inner), what=f"netns {inner} to go")
-        assert not any(os.readlink(f"/proc/{p}/ns/mnt") == f"mnt:[{mounts}]"
-                       for p in filter(str.isdigit, os.listdir("/proc"))
-                       if os.path.exists(f"/proc/{p}/ns/mnt"))
+        # Every process of the command's is gone (the background sleep too), and with them
+        # the namespaces: nothing holds them, no fd, no mount.
+        _wait_for(lambda: not _holders(pidns), what="the command's processes to end")
+        _wait_for(lambda: not _netns_users(int(net[5:-1])), what="its netns to go")
+        assert not _holders(mnt)
         assert client.routing_snapshot() == before  # after
         assert not state_dir.exists() or not list(state_dir.iterdir())
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_what_the_command_leaves_running_ends_with_it(lab: Lab) -> None:
+    done = lab.run(cmd=["sh", "-c", f"{NS_REPORT}; (sleep 600 &); exit 4"])
+    assert done.returncode == 4
+    net, mnt, pidns = done.stdout.decode().split()
+    _wait_for(lambda: not _holders(pidns), what="the orphaned sleep to end")
+    _wait_for(lambda: not _netns_users(int(net[5:-1])), what="its netns to go")
+    assert not _holders(mnt)
 
 
 def test_command_runs_as_the_invoking_user(lab: Lab) -> None:
@@ -251,6 +276,17 @@ def test_stdin_cwd_and_environment_pass_through(lab: Lab) -> None:
                                    PYTHONPATH=str(REPO)))
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().splitlines() == [str(workdir), "kept", "from stdin"]
+
+
+def test_command_gets_default_signal_dispositions(lab: Lab) -> None:
+    # Python ignores SIGPIPE; a command must not inherit that (yes would complain of EPIPE).
+    done = lab.run(cmd=["sh", "-c", "yes | head -n 1; grep -E '^Sig(Ign|Blk)' /proc/self/status"])
+    assert done.returncode == 0
+    assert done.stderr == b""
+    lines = done.stdout.decode().split("\n")
+    assert lines[0] == "y"
+    assert "SigBlk:\t0000000000000000" in lines
+    assert "SigIgn:\t0000000000000000" in lines
 
 
 def test_missing_command_is_127(lab: Lab) -> None:

@@ -9,18 +9,23 @@ host's links, routes and rules are never changed.
     fork ------------------------------------> unshare; lo up; TUN, addresses, routes;
                                                resolv.conf bind-mounted (private)
     <------------------ TUN fd over a unix socket
-    stack, relay, DNS on the TUN; "go" ------> drop to SUDO_UID/SUDO_GID; exec CMD
-    CMD exits (pidfd readable): stop, print the summary, exit with CMD's status
+    stack, relay, DNS on the TUN; "go" ------> fork: init (pid 1 of a new PID namespace)
+                                                 fork: drop to SUDO_UID/SUDO_GID; exec CMD
+    CMD exits -> init exits -> child exits (pidfd readable): stop, print the summary,
+    exit with CMD's status
 
 Signals: CMD stays in tunproxy's process group, so the terminal's Ctrl-C (and ^\\, and a
-hangup) reach it directly; a signal sent to tunproxy with kill(1) is passed on to CMD.
-If tunproxy dies (even ``kill -9``), CMD gets SIGKILL (PR_SET_PDEATHSIG), the TUN closes
+hangup) reach it directly; a signal sent to tunproxy with kill(1) is passed on to the init,
+which passes it on to CMD. When CMD exits, its init exits, and the kernel ends whatever CMD
+left running in its PID namespace. If tunproxy dies (even ``kill -9``), the child and the
+init get SIGKILL (PR_SET_PDEATHSIG), the PID namespace goes with its init, the TUN closes
 with tunproxy's last fd, and the kernel removes the namespaces once nothing uses them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
@@ -164,6 +169,8 @@ class Child:
         self.pidfd = os.pidfd_open(pid)
         self.status: int | None = None
         self.running = False  # CMD was told to start
+        # Where signals sent to tunproxy go: this child, then the command's init.
+        self.signal_target = [pid]
 
     def receive_tun(self) -> TunDevice:
         try:
@@ -179,8 +186,12 @@ class Child:
                          offloads=frozenset(info["offloads"]))
 
     def go(self) -> None:
+        """Start the command; from now on signals go to its init."""
         self.control.send(b"G")
         self.running = True
+        message = self.control.recv(64)
+        if message.startswith(b"P"):
+            self.signal_target[0] = int(message[1:])
 
     def reap(self) -> int:
         if self.status is None:
@@ -211,9 +222,16 @@ def _exit_code(status: int) -> int:
 
 def _child_main(config: Config, argv: Sequence[str], control: socket.socket,
                 parent: int) -> None:
-    """In the forked child: namespaces, TUN to the parent, then exec CMD. Never returns."""
+    """In the forked child: namespaces, TUN to the parent, then the command's init. Never
+    returns: this process waits for the init and exits with its status."""
     from tunproxy.netns import enter_private_namespace, nameserver_address, resolv_conf
 
+    # Signals are for the command (the terminal's reach it directly; tunproxy passes the
+    # rest to the init): this go-between only waits.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
     try:
         tun = enter_private_namespace(config.tun, resolv_conf(nameserver_address(config.tun)))
         info = {"name": tun.name, "vnet_hdr": tun.vnet_hdr, "offloads": sorted(tun.offloads)}
@@ -225,12 +243,61 @@ def _child_main(config: Config, argv: Sequence[str], control: socket.socket,
         os._exit(1)
     if control.recv(1) != b"G":
         os._exit(1)  # tunproxy could not start its side; it says why
+    init = os.fork()  # pid 1 of the new PID namespace
+    if init == 0:  # pragma: no cover - runs the command, exits with its status
+        control.close()
+        _init_main(argv)
+    control.send(b"P%d" % init)
     control.close()
-    _drop_privileges()
-    # After the credentials change (which clears it): if tunproxy dies, so does CMD.
+    _pid, status = os.waitpid(init, 0)
+    os._exit(_exit_code(status))
+
+
+def _init_main(argv: Sequence[str]) -> None:
+    """pid 1 of the command's PID namespace: start the command, pass signals on, reap
+    orphans, and exit with the command's status; the kernel then ends whatever the command
+    left running, so the namespaces go with it."""
+    from tunproxy.netns import mount_proc
+
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
+    mount_proc()  # ps, /proc/PID in the command: its own PID namespace
+    waited = set(FORWARDED) | {signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, waited)
+    cmd = os.fork()
+    if cmd == 0:
+        _exec_command(argv)
+    while True:
+        info = signal.sigwaitinfo(waited)
+        if info.si_signo == signal.SIGCHLD:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    os._exit(1)
+                if pid == 0:
+                    break
+                if pid == cmd:
+                    os._exit(_exit_code(status))
+            continue
+        name = signal.Signals(info.si_signo).name
+        if info.si_code == SI_KERNEL:
+            log.debug("init: %s from the terminal: the command has it already", name)
+            continue
+        log.debug("init: %s from tunproxy: passed on to the command", name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(cmd, info.si_signo)
+
+
+def _exec_command(argv: Sequence[str]) -> None:
+    """The command itself: as the invoking user, with the signal state a shell would give."""
+    try:
+        _drop_privileges()
+    except OSError as exc:
+        print(f"tunproxy: cannot switch to the invoking user: {exc}", file=sys.stderr)
+        os._exit(126)
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec: put them back.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     try:
         os.execvp(argv[0], list(argv))
@@ -261,9 +328,9 @@ def _drop_privileges() -> None:
 # -- signals ---------------------------------------------------------------------------------
 
 
-def _forward_signals(pid: int) -> None:
-    """Pass signals sent to tunproxy on to CMD (one thread; the signals are blocked in all
-    others). Terminal signals (si_code SI_KERNEL) reached CMD already: not sent twice."""
+def _forward_signals(target: list[int]) -> None:
+    """Pass signals sent to tunproxy on to CMD's init (one thread; the signals are blocked in
+    all others). Terminal signals (si_code SI_KERNEL) reached CMD already: not sent twice."""
     wanted = set(FORWARDED)
 
     def loop() -> None:
@@ -275,7 +342,7 @@ def _forward_signals(pid: int) -> None:
                 continue
             log.debug("%s from pid %d: passed on to the command", name, info.si_pid)
             try:
-                os.kill(pid, info.si_signo)
+                os.kill(target[0], info.si_signo)
             except ProcessLookupError:
                 return
 
@@ -338,7 +405,7 @@ def run_command(config: Config, argv: Sequence[str], *, summary: bool = False,
     # and the forwarder's sigwaitinfo is the only place they arrive.
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     child = Child(pid, parent_sock)
-    _forward_signals(pid)
+    _forward_signals(child.signal_target)
     tun: TunDevice | None = None
     proxy: RunProxy | None = None
     try:

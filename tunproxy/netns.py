@@ -23,10 +23,14 @@ from tunproxy.config import TunConfig
 from tunproxy.errors import SetupError
 from tunproxy.tun import TunDevice, open_tun
 
-__all__ = ["enter_private_namespace", "nameserver_address", "resolv_conf"]
+__all__ = ["enter_private_namespace", "mount_proc", "nameserver_address", "resolv_conf"]
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -70,7 +74,9 @@ def enter_private_namespace(tun: TunConfig, resolv: str | None) -> TunDevice:
 
     Only for the child of ``tunproxy run`` (it changes the whole process's namespaces).
     """
-    _check(_libc.unshare(CLONE_NEWNET | CLONE_NEWNS), "creating a network namespace (unshare)")
+    # CLONE_NEWPID: this process's next child is pid 1 of a new PID namespace.
+    _check(_libc.unshare(CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID),
+           "creating a network namespace (unshare)")
     # Mounts made from here on stay in this mount namespace: no propagation to the host.
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     device = open_tun(tun.name, offload=tun.offload, queues=1)
@@ -82,6 +88,11 @@ def enter_private_namespace(tun: TunConfig, resolv: str | None) -> TunDevice:
         device.close()
         raise
     return device
+
+
+def mount_proc() -> None:
+    """A /proc of the new PID namespace (called by its pid 1), in the private mount ns."""
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
 def _set_up_links(tun: TunConfig) -> None:
