@@ -410,3 +410,27 @@ def test_capture_stops_at_its_limit(lab: Lab) -> None:
     assert b"reached its limit" in done.stderr
     rows = _tshark(capture, "frame.number")
     assert rows  # still a valid file
+
+
+def test_run_beside_a_system_wide_instance(lab: Lab) -> None:
+    """A system-wide tunproxy in the same namespace, with the same TUN name: the run's
+    command is carried by the run (its summary); the run's own upstream socket is an
+    ordinary socket there, carried by the system-wide instance like any other; traffic
+    outside the run never appears in the run's summary."""
+    system = lab.topo.start_tunproxy(
+        "tun:\n  name: tunproxy0\n  mtu: 1500\nrules:\n  - MATCH,DIRECT\n")
+    outside = lab.topo.client.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                  lab.url(port=HTTP_PORT_B, path="b.bin"))
+    assert outside.stdout == "200"
+    done = lab.run("--summary", cmd=["curl", "-sS", lab.url()])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == lab.payload
+    rows = _summary_rows(done.stderr.decode())
+    assert set(rows) == {(SERVER4, f"tcp/{HTTP_PORT}")}
+    # The system-wide instance carried the curl outside the run, and the run's upstream
+    # connection (an ordinary socket of the run's tunproxy), every byte of it.
+    system.wait_for_log(rf"end #\d+ tcp [\d.:]+ -> {SERVER4}:{HTTP_PORT_B} via DIRECT")
+    received = rows[(SERVER4, f"tcp/{HTTP_PORT}")][4]
+    system.wait_for_log(rf"end #\d+ tcp [\d.:]+ -> {SERVER4}:{HTTP_PORT} via DIRECT: "
+                        rf"closed-by-\w+, up \d+ B, down {received} B")
+    assert system.stop() == 0
