@@ -434,3 +434,19 @@ def test_run_beside_a_system_wide_instance(lab: Lab) -> None:
     system.wait_for_log(rf"end #\d+ tcp [\d.:]+ -> {SERVER4}:{HTTP_PORT} via DIRECT: "
                         rf"closed-by-\w+, up \d+ B, down {received} B")
     assert system.stop() == 0
+
+
+def test_process_rules_see_the_commands_processes(lab: Lab) -> None:
+    """PROCESS-NAME rules look up sockets in the command's namespace, not tunproxy's."""
+    rules = lab.tmp / "process.yaml"
+    rules.write_text("rules:\n  - PROCESS-NAME,curl,REJECT\n  - MATCH,DIRECT\n"
+                     f"dns:\n  servers: [udp://{SERVER4}:53]\n")
+    fetch = f"import urllib.request; print(len(urllib.request.urlopen('{lab.url()}').read()))"
+    script = (f"curl -sS -o /dev/null {lab.url()}; echo curl=$?; "
+              f"{sys.executable} -c \"{fetch}\"")
+    done = lab.run("--rules", str(rules), "--summary", cmd=["sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["curl=7", str(len(lab.payload))]
+    row = _summary_rows(done.stderr.decode())[(SERVER4, f"tcp/{HTTP_PORT}")]
+    assert row[2] == "2" and "rejected 1" in row[-1]
+    assert "PROCESS-NAME,curl,REJECT" in row[5] and "MATCH,DIRECT" in row[5]
