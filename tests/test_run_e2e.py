@@ -400,6 +400,27 @@ def test_capture_of_curl_and_dig_reads_back_in_tshark(lab: Lab) -> None:
                for row in dns), dns
 
 
+def test_capture_select_keeps_one_process(lab: Lab) -> None:
+    capture = lab.tmp / "curl-only.pcapng"
+    script = f"dig +short {NAME}; curl -4 -sS -o /dev/null {lab.url(host=NAME)}"
+    done = lab.run("--rules", str(lab.rules), "--capture", str(capture),
+                   "--capture-select", "process=curl", cmd=["sh", "-c", script])
+    assert done.returncode == 0, done.stderr
+    rows = _tshark(capture, "frame.comment", "udp.dstport", "tcp.dstport")
+    assert len(rows) > 5
+    comments = {row[0] for row in rows}
+    assert all(re.match(r"flow #\d+ (tcp|udp) curl\(\d+\) ", c) for c in comments), comments
+    # curl's own name lookup is there, dig's is not.
+    assert any(row[1] == "53" for row in rows) and any(row[2] == str(HTTP_PORT) for row in rows)
+    assert not any("dig(" in c for c in comments)
+
+
+def test_capture_select_needs_capture(lab: Lab) -> None:
+    done = lab.run("--capture-select", "process=curl", cmd=["true"])
+    assert done.returncode == 2
+    assert b"give both" in done.stderr
+
+
 def test_capture_stops_at_its_limit(lab: Lab) -> None:
     capture = lab.tmp / "small.pcapng"
     limit = 64 * 1024

@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="write CMD's packets to FILE (pcapng, one comment per packet)")
     run.add_argument("--capture-limit", metavar="MB", type=float, default=256.0,
                      help="stop writing the capture at this size (default: 256)")
+    run.add_argument("--capture-select", metavar="KEY=VALUE", action="append", default=[],
+                     help="capture only these flows (process=, pid=, uid=, domain=, rule=, "
+                     "flow=; repeatable)")
     run.add_argument("--summary", action="store_true",
                      help="when CMD exits, print what it talked to (per destination)")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -162,10 +165,16 @@ def _run_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_SETUP
     capture = None
+    if args.capture_select and args.capture is None:
+        print("tunproxy: --capture-select chooses what --capture FILE writes; give both",
+              file=sys.stderr)
+        return EXIT_CONFIG
     if args.capture is not None:
         from tunproxy.capture.file import CaptureFile
+        from tunproxy.capture.select import parse_selection
 
-        capture = CaptureFile(args.capture, limit=int(args.capture_limit * 1024 * 1024))
+        capture = CaptureFile(args.capture, limit=int(args.capture_limit * 1024 * 1024),
+                              selection=parse_selection(args.capture_select))
     return run_command(config, cmd, summary=args.summary, capture=capture)
 
 

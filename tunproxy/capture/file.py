@@ -11,6 +11,10 @@ written both are known. Each packet's comment reads::
 and a Name Resolution Block names every fake (or remembered real) address with its
 domain as soon as a flow to it is known, so Wireshark shows names.
 
+A ``Selection`` (``tunproxy.capture.select``) keeps only some flows' packets: those of a
+process, pid, uid, domain, rule or flow id; packets of no known flow (ICMP, neighbour
+discovery) are then left out too.
+
 The file stops growing at ``limit`` bytes: later packets are counted, not written, and
 the log says so once. A capture cannot fill the disk.
 """
@@ -29,6 +33,7 @@ from typing import Any, BinaryIO
 from tunproxy import __version__
 from tunproxy.capture import pcapng
 from tunproxy.capture.frames import FlowTuple, flow_tuple, frame
+from tunproxy.capture.select import Selection
 from tunproxy.errors import SetupError
 from tunproxy.flows import FlowRecord
 
@@ -49,9 +54,12 @@ def packet_comment(record: FlowRecord) -> str:
 
 
 class CaptureFile:
-    def __init__(self, path: Path, *, limit: int, interface: str = "tun") -> None:
+    def __init__(self, path: Path, *, limit: int, interface: str = "tun",
+                 selection: Selection | None = None) -> None:
         self.path = path
         self.limit = limit
+        # With a selection, only the selected flows' packets (and names) are written.
+        self.selection = selection
         try:
             self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in close()
         except OSError as exc:
@@ -115,6 +123,9 @@ class CaptureFile:
                 ip = frame(packet, self._vnet_hdr)
                 key = flow_tuple(ip, from_app=from_app)
                 record = self._index.get(key) if key is not None else None
+                if self.selection is not None and (
+                        record is None or not self.selection.matches(record)):
+                    continue
                 out.append(pcapng.enhanced_packet(
                     0, stamp, ip, comment=packet_comment(record) if record else None,
                     direction=pcapng.OUTBOUND if from_app else pcapng.INBOUND,
@@ -133,15 +144,20 @@ class CaptureFile:
     def _index_new_records(self) -> None:
         records = list(self.records.values())
         names: list[tuple[str, list[str]]] = []
+        selection = self.selection
         for record in records[self._indexed:]:
             self._index[(record.network, record.src, record.src_port, record.dst,
                          record.dst_port)] = record
+            if selection is not None and not selection.matches(record):
+                continue
             if record.domain and record.dst not in self._named:
                 self._named.add(record.dst)
                 names.append((record.dst, [record.domain]))
         # A domain can be learned after a flow was indexed (sniffing): look again at the
         # ones still unnamed among the recent records.
         for record in records[max(0, self._indexed - 256):self._indexed]:
+            if selection is not None and not selection.matches(record):
+                continue
             if record.domain and record.dst not in self._named:
                 self._named.add(record.dst)
                 names.append((record.dst, [record.domain]))
