@@ -36,9 +36,9 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tunproxy.app import Proxy, _data_loop_runner
 from tunproxy.config import Config, parse_config
@@ -47,6 +47,10 @@ from tunproxy.errors import SetupError
 from tunproxy.flows import FlowLog, FlowRecord
 from tunproxy.relay import Relay
 from tunproxy.tun import TunDevice
+
+if TYPE_CHECKING:
+    from tunproxy.capture.file import CaptureFile
+    from tunproxy.procinfo import ProcessResolver
 
 __all__ = ["RecordingFlowLog", "can_make_namespaces", "default_config", "run_command"]
 
@@ -118,7 +122,7 @@ class RecordingFlowLog(FlowLog):
     """The flow log, keeping every record (for --summary and --capture) and naming the
     process of each flow as it opens."""
 
-    def __init__(self, processes: Any | None) -> None:
+    def __init__(self, processes: ProcessResolver | None) -> None:
         super().__init__()
         self.records: dict[int, FlowRecord] = {}
         self.processes = processes
@@ -134,15 +138,16 @@ class RecordingFlowLog(FlowLog):
 
 
 class RunProxy(Proxy):
-    def __init__(self, config: Config, child: Child, processes: Any | None) -> None:
+    def __init__(self, config: Config, child: Child,
+                 processes: ProcessResolver | None) -> None:
         super().__init__(config)
         self.child = child
         self.processes = processes
         self.recording = RecordingFlowLog(processes)
         self.flow_log = self.recording
-        self.on_started: list[Any] = []
+        self.on_started: list[Callable[[Relay, TunDriver], None]] = []
 
-    def _processes(self) -> Any | None:
+    def _processes(self) -> ProcessResolver | None:
         # PROCESS-NAME rules must look in the command's namespace, not tunproxy's.
         return self.processes
 
@@ -352,7 +357,7 @@ def _forward_signals(target: list[int]) -> None:
 # -- the process resolver, in the command's namespace ---------------------------------------
 
 
-def _processes_in(pid: int) -> Any | None:
+def _processes_in(pid: int) -> ProcessResolver | None:
     """A ProcessResolver whose sock_diag socket lives in the command's namespace."""
     from tunproxy.procinfo import ProcessResolver
 
@@ -386,7 +391,7 @@ def _processes_in(pid: int) -> Any | None:
 
 
 def run_command(config: Config, argv: Sequence[str], *, summary: bool = False,
-                capture: Any | None = None) -> int:
+                capture: CaptureFile | None = None) -> int:
     """Run ``argv`` in a namespace of its own, through tunproxy; return its exit status."""
     config = adapt_config(config)
     parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from tunproxy import __version__
 from tunproxy.capture import pcapng
@@ -36,6 +36,10 @@ from tunproxy.capture.frames import FlowTuple, flow_tuple, frame
 from tunproxy.capture.select import Selection
 from tunproxy.errors import SetupError
 from tunproxy.flows import FlowRecord
+
+if TYPE_CHECKING:
+    from tunproxy.driver import TunDriver
+    from tunproxy.relay import Relay
 
 __all__ = ["CaptureFile", "packet_comment"]
 
@@ -81,7 +85,7 @@ class CaptureFile:
                     + pcapng.interface_description(name=interface, tsresol=9))
 
     # -- wiring --------------------------------------------------------------------------
-    def attach(self, relay: Any, driver: Any) -> None:
+    def attach(self, relay: Relay, driver: TunDriver) -> None:
         """Start tapping ``driver`` (called on the event loop once the data path runs)."""
         self._vnet_hdr = bool(relay.stack.config.vnet_hdr)
         self._loop = asyncio.get_running_loop()
