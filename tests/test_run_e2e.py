@@ -421,6 +421,25 @@ def test_capture_select_needs_capture(lab: Lab) -> None:
     assert b"give both" in done.stderr
 
 
+def test_capture_streams_into_a_fifo(lab: Lab) -> None:
+    """``mkfifo f; wireshark -k -i f & tunproxy run --capture f -- CMD``: live packets."""
+    fifo = lab.tmp / "live"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["tshark", "-r", str(fifo), "-T", "fields", "-e",
+                               "frame.comment"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        done = lab.run("--capture", str(fifo), cmd=["curl", "-sS", "-o", "/dev/null", lab.url()])
+        assert done.returncode == 0, done.stderr
+        out, err = reader.communicate(timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(timeout=10)
+    assert reader.returncode == 0, err
+    assert any(re.match(r"flow #\d+ tcp curl\(\d+\) ", line) for line in out.splitlines())
+
+
 def test_capture_stops_at_its_limit(lab: Lab) -> None:
     capture = lab.tmp / "small.pcapng"
     limit = 64 * 1024
