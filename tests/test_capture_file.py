@@ -41,7 +41,8 @@ def test_batches_are_written_with_comments_names_and_directions(tmp_path: Path) 
         # The SYN comes before its flow is known...
         capture.tap([vnet(syn), vnet(other)], True)
         # ...and the record when the flow opens; writing happens later, with both known.
-        capture.records = records()
+        for record in records().values():
+            capture.flow_opened(record)
         capture.tap([vnet(synack)], False)
 
     asyncio.run(drive())

@@ -83,3 +83,22 @@ def test_without_privileges_one_sentence() -> None:
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1
     assert "needs root" in done.stderr and "sudo" in done.stderr
+
+
+def test_recording_flow_log_bounds_what_it_keeps() -> None:
+    from tunproxy.command import RecordingFlowLog
+
+    flow_log = RecordingFlowLog(None)
+    flow_log.KEEP_ENDED = 10
+    seen: list[int] = []
+    flow_log.listeners.append(lambda r: seen.append(r.id))
+    for fid in range(1, 101):
+        r = record(fid, "10.0.0.9", 80, up=1, down=2)
+        flow_log.opened(r)
+        flow_log.opened(r)  # opened twice (a DNS flow, a sniffed one): told once
+        flow_log.ended(r, "closed-by-server")
+        flow_log.ended(r, "closed-by-server")  # ended once
+    assert seen == list(range(1, 101))
+    assert sorted(flow_log.records) == list(range(91, 101))
+    (row,) = flow_log.summary.rows()
+    assert (row.flows, row.bytes_up, row.bytes_down) == (100, 100, 200)

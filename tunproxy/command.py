@@ -25,6 +25,7 @@ with tunproxy's last fd, and the kernel removes the namespaces once nothing uses
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import gc
@@ -46,6 +47,7 @@ from tunproxy.driver import TunDriver
 from tunproxy.errors import SetupError
 from tunproxy.flows import FlowLog, FlowRecord
 from tunproxy.relay import Relay
+from tunproxy.summary import SummaryTable, format_rows
 from tunproxy.tun import TunDevice
 
 if TYPE_CHECKING:
@@ -119,13 +121,19 @@ def adapt_config(config: Config) -> Config:
 
 
 class RecordingFlowLog(FlowLog):
-    """The flow log, keeping every record (for --summary and --capture) and naming the
-    process of each flow as it opens."""
+    """The flow log of a run: names the process of each flow as it opens, tells listeners
+    (the capture) about it, and adds each ended flow to the summary. Ended records are
+    kept only for a while (``KEEP_ENDED``), so a long run's memory stays bounded."""
+
+    KEEP_ENDED = 4096
 
     def __init__(self, processes: ProcessResolver | None) -> None:
         super().__init__()
-        self.records: dict[int, FlowRecord] = {}
+        self.records: dict[int, FlowRecord] = {}  # open flows and the latest ended ones
+        self.summary = SummaryTable()
         self.processes = processes
+        self.listeners: list[Callable[[FlowRecord], None]] = []
+        self._ended: collections.deque[int] = collections.deque()
 
     def opened(self, record: FlowRecord) -> None:
         if record.process is None and self.processes is not None:
@@ -133,8 +141,21 @@ class RecordingFlowLog(FlowLog):
                                          record.dst, record.dst_port)
             if info is not None:
                 record.process, record.pid, record.uid = info.name, info.pid, info.uid
-        self.records[record.id] = record
+        if record.id not in self.records:
+            self.records[record.id] = record
+            for listener in self.listeners:
+                listener(record)
         super().opened(record)
+
+    def ended(self, record: FlowRecord, reason: str) -> None:
+        if record.ended is not None:
+            return
+        super().ended(record, reason)
+        self.records.setdefault(record.id, record)
+        self.summary.add(record)
+        self._ended.append(record.id)
+        while len(self._ended) > self.KEEP_ENDED:
+            self.records.pop(self._ended.popleft(), None)
 
 
 class RunProxy(Proxy):
@@ -417,7 +438,7 @@ def run_command(config: Config, argv: Sequence[str], *, summary: bool = False,
         tun = child.receive_tun()
         proxy = RunProxy(config, child, _processes_in(pid))
         if capture is not None:
-            capture.records = proxy.recording.records
+            proxy.recording.listeners.append(capture.flow_opened)
             proxy.on_started.append(capture.attach)
         gc.freeze()
         with _data_loop_runner() as runner:
@@ -429,8 +450,6 @@ def run_command(config: Config, argv: Sequence[str], *, summary: bool = False,
         if capture is not None:
             capture.close()
     if summary and proxy is not None:
-        from tunproxy.summary import format_summary
-
-        print(format_summary(proxy.recording.records.values()), file=sys.stderr, end="")
+        print(format_rows(proxy.recording.summary.rows()), file=sys.stderr, end="")
     status = child.status
     return 1 if status is None else status

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from tunproxy.flows import FlowRecord
 
-__all__ = ["NORMAL_ENDS", "SummaryRow", "format_summary", "summarize"]
+__all__ = ["NORMAL_ENDS", "SummaryRow", "SummaryTable", "format_rows", "format_summary",
+           "summarize"]
 
 # Ends that are no error: a close (by either side), an idle session, the run ending under an
 # open flow. A reset by the client is the app's own choice, but still worth seeing: counted.
@@ -42,26 +43,43 @@ def _rule(record: FlowRecord) -> str:
     return rule
 
 
-def summarize(records: Iterable[FlowRecord]) -> list[SummaryRow]:
-    rows: dict[tuple[str, str], SummaryRow] = {}
-    for record in records:
+class SummaryTable:
+    """Rows built up one ended flow at a time, so a long run need not keep every record."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], SummaryRow] = {}
+
+    def add(self, record: FlowRecord) -> None:
         destination = record.domain or record.dst
         protocol = f"{record.network}/{record.dst_port}"
-        row = rows.get((destination, protocol))
+        row = self._rows.get((destination, protocol))
         if row is None:
-            row = rows[(destination, protocol)] = SummaryRow(destination, protocol)
+            row = self._rows[(destination, protocol)] = SummaryRow(destination, protocol)
         row.flows += 1
         row.bytes_up += record.bytes_up
         row.bytes_down += record.bytes_down
         row.rules[_rule(record)] += 1
         if record.end_reason not in NORMAL_ENDS:
             row.errors[str(record.end_reason)] += 1
-    return sorted(rows.values(), key=lambda r: (-(r.bytes_up + r.bytes_down), r.destination,
-                                                r.protocol))
+
+    def rows(self) -> list[SummaryRow]:
+        """Most bytes first."""
+        return sorted(self._rows.values(), key=lambda r: (-(r.bytes_up + r.bytes_down),
+                                                          r.destination, r.protocol))
+
+
+def summarize(records: Iterable[FlowRecord]) -> list[SummaryRow]:
+    table = SummaryTable()
+    for record in records:
+        table.add(record)
+    return table.rows()
 
 
 def format_summary(records: Iterable[FlowRecord]) -> str:
-    rows = summarize(records)
+    return format_rows(summarize(records))
+
+
+def format_rows(rows: list[SummaryRow]) -> str:
     header = ("destination", "proto", "flows", "sent", "received", "rule", "errors")
     lines = [header]
     totals = [0, 0, 0]

@@ -22,11 +22,11 @@ the log says so once. A capture cannot fill the disk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -47,6 +47,7 @@ log = logging.getLogger("tunproxy.capture")
 
 FLUSH_INTERVAL = 0.5
 MAX_PENDING_BYTES = 16 * 1024 * 1024
+MAX_INDEX = 65536  # flows the index holds before ended ones are dropped
 
 
 def packet_comment(record: FlowRecord) -> str:
@@ -69,12 +70,12 @@ class CaptureFile:
         except OSError as exc:
             raise SetupError(f"cannot write the capture {path}: {exc.strerror}") from None
         _give_to_invoking_user(path)
-        self.records: Mapping[int, FlowRecord] = {}
+        self._opened: list[FlowRecord] = []  # flows opened since the last flush
+        self._recent: collections.deque[FlowRecord] = collections.deque(maxlen=256)
         self._pending: list[tuple[int, bool, list[bytes]]] = []
         self._pending_bytes = 0
         self._vnet_hdr = False
         self._index: dict[FlowTuple, FlowRecord] = {}
-        self._indexed = 0
         self._named: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,6 +92,10 @@ class CaptureFile:
         self._loop = asyncio.get_running_loop()
         driver.tap = self.tap
         self._timer = self._loop.call_later(FLUSH_INTERVAL, self._on_timer)
+
+    def flow_opened(self, record: FlowRecord) -> None:
+        """A new flow (from the flow log): its packets get its comment from now on."""
+        self._opened.append(record)
 
     def tap(self, packets: list[bytes], from_app: bool) -> None:
         self._pending.append((time.time_ns(), from_app, packets))
@@ -146,26 +151,28 @@ class CaptureFile:
         self._file.flush()
 
     def _index_new_records(self) -> None:
-        records = list(self.records.values())
-        names: list[tuple[str, list[str]]] = []
-        selection = self.selection
-        for record in records[self._indexed:]:
+        opened, self._opened = self._opened, []
+        for record in opened:
             self._index[(record.network, record.src, record.src_port, record.dst,
                          record.dst_port)] = record
+        if len(self._index) > MAX_INDEX:
+            # Keep open flows and the ones that ended lately (their last packets may still
+            # be waiting here); a long run's index stays bounded.
+            horizon = time.time() - 60
+            self._index = {k: r for k, r in self._index.items()
+                           if r.ended is None or r.ended > horizon}
+        # A domain can be learned after a flow opened (sniffing): the recent ones are
+        # looked at again.
+        self._recent.extend(opened)
+        names: list[tuple[str, list[str]]] = []
+        selection = self.selection
+        for record in self._recent:
+            if not record.domain or record.dst in self._named:
+                continue
             if selection is not None and not selection.matches(record):
                 continue
-            if record.domain and record.dst not in self._named:
-                self._named.add(record.dst)
-                names.append((record.dst, [record.domain]))
-        # A domain can be learned after a flow was indexed (sniffing): look again at the
-        # ones still unnamed among the recent records.
-        for record in records[max(0, self._indexed - 256):self._indexed]:
-            if selection is not None and not selection.matches(record):
-                continue
-            if record.domain and record.dst not in self._named:
-                self._named.add(record.dst)
-                names.append((record.dst, [record.domain]))
-        self._indexed = len(records)
+            self._named.add(record.dst)
+            names.append((record.dst, [record.domain]))
         block = pcapng.name_resolution(names)
         if block and self.written + len(block) <= self.limit:
             self._write(block)
