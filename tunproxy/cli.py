@@ -85,18 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="run one command with only its traffic through tunproxy",
         description="Run CMD in a network namespace of its own whose only route is this "
         "tunproxy; the host's network is not changed.")
-    run.add_argument("--rules", metavar="FILE", dest="run_rules",
-                     help="rules file (default: everything DIRECT, fake-ip DNS)")
-    run.add_argument("--capture", metavar="FILE", type=Path,
-                     help="write CMD's packets to FILE (pcapng, one comment per packet)")
-    run.add_argument("--capture-limit", metavar="MB", type=float, default=256.0,
-                     help="stop writing the capture at this size (default: 256)")
-    run.add_argument("--capture-select", metavar="KEY=VALUE", action="append", default=[],
-                     help="capture only these flows (process=, pid=, uid=, domain=, rule=, "
-                     "flow=; repeatable)")
-    run.add_argument("--summary", action="store_true",
-                     help="when CMD exits, print what it talked to (per destination)")
-    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    from tunproxy import command as command_module
+
+    command_module.add_arguments(run)
 
     explain = sub.add_parser("explain", help="show which rule a flow matches, and why")
     from tunproxy import explain as explain_module
@@ -146,38 +137,6 @@ def _run(rules: str, state_dir: Path) -> int:
     return run(config, state_dir)
 
 
-def _run_command(args: argparse.Namespace) -> int:
-    from tunproxy.command import can_make_namespaces, default_config, host_nameservers, run_command
-    from tunproxy.config import load_config
-
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if not cmd:
-        print("tunproxy: give the command to run after --, e.g. tunproxy run -- curl URL",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    rules = args.run_rules or args.rules
-    config = load_config(rules) if rules else default_config(host_nameservers())
-    if not can_make_namespaces():
-        print("tunproxy: tunproxy run needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN) to "
-              "create the command's network namespace and TUN; run it with sudo",
-              file=sys.stderr)
-        return EXIT_SETUP
-    capture = None
-    if args.capture_select and args.capture is None:
-        print("tunproxy: --capture-select chooses what --capture FILE writes; give both",
-              file=sys.stderr)
-        return EXIT_CONFIG
-    if args.capture is not None:
-        from tunproxy.capture.file import CaptureFile
-        from tunproxy.capture.select import parse_selection
-
-        capture = CaptureFile(args.capture, limit=int(args.capture_limit * 1024 * 1024),
-                              selection=parse_selection(args.capture_select))
-    return run_command(config, cmd, summary=args.summary, capture=capture)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -188,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cleanup":
             return _cleanup(args.cleanup_state_dir or args.state_dir)
         if args.command == "run":
-            return _run_command(args)
+            from tunproxy import command as command_module
+
+            return command_module.main(args)
         if args.command == "explain":
             from tunproxy import explain as explain_module
 

@@ -24,6 +24,7 @@ with tunproxy's last fd, and the kernel removes the namespaces once nothing uses
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING
 from tunproxy.app import Proxy, _data_loop_runner
 from tunproxy.config import Config, parse_config
 from tunproxy.driver import TunDriver
-from tunproxy.errors import SetupError
+from tunproxy.errors import ConfigError, SetupError
 from tunproxy.flows import FlowLog, FlowRecord
 from tunproxy.relay import Relay
 from tunproxy.summary import SummaryTable, format_rows
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
     from tunproxy.capture.file import CaptureFile
     from tunproxy.procinfo import ProcessResolver
 
-__all__ = ["RecordingFlowLog", "can_make_namespaces", "default_config", "run_command"]
+__all__ = ["RecordingFlowLog", "add_arguments", "can_make_namespaces", "default_config", "main",
+           "run_command"]
 
 log = logging.getLogger("tunproxy.run")
 
@@ -453,3 +455,49 @@ def run_command(config: Config, argv: Sequence[str], *, summary: bool = False,
         print(format_rows(proxy.recording.summary.rows()), file=sys.stderr, end="")
     status = child.status
     return 1 if status is None else status
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rules", metavar="FILE", dest="run_rules",
+                        help="rules file (default: everything DIRECT, fake-ip DNS)")
+    parser.add_argument("--capture", metavar="FILE", type=Path,
+                        help="write CMD's packets to FILE (pcapng, one comment per packet)")
+    parser.add_argument("--capture-limit", metavar="MB", type=float, default=256.0,
+                        help="stop writing the capture at this size (default: 256)")
+    parser.add_argument("--capture-select", metavar="KEY=VALUE", action="append", default=[],
+                        help="capture only these flows (process=, pid=, uid=, domain=, rule=, "
+                        "flow=; repeatable)")
+    parser.add_argument("--summary", action="store_true",
+                        help="when CMD exits, print what it talked to (per destination)")
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``tunproxy run``: errors the user can fix raise ConfigError/SetupError (cli says them)."""
+    from tunproxy.config import load_config
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise ConfigError("give the command to run after --, e.g. tunproxy run -- curl URL")
+    if args.capture_select and args.capture is None:
+        raise ConfigError("--capture-select chooses what --capture FILE writes; give both")
+    if args.capture_limit <= 0:
+        raise ConfigError("--capture-limit takes a size in MB above 0")
+    rules = args.run_rules or args.rules
+    config = load_config(rules) if rules else default_config(host_nameservers())
+    if not can_make_namespaces():
+        raise SetupError("tunproxy run needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN) to "
+                         "create the command's network namespace and TUN; run it with sudo")
+    capture = None
+    if args.capture is not None:
+        from tunproxy.capture.file import CaptureFile
+        from tunproxy.capture.select import parse_selection
+
+        capture = CaptureFile(args.capture, limit=int(args.capture_limit * 1024 * 1024),
+                              selection=parse_selection(args.capture_select))
+    return run_command(config, cmd, summary=args.summary, capture=capture)
