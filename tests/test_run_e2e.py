@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import REPO, SERVER4, Netns, Topology, topology
+from tests.netns import REPO, SERVER4, SERVER6, Netns, Topology, topology
 
 pytestmark = pytest.mark.netns
 
@@ -115,6 +115,16 @@ def test_curl_output_and_exit_status_pass_through(lab: Lab) -> None:
     done = lab.run(cmd=["sh", "-c", "echo to-stderr >&2; exit 42"])
     assert done.returncode == 42
     assert done.stderr == b"to-stderr\n"  # and nothing of tunproxy's at the default level
+
+
+def test_ipv6_goes_through_too(lab: Lab) -> None:
+    lab.topo.server.spawn(sys.executable, "-m", "http.server", "--bind", SERVER6,
+                          "--directory", str(lab.webroot), str(HTTP_PORT))
+    lab.topo.server.wait_tcp_listening(HTTP_PORT)
+    done = lab.run("--summary", cmd=["curl", "-sS", "-g", f"http://[{SERVER6}]:{HTTP_PORT}/b.bin"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"the other run\n"
+    assert (SERVER6, f"tcp/{HTTP_PORT}") in _summary_rows(done.stderr.decode())
 
 
 def test_refused_target_gives_curl_exit_7(lab: Lab) -> None:
