@@ -1,7 +1,11 @@
 """Rule-set files in the Clash rule-provider formats.
 
-Formats: ``yaml`` (a mapping with a ``payload:`` list) and ``text`` (one entry a line,
-``#`` comments). Behaviours:
+Formats: ``yaml`` (a mapping with a ``payload:`` list, or ``rules:`` as mihomo also
+accepts), ``text`` (one entry a line, ``#`` and ``//`` comments) and ``mrs`` (mihomo's
+binary rule set, see ``rules.mrs``); ``detect_format`` tells them apart by content.
+A bad entry is skipped and recorded in ``RuleSetData.skipped`` (line, reason), as mihomo
+skips it with a warning; a set is refused only when nothing in it is usable.
+Behaviours:
 
 - ``domain``: ``example.com`` (exactly), ``+.example.com`` (it and all subdomains),
   ``.example.com`` (subdomains only), ``*.example.com`` (exactly one more label); a ``*``
@@ -25,10 +29,20 @@ import yaml
 from rules.errors import RuleError
 from rules.syntax import Cidr, Node, SetRef, normalize_domain, parse_cidr, parse_condition
 
-__all__ = ["BEHAVIORS", "FORMATS", "DomainEntry", "RuleSetData", "parse_rule_set"]
+__all__ = [
+    "BEHAVIORS",
+    "FORMATS",
+    "DomainEntry",
+    "RuleSetData",
+    "detect_format",
+    "parse_rule_set",
+    "rule_set_from_entries",
+]
 
 BEHAVIORS = ("domain", "ipcidr", "classical")
-FORMATS = ("yaml", "text")
+FORMATS = ("yaml", "text", "mrs")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_YAML_HEAD = re.compile(rb"^(?:payload|rules)[ \t]*:", re.MULTILINE)
 
 # How a domain-behaviour entry matches (DomainEntry.mode).
 EXACT, PLUS, SUB, ONE, PATTERN = "exact", "plus", "sub", "one", "pattern"
@@ -51,13 +65,24 @@ class RuleSetData:
     entries: tuple[str, ...]
     lines: tuple[int, ...]
     parsed: tuple[DomainEntry | Cidr | Node, ...] = field(repr=False, compare=False)
+    #: Entries left out, as (line, "entry: why"); for mrs the line is the entry's number.
+    skipped: tuple[tuple[int, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def describe(self, index: int) -> str:
         """``"entry (file:line)"`` for the verdict."""
+        if self.format == "mrs":
+            return f"{self.entries[index]} ({self.file}, entry {self.lines[index]})"
         return f"{self.entries[index]} ({self.file}:{self.lines[index]})"
+
+
+def detect_format(data: bytes) -> str:
+    """``mrs`` (zstd frame), ``yaml`` (a top-level ``payload:``/``rules:`` key) or ``text``."""
+    if data.startswith(_ZSTD_MAGIC):
+        return "mrs"
+    return "yaml" if _YAML_HEAD.search(data) else "text"
 
 
 def parse_domain_entry(text: str) -> DomainEntry:
@@ -116,7 +141,7 @@ def _yaml_fast(text: str) -> list[tuple[str, int]] | None:
         if not s or s.startswith("#"):
             continue
         if not seen_payload:
-            if _COMMENT.sub("", s) == "payload:" and raw[0] not in " \t-":
+            if _COMMENT.sub("", s) in ("payload:", "rules:") and raw[0] not in " \t-":
                 seen_payload = True
                 continue
             return None
@@ -142,18 +167,16 @@ def _yaml_full(text: str, file: str) -> list[tuple[str, int]]:
         line = root.start_mark.line + 1 if root is not None else 1
         raise RuleError("a YAML rule set must be a mapping with a 'payload:' list", file, line)
     for key, value in root.value:
-        if isinstance(key, yaml.ScalarNode) and key.value == "payload":
+        if isinstance(key, yaml.ScalarNode) and key.value in ("payload", "rules"):
             if isinstance(value, yaml.ScalarNode) and value.tag.endswith(":null"):
                 return []
             if not isinstance(value, yaml.SequenceNode):
                 raise RuleError("'payload:' must be a list", file, value.start_mark.line + 1)
             out: list[tuple[str, int]] = []
             for item in value.value:
-                if not isinstance(item, yaml.ScalarNode):
-                    raise RuleError(
-                        "payload entries must be strings", file, item.start_mark.line + 1
-                    )
-                out.append((str(item.value).strip(), item.start_mark.line + 1))
+                # A non-string entry is kept as "" and skipped with a reason later.
+                text = str(item.value).strip() if isinstance(item, yaml.ScalarNode) else ""
+                out.append((text, item.start_mark.line + 1))
             return out
     raise RuleError("no 'payload:' list in this YAML rule set", file, 1)
 
@@ -162,18 +185,94 @@ def _text_lines(text: str) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
     for n, raw in enumerate(text.splitlines(), 1):
         s = raw.strip()
-        if s and not s.startswith("#"):
+        if s and not s.startswith(("#", "//")):
             out.append((s, n))
     return out
 
 
-def parse_rule_set(name: str, text: str, *, behavior: str, format: str, file: str) -> RuleSetData:
-    """Parse one rule-provider file's text. Raises RuleError naming file and line."""
+def parse_entry(behavior: str, entry: str) -> DomainEntry | Cidr | Node:
+    """One entry of a ``behavior`` set. Raises ValueError."""
+    if not entry:
+        raise ValueError("empty or not a string")
+    if behavior == "domain":
+        if "/" in entry:
+            raise ValueError("a domain has no '/'")  # mihomo's domainStrategy.Insert
+        return parse_domain_entry(entry)
+    if behavior == "ipcidr":
+        return parse_cidr(entry)
+    node = parse_condition(entry, None)
+    if isinstance(node, SetRef):
+        raise ValueError("RULE-SET cannot be used inside a rule set")
+    return node
+
+
+def rule_set_from_entries(
+    name: str, items: list[tuple[str, int]], *, behavior: str, format: str, file: str
+) -> RuleSetData:
+    """Parse (entry, line) pairs, skipping bad ones. Raises RuleError when none is usable."""
     if behavior not in BEHAVIORS:
         raise RuleError(
             f"rule set {name!r}: behavior must be one of {', '.join(BEHAVIORS)}, not {behavior!r}",
             file,
         )
+    entries: list[str] = []
+    lines: list[int] = []
+    parsed: list[DomainEntry | Cidr | Node] = []
+    skipped: list[tuple[int, str]] = []
+    for entry, line in items:
+        try:
+            p = parse_entry(behavior, entry)
+        except ValueError as exc:
+            skipped.append((line, f"{entry or '(empty)'}: {exc}"))
+            continue
+        entries.append(entry)
+        lines.append(line)
+        parsed.append(p)
+    if skipped and not parsed:
+        line, why = skipped[0]
+        raise RuleError(
+            f"rule set {name!r}: no usable {behavior} entry ({len(skipped)} bad; first: {why})",
+            file,
+            line,
+        )
+    return RuleSetData(
+        name=name,
+        behavior=behavior,
+        format=format,
+        file=file,
+        entries=tuple(entries),
+        lines=tuple(lines),
+        parsed=tuple(parsed),
+        skipped=tuple(skipped),
+    )
+
+
+def parse_rule_set(
+    name: str, text: str | bytes, *, behavior: str, format: str | None, file: str
+) -> RuleSetData:
+    """Parse one rule-provider file (text, or bytes for ``mrs``/unknown format; ``format``
+    None detects it). Bad entries are skipped (``RuleSetData.skipped``); raises RuleError
+    naming file and line when the file as a whole is unusable."""
+    if behavior not in BEHAVIORS:
+        raise RuleError(
+            f"rule set {name!r}: behavior must be one of {', '.join(BEHAVIORS)}, not {behavior!r}",
+            file,
+        )
+    if format is None:
+        format = detect_format(text if isinstance(text, bytes) else text.encode())
+    if format == "mrs":
+        from rules.mrs import decode_mrs
+
+        raw = text if isinstance(text, bytes) else text.encode("latin-1")
+        try:
+            return decode_mrs(name, raw, behavior=behavior, file=file)
+        except ValueError as exc:
+            raise RuleError(f"rule set {name!r}: bad mrs file: {exc}", file) from None
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise RuleError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file) from None
     if format == "yaml":
         items = _yaml_fast(text)
         if items is None:
@@ -181,31 +280,7 @@ def parse_rule_set(name: str, text: str, *, behavior: str, format: str, file: st
     elif format == "text":
         items = _text_lines(text)
     else:
-        raise RuleError(f"rule set {name!r}: format must be yaml or text, not {format!r}", file)
-
-    parsed: list[DomainEntry | Cidr | Node] = []
-    append = parsed.append
-    try:
-        if behavior == "domain":
-            for entry, _line in items:
-                append(parse_domain_entry(entry))
-        elif behavior == "ipcidr":
-            for entry, _line in items:
-                append(parse_cidr(entry))
-        else:
-            for entry, _line in items:
-                node = parse_condition(entry, None)
-                if isinstance(node, SetRef):
-                    raise ValueError("RULE-SET cannot be used inside a rule set")
-                append(node)
-    except ValueError as exc:
-        raise RuleError(str(exc), file, items[len(parsed)][1]) from None
-    return RuleSetData(
-        name=name,
-        behavior=behavior,
-        format=format,
-        file=file,
-        entries=tuple(e for e, _ in items),
-        lines=tuple(n for _, n in items),
-        parsed=tuple(parsed),
-    )
+        raise RuleError(
+            f"rule set {name!r}: format must be yaml, text or mrs, not {format!r}", file
+        )
+    return rule_set_from_entries(name, items, behavior=behavior, format=format, file=file)

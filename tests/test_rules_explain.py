@@ -74,7 +74,11 @@ def test_default_and_notes(capsys: pytest.CaptureFixture[str]) -> None:
     ("config", "where"),
     [
         ("bad_config.yaml", f"{DATA / 'bad_config.yaml'}:7: unknown target 'nowhere'"),
-        ("bad_set_config.yaml", f"{DATA / 'bad_entry.yaml'}:3: '10.0.0.0/33' is not an IP CIDR"),
+        (
+            "bad_set_config.yaml",
+            f"{DATA / 'no_usable_entry.yaml'}:3: rule set 'cidrs': no usable ipcidr entry "
+            "(2 bad; first: 10.0.0.0/33: '10.0.0.0/33' is not an IP CIDR)",
+        ),
     ],
 )
 def test_bad_file_is_one_line(config: str, where: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -105,11 +105,11 @@ def test_yaml_shapes_the_fast_reader_leaves_to_yaml() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "problem"),
     [
-        ("payload:\n  - '+.ok.com'\n  - 'bad domain'\n", 3, "not a domain"),
+        ("payload:\n  - 'bad domain'\n  - 'a/b'\n", 2, "no usable domain entry (2 bad"),
         ("payload: nope\n", 1, "must be a list"),
         ("- a.com\n", 1, "mapping"),
         ("entries:\n  - a.com\n", 1, "no 'payload:'"),
-        ("payload:\n  - [a.com]\n", 2, "strings"),
+        ("payload:\n  - [a.com]\n", 2, "not a string"),
         ("payload:\n  - 'a.com\n", 3, "bad YAML"),  # where the parser noticed
     ],
 )
@@ -124,7 +124,7 @@ def test_bad_behavior_and_format() -> None:
     with pytest.raises(RuleError, match="behavior"):
         rules.parse_rule_set("x", "", behavior="geosite", format="text", file="x")
     with pytest.raises(RuleError, match="format"):
-        rules.parse_rule_set("x", "", behavior="domain", format="mrs", file="x")
+        rules.parse_rule_set("x", "", behavior="domain", format="json", file="x")
 
 
 # --- ipcidr behaviour ------------------------------------------------------------------------
@@ -168,11 +168,10 @@ def test_ipcidr_set_resolves_unless_no_resolve() -> None:
     assert one_set(data, ",no-resolve").match(f).target == "DIRECT"
 
 
-def test_bad_ipcidr_entry_names_line() -> None:
-    with pytest.raises(RuleError) as info:
-        load("bad_entry.yaml", "ipcidr", "yaml")
-    assert info.value.line == 3
-    assert str(info.value).startswith(f"{DATA / 'bad_entry.yaml'}:3: ")
+def test_bad_ipcidr_entry_is_skipped_with_its_line() -> None:
+    data = load("bad_entry.yaml", "ipcidr", "yaml")
+    assert data.entries == ("10.0.0.0/8",)
+    assert [line for line, _ in data.skipped] == [3]
 
 
 # --- classical behaviour -------------------------------------------------------------------
@@ -193,16 +192,16 @@ def test_classical_set(fixture: str) -> None:
     v = rs.match(flow(dst_ip="1.1.1.1", process=lambda: qb))
     assert v.target == "REJECT"
     assert v.rule_set_entry is not None and v.rule_set_entry.startswith("PROCESS-NAME,qbittorrent")
-    # Entries have no target: the RULE-SET line's is used; a target in an entry is an error.
-    with pytest.raises(RuleError) as info:
-        rules.parse_rule_set(
-            "x",
-            "DOMAIN,a.com\nDOMAIN,b.com,DIRECT\n",
-            behavior="classical",
-            format="text",
-            file="c.list",
-        )
-    assert info.value.line == 2
+    # Entries have no target: the RULE-SET line's is used; a target in an entry is skipped.
+    data = rules.parse_rule_set(
+        "x",
+        "DOMAIN,a.com\nDOMAIN,b.com,DIRECT\n",
+        behavior="classical",
+        format="text",
+        file="c.list",
+    )
+    assert data.entries == ("DOMAIN,a.com",)
+    assert [line for line, _ in data.skipped] == [2]
 
 
 def test_rule_set_inside_logic_rule() -> None:
@@ -267,8 +266,10 @@ def test_load_rules_from_files() -> None:
         ({"path": "missing.yaml", "behavior": "domain"}, "cannot read"),
         ({"behavior": "domain"}, "needs 'path:'"),
         ({"path": "reject.yaml", "behavior": "geoip"}, "behavior"),
-        ({"path": "reject.yaml", "behavior": "domain", "format": "mrs"}, "format"),
-        ({"path": "reject.yaml", "behavior": "domain", "type": "http"}, "not supported"),
+        ({"path": "reject.yaml", "behavior": "domain", "format": "json"}, "format"),
+        ({"path": "reject.yaml", "behavior": "domain", "type": "ftp"}, "not supported"),
+        ({"behavior": "domain", "type": "http", "url": "ftp://x"}, "needs 'url:'"),
+        ({"behavior": "domain", "type": "inline"}, "needs a 'payload:'"),
         ({"path": "reject.yaml", "behavior": "domain", "urls": "x"}, "unknown setting"),
     ],
 )
@@ -279,10 +280,16 @@ def test_bad_rule_set_settings_point_at_config(entry: dict[str, Any], problem: s
     assert problem in info.value.message
 
 
-def test_bad_entry_points_at_rule_set_file() -> None:
-    with pytest.raises(ConfigError) as info:
-        load_rules([], {"s": settings(path="bad_entry.yaml", behavior="ipcidr")}, DATA, ())
-    assert (info.value.file, info.value.line) == (str(DATA / "bad_entry.yaml"), 3)
+def test_bad_entry_is_skipped_with_a_warning_naming_file_and_line() -> None:
+    warnings: list[str] = []
+    lines = [RuleSource("RULE-SET,s,REJECT", "config.yaml", 3)]
+    rs = load_rules(lines, {"s": settings(path="bad_entry.yaml", behavior="ipcidr")}, DATA, (),
+                    warnings)
+    assert warnings == [
+        f"{DATA / 'bad_entry.yaml'}:3: rule set s: entry skipped: 10.0.0.0/33: "
+        "'10.0.0.0/33' is not an IP CIDR"
+    ]
+    assert rs.match(flow(dst_ip="10.1.2.3")).target == "REJECT"
 
 
 def test_bad_rule_line_points_at_config() -> None:

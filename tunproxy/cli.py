@@ -104,8 +104,9 @@ def _check(file: str) -> int:
         f"{u.name} ({u.type} {u.host}:{u.port}{', pipelined' if u.pipeline else ''})"
         for u in config.upstreams.values()
     ) or "none"
+    skipped = f", {len(config.warnings)} warnings (see above)" if config.warnings else ""
     print(f"{file}: ok: {config.rule_count} rules, upstreams: {upstreams}, "
-          f"tun {config.tun.name} mtu {config.tun.mtu}")
+          f"tun {config.tun.name} mtu {config.tun.mtu}{skipped}")
     return 0
 
 

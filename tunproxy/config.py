@@ -92,6 +92,9 @@ class Config:
     ruleset: Any  # rules.RuleSet
     rule_count: int
     fault_injection: dict[str, Any] | None = None
+    # One line per thing left out while loading (a skipped rule-set entry, an unknown
+    # mihomo key): "file:line: what: why". Logged as warnings too.
+    warnings: list[str] = field(default_factory=list)
 
 
 # -- YAML with line numbers ---------------------------------------------------
@@ -417,6 +420,9 @@ def _parse_rule_sets(node: _Node | None, file: str) -> dict[str, dict[str, Any]]
         settings = _unwrap(entry)
         settings["__line__"] = entry.line
         settings["__file__"] = file
+        payload = entry.value.get("payload")
+        if payload is not None and isinstance(payload.value, list):
+            settings["__payload_lines__"] = [item.line for item in payload.value]
         out[str(name)] = settings
     return out
 
@@ -472,11 +478,12 @@ def parse_config(text: str, path: Path) -> Config:
         raise exc from None
     lines = _parse_rule_lines(sections.get("rules"), file)
     rule_sets = _parse_rule_sets(sections.get("rule-sets"), file)
-    ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams))
+    warnings: list[str] = []
+    ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams), warnings)
     faults = _parse_faults(sections.get("debug-faults"), file)
     return Config(
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,
-        rule_count=len(lines), fault_injection=faults,
+        rule_count=len(lines), fault_injection=faults, warnings=warnings,
     )
 
 

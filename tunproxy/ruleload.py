@@ -1,30 +1,39 @@
 """The I/O side of the rule engine: read rule-set files, hand their text to ``rules``.
 
-``rule-sets:`` in the config maps a name to ``{path, behavior, format}``; ``path`` is
-relative to the config file's directory, ``format`` is ``yaml`` or ``text`` (by default
-from the file name: ``.yaml``/``.yml`` are YAML, anything else text). Every problem becomes a
-``ConfigError`` naming the file and line where it is: the rule-set file for a bad entry,
-the config for a bad ``rule-sets:`` setting or rule line.
+``rule-sets:`` (or mihomo's ``rule-providers:``) in the config maps a name to
+``{type, path, behavior, format}``; ``path`` is relative to the config file's directory,
+``format`` is ``yaml``, ``text`` or ``mrs`` (by default detected from the content).
+``type: inline`` carries its entries in ``payload:``. A bad entry is skipped with one
+warning (``file:line: rule set NAME: entry skipped: ...``) kept in ``LoadedRules.warnings``
+and logged; a file with no usable entry, a bad setting or a bad rule line is a
+``ConfigError`` naming the file and line where it is.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import rules
+from rules.provider import detect_format, rule_set_from_entries
 from tunproxy.errors import ConfigError
 
-__all__ = ["load_rule_set", "load_rules"]
+__all__ = ["load_rule_set", "load_rules", "skipped_warnings"]
 
-# Keys a Clash rule-provider may carry that mean nothing for a local file.
-_IGNORED_KEYS = frozenset({"interval", "__line__", "__file__"})
-_KEYS = frozenset({"path", "behavior", "format", "type"}) | _IGNORED_KEYS
+log = logging.getLogger("tunproxy.rules")
 
-
-def _default_format(path: str) -> str:
-    return "yaml" if path.lower().endswith((".yaml", ".yml")) else "text"
+# Keys a Clash rule-provider may carry that mean nothing here (mihomo's proxy: downloads
+# through a named proxy; size-limit, header: for http).
+_IGNORED_KEYS = frozenset(
+    {"interval", "proxy", "size-limit", "header", "url", "__line__", "__file__"}
+)
+_KEYS = (
+    frozenset({"path", "behavior", "format", "type", "payload", "__payload_lines__"})
+    | _IGNORED_KEYS
+)
+FORMATS = ("yaml", "text", "mrs")
 
 
 def load_rule_set(name: str, settings: Mapping[str, Any], base_dir: Path) -> rules.RuleSetData:
@@ -37,30 +46,55 @@ def load_rule_set(name: str, settings: Mapping[str, Any], base_dir: Path) -> rul
 
     unknown = sorted(str(k) for k in settings if k not in _KEYS)
     if unknown:
-        raise bad(f"unknown setting {unknown[0]!r} (known: path, behavior, format)")
+        raise bad(f"unknown setting {unknown[0]!r} (known: type, path, behavior, format, "
+                  "payload, url, interval)")
     kind = settings.get("type", "file")
-    if kind != "file":
-        raise bad(f"type {kind!r} is not supported: rule sets are local files (type: file)")
-    path = settings.get("path")
-    if not isinstance(path, str) or not path:
-        raise bad("needs 'path:' (a file, relative to the config file)")
     behavior = settings.get("behavior")
     if behavior not in ("domain", "ipcidr", "classical"):
         raise bad(f"behavior must be domain, ipcidr or classical, not {behavior!r}")
-    fmt = settings.get("format") or _default_format(path)
-    if fmt not in ("yaml", "text"):
-        raise bad(f"format must be yaml or text, not {fmt!r}")
-    full = base_dir / path
+    if kind == "inline":
+        payload = settings.get("payload")
+        if not isinstance(payload, list):
+            raise bad("type: inline needs a 'payload:' list")
+        lines = settings.get("__payload_lines__") or [cfg_line or 0] * len(payload)
+        items = [(str(e).strip() if isinstance(e, str | int) else "", ln)
+                 for e, ln in zip(payload, lines, strict=False)]
+        try:
+            return rule_set_from_entries(name, items, behavior=behavior, format="inline",
+                                         file=cfg_file or "<config>")
+        except rules.RuleError as exc:
+            raise ConfigError(exc.message, exc.file, exc.line) from None
+    if kind == "http":
+        from tunproxy.ruleremote import cached_path
+
+        full = cached_path(name, settings, base_dir)
+    elif kind == "file":
+        path = settings.get("path")
+        if not isinstance(path, str) or not path:
+            raise bad("needs 'path:' (a file, relative to the config file)")
+        full = base_dir / path
+    else:
+        raise bad(f"type {kind!r} is not supported (file, http or inline)")
+    fmt = settings.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        raise bad(f"format must be yaml, text or mrs, not {fmt!r}")
     try:
-        text = full.read_bytes().decode("utf-8-sig")
+        data = full.read_bytes()
     except OSError as exc:
         raise bad(f"cannot read {full}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", str(full)) from None
+    if fmt is None:
+        fmt = detect_format(data)
     try:
-        return rules.parse_rule_set(name, text, behavior=behavior, format=fmt, file=str(full))
+        return rules.parse_rule_set(name, data, behavior=behavior, format=fmt, file=str(full))
     except rules.RuleError as exc:
         raise ConfigError(exc.message, exc.file, exc.line) from None
+
+
+def skipped_warnings(data: rules.RuleSetData) -> list[str]:
+    """One line per skipped entry: ``file:line: rule set NAME: entry skipped: why``."""
+    where = ", entry " if data.format == "mrs" else ":"
+    return [f"{data.file}{where}{line}: rule set {data.name}: entry skipped: {why}"
+            for line, why in data.skipped]
 
 
 def load_rules(
@@ -68,10 +102,17 @@ def load_rules(
     rule_sets: Mapping[str, Mapping[str, Any]],
     base_dir: Path,
     targets: Collection[str],
+    warnings: list[str] | None = None,
 ) -> rules.RuleSet:
     """Load every declared rule set, then compile the rule lines against them.
-    ``targets`` are the upstream names. Raises ConfigError naming file and line."""
+    ``targets`` are the upstream names. Skipped entries are logged, one warning each, and
+    appended to ``warnings``. Raises ConfigError naming file and line."""
     sets = {name: load_rule_set(name, settings, base_dir) for name, settings in rule_sets.items()}
+    for data in sets.values():
+        for text in skipped_warnings(data):
+            log.warning("%s", text)
+            if warnings is not None:
+                warnings.append(text)
     try:
         return rules.compile(rule_lines, sets, targets)
     except rules.RuleError as exc:
