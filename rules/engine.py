@@ -590,9 +590,14 @@ def compile(
     rule_lines: Sequence[RuleSource],
     rule_sets: Mapping[str, RuleSetData],
     targets: Collection[str],
+    *,
+    aliases: Mapping[str, str] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> RuleSet:
     """Compile rule lines (with the rule sets they reference) for ``targets`` (upstream
-    names; DIRECT, REJECT, DROP and REJECT-DROP are built in).
+    names; DIRECT, REJECT, DROP, REJECT-DROP, COMPATIBLE and PASS are built in).
+    ``aliases`` maps more target names onto those; a target in ``refused`` is an error
+    with its message. A rule whose target is PASS is checked but never chosen.
     Raises RuleError(message, file, line) for the first bad line."""
     index = _Index(rule_sets, nested=False)
     rules: list[RuleSource] = []
@@ -601,13 +606,18 @@ def compile(
     sets: list[RuleSetData | None] = []
     order = 0
     for src in rule_lines:
-        parsed = parse_rule_line(src.text, src.file, src.line, targets=targets, rule_sets=rule_sets)
+        parsed = parse_rule_line(src.text, src.file, src.line, targets=targets,
+                                 rule_sets=rule_sets, aliases=aliases, refused=refused)
         rules.append(src)
         tgts.append(parsed.target)
         bases.append(order)
         node = parsed.node
         try:
-            if node is None:
+            if parsed.target == "PASS":
+                # mihomo goes on to the next rule: for the verdict it is not there.
+                sets.append(None)
+                order += 1
+            elif node is None:
                 index.add_match(order)
                 sets.append(None)
                 order += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -32,8 +32,17 @@ __all__ = [
     "parse_rule_line",
 ]
 
-# Canonical built-in targets; REJECT-DROP is mihomo's spelling of DROP.
-BUILTIN_TARGETS = {"DIRECT": "DIRECT", "REJECT": "REJECT", "DROP": "DROP", "REJECT-DROP": "DROP"}
+# Canonical built-in targets; REJECT-DROP is mihomo's spelling of DROP, COMPATIBLE its
+# stand-in for an empty group (it goes direct). PASS: the rule matches but matching goes on
+# with the next rule, as if the rule were not there.
+BUILTIN_TARGETS = {
+    "DIRECT": "DIRECT",
+    "REJECT": "REJECT",
+    "DROP": "DROP",
+    "REJECT-DROP": "DROP",
+    "COMPATIBLE": "DIRECT",
+    "PASS": "PASS",
+}
 
 DOMAIN_KINDS = frozenset({"DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "DOMAIN-REGEX"})
 IP_KINDS = frozenset({"IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"})
@@ -201,18 +210,11 @@ def _parse_ranges(value: str, top: int, what: str) -> tuple[tuple[int, int], ...
 
 
 def _leaf(kind: str, value: str, options: list[str]) -> Leaf:
-    no_resolve = False
-    src = False
-    for opt in options or ():
-        o = opt.strip().lower()
-        if o == "no-resolve":
-            no_resolve = True
-        elif o == "src" and kind in ("IP-CIDR", "IP-CIDR6"):
-            src = True
-        elif o == "" and opt == "":
-            continue
-        else:
-            raise ValueError(f"unknown option {opt!r} for {kind}")
+    # mihomo reads the options it knows for the rule type and ignores every other one
+    # (``DOMAIN,x,DIRECT,src`` is DOMAIN,x,DIRECT).
+    opts = {o.strip().lower() for o in options}
+    no_resolve = "no-resolve" in opts
+    src = "src" in opts and kind in ("IP-CIDR", "IP-CIDR6")
     value = value.strip()
     if not value:
         raise ValueError(f"{kind} needs a value")
@@ -283,16 +285,8 @@ def _node(kind: str, payload: str, options: list[str], rule_sets: Container[str]
         name = payload.strip()
         if rule_sets is not None and name not in rule_sets:
             raise ValueError(f"unknown rule set {name!r}")
-        no_resolve = src = False
-        for opt in options:
-            o = opt.strip().lower()
-            if o == "no-resolve":
-                no_resolve = True
-            elif o == "src":
-                src = True
-            else:
-                raise ValueError(f"unknown option {opt!r} for RULE-SET")
-        return SetRef(name, no_resolve, src)
+        opts = {o.strip().lower() for o in options}
+        return SetRef(name, "no-resolve" in opts, "src" in opts)
     if kind in LEAF_KINDS:
         return _leaf(kind, payload, options)
     if kind == "MATCH":
@@ -320,9 +314,18 @@ def parse_condition(text: str, rule_sets: Container[str] | None = None) -> Node:
 
 
 def parse_rule_line(
-    text: str, file: str, line: int, *, targets: Container[str], rule_sets: Container[str] | None
+    text: str,
+    file: str,
+    line: int,
+    *,
+    targets: Container[str],
+    rule_sets: Container[str] | None,
+    aliases: Mapping[str, str] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> ParsedRule:
-    """Parse a full rule line. ``targets`` is a container of upstream names.
+    """Parse a full rule line. ``targets`` is a container of upstream names; ``aliases``
+    maps further names onto a built-in target or an upstream; a target in ``refused`` is an
+    error with its message (a proxy of a type tunproxy lacks).
     Raises RuleError(message, file, line)."""
     kind, parts = _split(text)
     try:
@@ -343,7 +346,11 @@ def parse_rule_line(
             node = _node(kind, parts[1], parts[3:], rule_sets)
         if not target:
             raise ValueError("empty target")
+        if refused and target in refused:
+            raise ValueError(refused[target])
         canonical = BUILTIN_TARGETS.get(target)
+        if canonical is None and aliases:
+            canonical = aliases.get(target)
         if canonical is None:
             if target not in targets:
                 raise ValueError(

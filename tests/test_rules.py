@@ -333,7 +333,7 @@ def test_logic_rule_with_ip_resolves() -> None:
 @pytest.mark.parametrize(
     ("line", "problem"),
     [
-        ("GEOIP,CN,DIRECT", "unknown rule type"),
+        ("URL-REGEX,^http://x,DIRECT", "unknown rule type"),
         ("DOMAIN,a.com", "needs"),
         ("DOMAIN,a.com,nowhere", "unknown target"),
         ("DOMAIN,,proxy", "needs a value"),
@@ -342,8 +342,6 @@ def test_logic_rule_with_ip_resolves() -> None:
         ("DOMAIN-SUFFIX,-a.com,proxy", "not a domain"),
         ("IP-CIDR,1.2.3.0/33,proxy", "not an IP CIDR"),
         ("IP-CIDR,example.com,proxy", "not an IP CIDR"),
-        ("IP-CIDR,1.0.0.0/8,proxy,no-such-option", "unknown option"),
-        ("DOMAIN,a.com,proxy,src", "unknown option"),
         ("DST-PORT,70000,proxy", "out of"),
         ("DST-PORT,90-80,proxy", "reversed"),
         ("DST-PORT,http,proxy", "not a port"),

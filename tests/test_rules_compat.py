@@ -278,3 +278,40 @@ def test_http_provider_without_cache_or_server_is_an_error(
         load_rules([], {"m": s}, tmp_path, ())
     assert (info.value.file, info.value.line) == ("cfg.yaml", 4)
     assert "no cached copy" in info.value.message and "rules/m.yaml" in info.value.message
+
+
+# --- rule lines: options, PASS, COMPATIBLE, aliases ------------------------------------------
+
+
+def compile_lines(lines: list[str], **kw: Any) -> rules.RuleSet:
+    return rules.compile([RuleSource(t, "c.yaml", i) for i, t in enumerate(lines, 1)], {},
+                         ["proxy"], **kw)
+
+
+def test_options_mihomo_ignores_are_accepted() -> None:
+    rs = compile_lines(["DOMAIN,a.com,proxy,src", "IP-CIDR,10.0.0.0/8,REJECT,no-resolve,foo",
+                        "IP-CIDR,10.0.0.0/8,DROP,src"])
+    assert rs.match(flow("a.com")).target == "proxy"
+    assert rs.match(flow(dst_ip="10.1.1.1")).target == "REJECT"
+    f = FlowMeta("tcp", "10.0.0.2", 1, "8.8.8.8", 53)
+    assert rs.match(f).target == "DROP"  # src: the source address matched
+
+
+def test_pass_goes_on_and_compatible_is_direct() -> None:
+    rs = compile_lines(["DOMAIN-SUFFIX,a.com,PASS", "DOMAIN,x.a.com,proxy", "MATCH,COMPATIBLE"])
+    v = rs.match(flow("x.a.com"))
+    assert (v.target, v.rule and v.rule.line) == ("proxy", 2)
+    v = rs.match(flow("y.a.com"))
+    assert (v.target, v.rule and v.rule.line) == ("DIRECT", 3)
+
+
+def test_aliases_and_refused_targets() -> None:
+    rs = compile_lines(["DOMAIN,a.com,Auto", "MATCH,Final"],
+                       aliases={"Auto": "proxy", "Final": "REJECT"})
+    assert rs.match(flow("a.com")).target == "proxy"
+    assert rs.match(flow("b.com")).target == "REJECT"
+    with pytest.raises(rules.RuleError) as info:
+        compile_lines(["DOMAIN,a.com,proxy", "MATCH,hk-vmess"],
+                      refused={"hk-vmess": "proxy 'hk-vmess' is of type vmess, which tunproxy "
+                                            "does not implement"})
+    assert info.value.line == 2 and "type vmess" in info.value.message

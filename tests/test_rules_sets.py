@@ -192,7 +192,8 @@ def test_classical_set(fixture: str) -> None:
     v = rs.match(flow(dst_ip="1.1.1.1", process=lambda: qb))
     assert v.target == "REJECT"
     assert v.rule_set_entry is not None and v.rule_set_entry.startswith("PROCESS-NAME,qbittorrent")
-    # Entries have no target: the RULE-SET line's is used; a target in an entry is skipped.
+    # Entries have no target: the RULE-SET line's is used; a field after the value is an
+    # option, ignored unless it is one the rule type knows (as mihomo reads it).
     data = rules.parse_rule_set(
         "x",
         "DOMAIN,a.com\nDOMAIN,b.com,DIRECT\n",
@@ -200,8 +201,8 @@ def test_classical_set(fixture: str) -> None:
         format="text",
         file="c.list",
     )
-    assert data.entries == ("DOMAIN,a.com",)
-    assert [line for line, _ in data.skipped] == [2]
+    assert data.entries == ("DOMAIN,a.com", "DOMAIN,b.com,DIRECT")
+    assert one_set(data).match(flow(domain="b.com")).target == "REJECT"
 
 
 def test_rule_set_inside_logic_rule() -> None:

@@ -111,14 +111,32 @@ class _Node:
         self.flow = flow  # a [flow, style] sequence
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 def _plain(node: yaml.Node, loader: yaml.SafeLoader) -> _Node:
     line = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         items: dict[Any, _Node] = {}
+        merged: set[Any] = set()  # keys from a '<<' merge, which the mapping's own override
         for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                # YAML merge key: the mapping's own keys win, then earlier sources.
+                sources = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                           else [value_node])
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode):
+                        raise ConfigError("'<<' merges a mapping (or a list of them)", None,
+                                          source.start_mark.line + 1)
+                    for key, value in _plain(source, loader).value.items():
+                        if key not in items:
+                            items[key] = value
+                            merged.add(key)
+                continue
             key = loader.construct_object(key_node)
-            if key in items:
+            if key in items and key not in merged:
                 raise ConfigError(f"duplicate key {key!r}", None, key_node.start_mark.line + 1)
+            merged.discard(key)
             items[key] = _plain(value_node, loader)
         return _Node(items, line)
     if isinstance(node, yaml.SequenceNode):
@@ -444,6 +462,7 @@ TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-fa
 def parse_config(text: str, path: Path) -> Config:
     """Parse and validate the whole file; raise ConfigError naming file and line."""
     from tunproxy.dns import parse_dns_config
+    from tunproxy.mihomo import Translation, is_mihomo, translate
     from tunproxy.ruleload import load_rules
 
     file = str(path)
@@ -451,6 +470,10 @@ def parse_config(text: str, path: Path) -> Config:
     if not isinstance(root.value, dict):
         raise ConfigError("the top level must be a mapping with at least a 'rules:' list", file,
                           root.line)
+    warnings: list[str] = []
+    mihomo = Translation()
+    if is_mihomo(root):
+        root, mihomo = translate(root, file, warnings)
     for key, value in root.value.items():
         if key not in TOP_LEVEL:
             raise ConfigError(f"unknown section '{key}' (known: {', '.join(TOP_LEVEL)})", file,
@@ -478,8 +501,8 @@ def parse_config(text: str, path: Path) -> Config:
         raise exc from None
     lines = _parse_rule_lines(sections.get("rules"), file)
     rule_sets = _parse_rule_sets(sections.get("rule-sets"), file)
-    warnings: list[str] = []
-    ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams), warnings)
+    ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams), warnings,
+                         aliases=mihomo.aliases, refused=mihomo.refused)
     faults = _parse_faults(sections.get("debug-faults"), file)
     return Config(
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,

@@ -103,10 +103,14 @@ def load_rules(
     base_dir: Path,
     targets: Collection[str],
     warnings: list[str] | None = None,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> rules.RuleSet:
     """Load every declared rule set, then compile the rule lines against them.
-    ``targets`` are the upstream names. Skipped entries are logged, one warning each, and
-    appended to ``warnings``. Raises ConfigError naming file and line."""
+    ``targets`` are the upstream names (``aliases``/``refused``: see ``rules.compile``).
+    Skipped entries are logged, one warning each, and appended to ``warnings``.
+    Raises ConfigError naming file and line."""
     sets = {name: load_rule_set(name, settings, base_dir) for name, settings in rule_sets.items()}
     for data in sets.values():
         for text in skipped_warnings(data):
@@ -114,6 +118,6 @@ def load_rules(
             if warnings is not None:
                 warnings.append(text)
     try:
-        return rules.compile(rule_lines, sets, targets)
+        return rules.compile(rule_lines, sets, targets, aliases=aliases, refused=refused)
     except rules.RuleError as exc:
         raise ConfigError(exc.message, exc.file, exc.line) from None
