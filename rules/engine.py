@@ -31,11 +31,12 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import lru_cache
+from typing import cast
 
 from rules.errors import RuleError
-from rules.model import FlowMeta, ProcessInfo, RuleSource, Verdict
+from rules.model import FlowMeta, GeoIP, ProcessInfo, RuleSource, Verdict
 from rules.provider import EXACT, ONE, PLUS, SUB, RuleSetData
-from rules.syntax import Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
+from rules.syntax import GEOSITE_PREFIX, Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
 from rules.tables import NEVER, Intervals, Keywords
 
 __all__ = ["RuleSet", "compile"]
@@ -83,6 +84,7 @@ class _Ctx:
         "network",
         "sport",
         "src",
+        "subs",
     )
 
     def __init__(self, flow: FlowMeta) -> None:
@@ -97,6 +99,7 @@ class _Ctx:
         self._proc: ProcessInfo | bool | None = False  # False: not asked yet
         self._ips: list[Addr] | None = None
         self.allow_resolve = False
+        self.subs: dict[int, Verdict] | None = None  # SUB-RULE order -> the sub-rule's verdict
 
     def process(self) -> ProcessInfo | None:
         p = self._proc
@@ -137,9 +140,15 @@ def _in_ranges(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
 class _Index:
     """A compiled list of rules; ``first(ctx)`` is the smallest matching order or NEVER."""
 
-    def __init__(self, rule_sets: Mapping[str, RuleSetData], nested: bool) -> None:
+    def __init__(
+        self,
+        rule_sets: Mapping[str, RuleSetData],
+        nested: bool,
+        geo: _Geo | None = None,
+    ) -> None:
         self.rule_sets = rule_sets
         self.nested = nested
+        self.geo = geo if geo is not None else _Geo(None, None)
         self.exact: dict[str, int] = {}
         self.sub: dict[str, int] = {}
         self.one: dict[str, int] = {}
@@ -178,6 +187,8 @@ class _Index:
                 self.resolve_first = min(self.resolve_first, order)
 
     def _set(self, name: str) -> RuleSetData:
+        if name.startswith(GEOSITE_PREFIX):
+            return self.geo.site(name[len(GEOSITE_PREFIX) :])
         data = self.rule_sets.get(name)
         if data is None:
             raise ValueError(f"unknown rule set {name!r}")
@@ -253,8 +264,21 @@ class _Index:
         elif kind == "UID":
             self.uid_items.extend((lo, hi, order) for lo, hi in v)  # type: ignore[attr-defined]
             self.process_first = min(self.process_first, order)
-        else:  # pragma: no cover - syntax only makes the kinds above
-            raise ValueError(f"unknown rule type {kind!r}")
+        elif kind == "GEOIP-LAN":
+            items = self.src_items if src else self.dst_items
+            for c in v:  # type: ignore[attr-defined]
+                items.append((c.v6, c.lo, c.hi, order))
+            if not src and not no_resolve:
+                self.resolve_first = min(self.resolve_first, order)
+        elif kind == "DOMAIN-WILDCARD":
+            self.regex_src.append((order, v))  # type: ignore[arg-type]
+        else:
+            # Not indexed (database lookups, regexes over the process, DSCP, inbounds):
+            # tried in order like a logic rule.
+            pred, needs_proc, resolves = self._leaf_pred(leaf, no_resolve, src)
+            self.preds.append((order, pred, needs_proc))
+            if resolves:
+                self.resolve_first = min(self.resolve_first, order)
 
     # --- logic rules: predicates evaluated in order -----------------------------------------
 
@@ -275,7 +299,7 @@ class _Index:
             key = (node.name, node.no_resolve or no_resolve, node.src or src)
             sub = self._subsets.get(key)
             if sub is None:
-                sub = _Index(self.rule_sets, nested=True)
+                sub = _Index(self.rule_sets, nested=True, geo=self.geo)
                 sub.add_set(self._set(node.name), 0, key[1], key[2])
                 sub.finish()
                 self._subsets[key] = sub
@@ -285,7 +309,10 @@ class _Index:
                 s.needs_process_before(NEVER),
                 s.resolve_first < NEVER,
             )
-        return _leaf_pred(node, no_resolve or node.no_resolve, src or node.src)
+        return self._leaf_pred(node, no_resolve or node.no_resolve, src or node.src)
+
+    def _leaf_pred(self, leaf: Leaf, no_resolve: bool, src: bool) -> tuple[Pred, bool, bool]:
+        return _leaf_pred(leaf, no_resolve, src, self.geo)
 
     # --- freezing into lookup tables --------------------------------------------------------
 
@@ -437,8 +464,97 @@ def _pattern_regex(pattern: str) -> str:
     )
 
 
-def _leaf_pred(leaf: Leaf, no_resolve: bool, src: bool) -> tuple[Pred, bool, bool]:
+class _Geo:
+    """What the compiled rules consult outside themselves: GeoIP/ASN lookups at match time
+    and geosite lists at compile time."""
+
+    def __init__(
+        self, ip: GeoIP | None, site: Callable[[str], RuleSetData] | None
+    ) -> None:
+        self.ip = ip
+        self._site = site
+        self._sites: dict[str, RuleSetData] = {}
+
+    def site(self, code: str) -> RuleSetData:
+        data = self._sites.get(code)
+        if data is None:
+            if self._site is None:
+                raise ValueError(f"GEOSITE,{code} needs a geosite database (none is configured)")
+            data = self._site(code)  # raises ValueError for an unknown list
+            self._sites[code] = data
+        return data
+
+    def lookup(self, what: str) -> GeoIP:
+        if self.ip is None or not self.ip.available(what):
+            rule = "GEOIP" if what == "country" else "IP-ASN"
+            raise ValueError(f"{rule} rules need a {'GeoIP' if what == 'country' else 'ASN'} "
+                             "database (none is configured)")
+        return self.ip
+
+
+def _addresses(c: _Ctx, src: bool) -> list[Addr]:
+    if src:
+        return [c.src] if c.src is not None else []
+    return c.dst_ips()
+
+
+def _leaf_pred(
+    leaf: Leaf, no_resolve: bool, src: bool, geo: _Geo | None = None
+) -> tuple[Pred, bool, bool]:
     kind, v = leaf.kind, leaf.value
+    if kind == "GEOIP-LAN":
+        cidrs = v
+
+        def lan(c: _Ctx) -> bool:
+            return any(a[0] is r.v6 and r.lo <= a[1] <= r.hi
+                       for a in _addresses(c, src) for r in cidrs)  # type: ignore[attr-defined]
+
+        return lan, False, not (src or no_resolve)
+    if kind == "GEOIP":
+        db = (geo or _Geo(None, None)).lookup("country")
+        code = v
+
+        def country(c: _Ctx) -> bool:
+            return any(code in db.countries(a[0], a[1]) for a in _addresses(c, src))
+
+        return country, False, not (src or no_resolve)
+    if kind == "IP-ASN":
+        db = (geo or _Geo(None, None)).lookup("asn")
+        asn = v
+
+        def by_asn(c: _Ctx) -> bool:
+            return any(db.asn(a[0], a[1]) == asn for a in _addresses(c, src))
+
+        return by_asn, False, not (src or no_resolve)
+    if kind == "IP-SUFFIX":
+        v6, low, mask = cast(tuple[bool, int, int], v)
+
+        def suffix(c: _Ctx) -> bool:
+            return any(a[0] is v6 and a[1] & mask == low for a in _addresses(c, src))
+
+        return suffix, False, not (src or no_resolve)
+    if kind == "DOMAIN-WILDCARD":
+        match = re.compile(str(v)).match
+        return (lambda c: c.domain is not None and match(c.domain) is not None), False, False
+    if kind in ("PROCESS-NAME-REGEX", "PROCESS-PATH-REGEX"):
+        search = re.compile(str(v), re.IGNORECASE).search
+        on_path = kind == "PROCESS-PATH-REGEX"
+
+        def by_regex(c: _Ctx) -> bool:
+            p = c.process()
+            return p is not None and search(p.path if on_path else p.name) is not None
+
+        return by_regex, True, False
+    if kind == "DSCP":
+        r = v
+
+        def by_dscp(c: _Ctx) -> bool:
+            d = c.flow.dscp
+            return d is not None and _in_ranges(d, r)  # type: ignore[arg-type]
+
+        return by_dscp, False, False
+    if kind in ("IN-PORT", "IN-TYPE", "IN-USER", "IN-NAME"):
+        return (lambda c: False), False, False
     if kind == "DOMAIN":
         return (lambda c: c.domain == v), False, False
     if kind == "DOMAIN-SUFFIX":
@@ -519,8 +635,10 @@ class RuleSet:
         targets: list[str],
         bases: list[int],
         sets: list[RuleSetData | None],
+        sub_orders: frozenset[int] = frozenset(),
     ) -> None:
         self._index = index
+        self._sub_orders = sub_orders
         self.rules: tuple[RuleSource, ...] = tuple(rules)
         self._targets = targets
         self._bases = bases
@@ -536,9 +654,15 @@ class RuleSet:
         return len(self.rules)
 
     def match(self, flow: FlowMeta) -> Verdict:
-        order = self._index.first(_Ctx(flow))
+        ctx = _Ctx(flow)
+        order = self._index.first(ctx)
         if order >= NEVER:
             return _DEFAULT
+        if order in self._sub_orders and ctx.subs is not None:
+            return ctx.subs[order]
+        return self.verdict_at(order)
+
+    def verdict_at(self, order: int) -> Verdict:
         v = self._verdicts.get(order)
         if v is None:
             v = self._verdict(order)
@@ -593,13 +717,84 @@ def compile(
     *,
     aliases: Mapping[str, str] | None = None,
     refused: Mapping[str, str] | None = None,
+    geoip: GeoIP | None = None,
+    geosite: Callable[[str], RuleSetData] | None = None,
+    sub_rules: Mapping[str, Sequence[RuleSource]] | None = None,
 ) -> RuleSet:
     """Compile rule lines (with the rule sets they reference) for ``targets`` (upstream
     names; DIRECT, REJECT, DROP, REJECT-DROP, COMPATIBLE and PASS are built in).
     ``aliases`` maps more target names onto those; a target in ``refused`` is an error
     with its message. A rule whose target is PASS is checked but never chosen.
+    ``geoip`` answers GEOIP/IP-ASN lookups; ``geosite(code)`` gives a GEOSITE list as a
+    rule set (ValueError when there is none); ``sub_rules`` are the named rule lists
+    ``SUB-RULE,(condition),name`` runs.
     Raises RuleError(message, file, line) for the first bad line."""
-    index = _Index(rule_sets, nested=False)
+    geo = _Geo(geoip, geosite)
+    ctx = _Compiler(rule_sets, targets, aliases, refused, geo, sub_rules or {})
+    return ctx.compile(rule_lines, ())
+
+
+class _Compiler:
+    """Shared by the main rule list and the sub-rule lists it reaches."""
+
+    def __init__(
+        self,
+        rule_sets: Mapping[str, RuleSetData],
+        targets: Collection[str],
+        aliases: Mapping[str, str] | None,
+        refused: Mapping[str, str] | None,
+        geo: _Geo,
+        sub_rules: Mapping[str, Sequence[RuleSource]],
+    ) -> None:
+        self.rule_sets = rule_sets
+        self.targets = targets
+        self.aliases = aliases
+        self.refused = refused
+        self.geo = geo
+        self.sub_rules = sub_rules
+        self.compiled: dict[str, RuleSet] = {}
+
+    def sub(self, name: str, chain: tuple[str, ...]) -> RuleSet:
+        if name in chain:
+            raise ValueError(f"sub-rule {name!r} runs itself ({' -> '.join((*chain, name))})")
+        rs = self.compiled.get(name)
+        if rs is None:
+            lines = self.sub_rules.get(name)
+            if lines is None:
+                raise ValueError(f"unknown sub-rule {name!r}")
+            rs = self.compile(lines, (*chain, name))
+            self.compiled[name] = rs
+        return rs
+
+    def compile(self, rule_lines: Sequence[RuleSource], chain: tuple[str, ...]) -> RuleSet:
+        return _compile_list(self, rule_lines, chain)
+
+
+def _sub_rule_pred(order: int, cond: Pred, sub: RuleSet) -> Pred:
+    def pred(c: _Ctx) -> bool:
+        if not cond(c):
+            return False
+        o = sub._index.first(c)
+        if o >= NEVER:
+            return False  # no sub-rule matched: mihomo goes on with the next rule
+        if o in sub._sub_orders and c.subs is not None and o in c.subs:
+            v = c.subs[o]
+        else:
+            v = sub.verdict_at(o)
+        if c.subs is None:
+            c.subs = {}
+        c.subs[order] = v
+        return True
+
+    return pred
+
+
+def _compile_list(
+    comp: _Compiler, rule_lines: Sequence[RuleSource], chain: tuple[str, ...]
+) -> RuleSet:
+    rule_sets, targets, aliases, refused = comp.rule_sets, comp.targets, comp.aliases, comp.refused
+    index = _Index(rule_sets, nested=False, geo=comp.geo)
+    sub_orders: set[int] = set()
     rules: list[RuleSource] = []
     tgts: list[str] = []
     bases: list[int] = []
@@ -608,6 +803,25 @@ def compile(
     for src in rule_lines:
         parsed = parse_rule_line(src.text, src.file, src.line, targets=targets,
                                  rule_sets=rule_sets, aliases=aliases, refused=refused)
+        if parsed.sub_rule is not None:
+            assert parsed.node is not None
+            try:
+                sub = comp.sub(parsed.sub_rule, chain)
+                cond, needs, resolves = index._pred(parsed.node, False, False)
+            except (ValueError, re.error) as exc:
+                raise RuleError(str(exc), src.file, src.line) from None
+            index.preds.append(
+                (order, _sub_rule_pred(order, cond, sub), needs or sub.needs_process)
+            )
+            if resolves or sub.needs_resolve:
+                index.resolve_first = min(index.resolve_first, order)
+            rules.append(src)
+            tgts.append(f"SUB-RULE {parsed.sub_rule}")
+            bases.append(order)
+            sets.append(None)
+            sub_orders.add(order)
+            order += 1
+            continue
         rules.append(src)
         tgts.append(parsed.target)
         bases.append(order)
@@ -633,4 +847,4 @@ def compile(
         except (ValueError, re.error) as exc:
             raise RuleError(str(exc), src.file, src.line) from None
     index.finish()
-    return RuleSet(index, rules, tgts, bases, sets)
+    return RuleSet(index, rules, tgts, bases, sets, frozenset(sub_orders))

@@ -4,8 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["FlowMeta", "ProcessInfo", "RuleSource", "Verdict"]
+__all__ = ["FlowMeta", "GeoIP", "ProcessInfo", "RuleSource", "Verdict"]
+
+
+class GeoIP(Protocol):
+    """The address databases GEOIP and IP-ASN rules consult (the caller's; looked up at
+    match time, so the caller decides when to open them). Addresses are (is IPv6, int)."""
+
+    def countries(self, v6: bool, addr: int) -> Sequence[str]:
+        """Lower-case country codes (or list names) of the address; empty when unknown."""
+        ...
+
+    def asn(self, v6: bool, addr: int) -> str | None:
+        """The AS number, as decimal digits, or None."""
+        ...
+
+    def available(self, what: str) -> bool:
+        """Whether ``countries`` (``what == "country"``) or ``asn`` (``"asn"``) has a
+        database behind it; checked when a rule needing it is compiled."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +67,7 @@ class FlowMeta:
     domain: str | None = None
     process: Callable[[], ProcessInfo | None] | None = None
     resolved_ips: Callable[[], Sequence[str]] | None = None
+    dscp: int | None = None  # the first packet's DSCP, when the caller knows it
 
 
 @dataclass(frozen=True, slots=True)

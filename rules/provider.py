@@ -73,7 +73,7 @@ class RuleSetData:
 
     def describe(self, index: int) -> str:
         """``"entry (file:line)"`` for the verdict."""
-        if self.format == "mrs":
+        if self.format in ("mrs", "geosite"):
             return f"{self.entries[index]} ({self.file}, entry {self.lines[index]})"
         return f"{self.entries[index]} ({self.file}:{self.lines[index]})"
 
@@ -202,7 +202,8 @@ def parse_entry(behavior: str, entry: str) -> DomainEntry | Cidr | Node:
         return parse_cidr(entry)
     node = parse_condition(entry, None)
     if isinstance(node, SetRef):
-        raise ValueError("RULE-SET cannot be used inside a rule set")
+        what = "GEOSITE" if node.name.startswith("geosite:") else "RULE-SET"
+        raise ValueError(f"{what} cannot be used inside a rule set")
     return node
 
 

@@ -44,15 +44,37 @@ BUILTIN_TARGETS = {
     "PASS": "PASS",
 }
 
-DOMAIN_KINDS = frozenset({"DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "DOMAIN-REGEX"})
+DOMAIN_KINDS = frozenset(
+    {"DOMAIN", "DOMAIN-SUFFIX", "DOMAIN-KEYWORD", "DOMAIN-REGEX", "DOMAIN-WILDCARD"}
+)
 IP_KINDS = frozenset({"IP-CIDR", "IP-CIDR6", "SRC-IP-CIDR"})
+# Looked up in a GeoIP/ASN database, or matched on the address's low bits.
+GEO_KINDS = frozenset(
+    {"GEOIP", "SRC-GEOIP", "IP-ASN", "SRC-IP-ASN", "IP-SUFFIX", "SRC-IP-SUFFIX"}
+)
 PORT_KINDS = frozenset({"DST-PORT", "SRC-PORT"})
-PROCESS_KINDS = frozenset({"PROCESS-NAME", "PROCESS-PATH", "UID"})
+PROCESS_KINDS = frozenset(
+    {"PROCESS-NAME", "PROCESS-PATH", "UID", "PROCESS-NAME-REGEX", "PROCESS-PATH-REGEX"}
+)
+# mihomo's inbound rules: tunproxy has one inbound (the TUN device), with no port, type,
+# user or name that these could test, so they are accepted and never match.
+INBOUND_KINDS = frozenset({"IN-PORT", "IN-TYPE", "IN-USER", "IN-NAME"})
 LOGIC_KINDS = frozenset({"AND", "OR", "NOT"})
-LEAF_KINDS = DOMAIN_KINDS | IP_KINDS | PORT_KINDS | PROCESS_KINDS | {"NETWORK"}
+LEAF_KINDS = (
+    DOMAIN_KINDS | IP_KINDS | GEO_KINDS | PORT_KINDS | PROCESS_KINDS | INBOUND_KINDS
+    | {"NETWORK", "DSCP"}
+)
 # Types whose payload runs to the last comma (mihomo joins the middle fields back).
-_JOINED_PAYLOAD = LOGIC_KINDS | {"DOMAIN-REGEX"}
+_JOINED_PAYLOAD = LOGIC_KINDS | {"DOMAIN-REGEX", "SUB-RULE"}
+# The IP ranges mihomo's GEOIP,LAN covers (Go's netip IsPrivate, IsUnspecified, IsLoopback,
+# IsMulticast, IsLinkLocalUnicast).
+LAN_CIDRS = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "0.0.0.0/32", "127.0.0.0/8",
+    "224.0.0.0/4", "169.254.0.0/16", "fc00::/7", "::/128", "::1/128", "ff00::/8",
+    "fe80::/10",
+)  # fmt: skip
 _OPTIONS = frozenset({"no-resolve", "src"})
+GEOSITE_PREFIX = "geosite:"
 
 
 class Cidr(NamedTuple):
@@ -95,10 +117,12 @@ Node = Leaf | Logic | SetRef
 
 @dataclass(frozen=True, slots=True)
 class ParsedRule:
-    """A full rule line: ``node`` is None for MATCH."""
+    """A full rule line: ``node`` is None for MATCH. For ``SUB-RULE,(cond),name``
+    ``sub_rule`` is the name and ``target`` is empty."""
 
     node: Node | None
     target: str
+    sub_rule: str | None = None
 
 
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -215,11 +239,51 @@ def _leaf(kind: str, value: str, options: list[str]) -> Leaf:
     opts = {o.strip().lower() for o in options}
     no_resolve = "no-resolve" in opts
     src = "src" in opts and kind in ("IP-CIDR", "IP-CIDR6")
+    if kind in ("GEOIP", "IP-ASN", "IP-SUFFIX"):
+        src = "src" in opts
+    elif kind.startswith("SRC-") and kind in GEO_KINDS:
+        kind, src = kind[4:], True
     value = value.strip()
     if not value:
         raise ValueError(f"{kind} needs a value")
     parsed: object
-    if kind in ("DOMAIN", "DOMAIN-SUFFIX"):
+    if kind == "GEOIP" and value.lower() == "lan":
+        kind = "GEOIP-LAN"
+        parsed = tuple(parse_cidr(c) for c in LAN_CIDRS)
+    elif kind == "GEOIP":
+        parsed = value.lower()  # mihomo compares lower-case country codes
+    elif kind == "IP-ASN":
+        if not value.isdigit():
+            raise ValueError(f"IP-ASN takes an AS number, not {value!r}")
+        parsed = str(int(value))
+    elif kind == "IP-SUFFIX":
+        addr, _, bits_text = value.partition("/")
+        try:
+            a = ipaddress.ip_address(addr)
+            bits = int(bits_text) if bits_text else a.max_prefixlen
+        except ValueError:
+            raise ValueError(f"{value!r} is not ADDRESS/BITS") from None
+        if not 0 <= bits <= a.max_prefixlen:
+            raise ValueError(f"{value!r}: bits out of range")
+        mask = (1 << bits) - 1
+        parsed = (a.version == 6, int(a) & mask, mask)
+    elif kind == "DOMAIN-WILDCARD":
+        # '*' any run of characters (dots too), '?' one character (mihomo's wildcard match).
+        pattern = value.lower().rstrip(".")
+        parsed = "^" + "".join(
+            ".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern
+        ) + r"\Z"
+    elif kind in ("PROCESS-NAME-REGEX", "PROCESS-PATH-REGEX"):
+        try:
+            re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"bad regex {value!r}: {exc}") from None
+        parsed = value
+    elif kind == "DSCP":
+        parsed = _parse_ranges(value, 63, "DSCP value")
+    elif kind in INBOUND_KINDS:
+        parsed = value
+    elif kind in ("DOMAIN", "DOMAIN-SUFFIX"):
         parsed = normalize_domain(value)
     elif kind == "DOMAIN-KEYWORD":
         parsed = value.lower()
@@ -281,6 +345,13 @@ def _node(kind: str, payload: str, options: list[str], rule_sets: Container[str]
         if kind == "NOT" and len(children) != 1:
             raise ValueError("NOT takes exactly one sub-rule")
         return Logic(kind, children)
+    if kind == "GEOSITE":
+        # A named list in the geosite database, filed like a RULE-SET (rules.engine asks
+        # the compile-time geosite callback for it).
+        code = payload.strip().lower()
+        if not code:
+            raise ValueError("GEOSITE needs a list name")
+        return SetRef(GEOSITE_PREFIX + code)
     if kind == "RULE-SET":
         name = payload.strip()
         if rule_sets is not None and name not in rule_sets:
@@ -334,6 +405,17 @@ def parse_rule_line(
                 raise ValueError("MATCH takes exactly one field: MATCH,TARGET")
             node: Node | None = None
             target = parts[1]
+        elif kind == "SUB-RULE":
+            # SUB-RULE,(CONDITION),NAME: the condition is one parenthesised sub-rule.
+            if len(parts) < 3:
+                raise ValueError("SUB-RULE needs SUB-RULE,(CONDITION),NAME")
+            cond = ",".join(parts[1:-1]).strip()
+            if not (cond.startswith("(") and cond.endswith(")")):
+                raise ValueError(f"SUB-RULE condition must be in parentheses, not {cond!r}")
+            node = parse_condition(cond[1:-1], rule_sets)
+            if not parts[-1]:
+                raise ValueError("SUB-RULE needs a sub-rule name")
+            return ParsedRule(node, "", parts[-1])
         elif kind in _JOINED_PAYLOAD:
             if len(parts) < 3:
                 raise ValueError(f"{kind} needs a payload and a target")

@@ -401,6 +401,15 @@ def _parse_rule_lines(node: _Node | None, file: str) -> list[Any]:
     return lines
 
 
+def _parse_sub_rules(node: _Node | None, file: str) -> dict[str, list[Any]]:
+    """mihomo's ``sub-rules:``: name -> rule lines, run by ``SUB-RULE,(cond),name``."""
+    if node is None or node.value is None:
+        return {}
+    if not isinstance(node.value, dict):
+        raise ConfigError("'sub-rules' must be a mapping of name -> rule lines", file, node.line)
+    return {str(name): _parse_rule_lines(lines, file) for name, lines in node.value.items()}
+
+
 def _rejoin_flow_rules(items: list[_Node]) -> list[_Node]:
     """``rules: [MATCH,DIRECT]`` is YAML for two items; read it as the one rule it means.
 
@@ -409,7 +418,7 @@ def _rejoin_flow_rules(items: list[_Node]) -> list[_Node]:
     """
     from rules.syntax import LEAF_KINDS, LOGIC_KINDS
 
-    kinds = LEAF_KINDS | LOGIC_KINDS | {"MATCH", "RULE-SET"}
+    kinds = LEAF_KINDS | LOGIC_KINDS | {"MATCH", "RULE-SET", "GEOSITE", "SUB-RULE"}
     joined: list[_Node] = []
     depth = 0
     for item in items:
@@ -456,12 +465,14 @@ def _parse_faults(node: _Node | None, file: str) -> dict[str, Any] | None:
     return faults
 
 
-TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-faults", "log")
+TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-faults", "log",
+             "sub-rules", "geodata")
 
 
 def parse_config(text: str, path: Path) -> Config:
     """Parse and validate the whole file; raise ConfigError naming file and line."""
     from tunproxy.dns import parse_dns_config
+    from tunproxy.geodata import GeoData
     from tunproxy.mihomo import Translation, is_mihomo, translate
     from tunproxy.ruleload import load_rules
 
@@ -501,8 +512,13 @@ def parse_config(text: str, path: Path) -> Config:
         raise exc from None
     lines = _parse_rule_lines(sections.get("rules"), file)
     rule_sets = _parse_rule_sets(sections.get("rule-sets"), file)
+    sub_rules = _parse_sub_rules(sections.get("sub-rules"), file)
+    geo_node = sections.get("geodata")
+    geodata = GeoData.from_settings(_unwrap(geo_node) if geo_node else None, path.parent, file,
+                                    geo_node.line if geo_node else None)
     ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams), warnings,
-                         aliases=mihomo.aliases, refused=mihomo.refused)
+                         aliases=mihomo.aliases, refused=mihomo.refused, geodata=geodata,
+                         sub_rules=sub_rules)
     faults = _parse_faults(sections.get("debug-faults"), file)
     return Config(
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,

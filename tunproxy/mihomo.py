@@ -46,7 +46,7 @@ MIHOMO_KEYS = frozenset({
 })  # fmt: skip
 # tunproxy's own sections, passed through unchanged.
 _NATIVE = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-faults", "log",
-           "controller")
+           "controller", "sub-rules", "geodata")
 _WHY_IGNORED = {
     "mixed-port": "tunproxy has no local proxy port (the TUN device takes the traffic)",
     "port": "tunproxy has no local proxy port",

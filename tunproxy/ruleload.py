@@ -19,6 +19,7 @@ from typing import Any
 import rules
 from rules.provider import detect_format, rule_set_from_entries
 from tunproxy.errors import ConfigError
+from tunproxy.geodata import GeoData
 
 __all__ = ["load_rule_set", "load_rules", "skipped_warnings"]
 
@@ -106,6 +107,8 @@ def load_rules(
     *,
     aliases: Mapping[str, str] | None = None,
     refused: Mapping[str, str] | None = None,
+    geodata: GeoData | None = None,
+    sub_rules: Mapping[str, list[rules.RuleSource]] | None = None,
 ) -> rules.RuleSet:
     """Load every declared rule set, then compile the rule lines against them.
     ``targets`` are the upstream names (``aliases``/``refused``: see ``rules.compile``).
@@ -118,6 +121,9 @@ def load_rules(
             if warnings is not None:
                 warnings.append(text)
     try:
-        return rules.compile(rule_lines, sets, targets, aliases=aliases, refused=refused)
+        return rules.compile(
+            rule_lines, sets, targets, aliases=aliases, refused=refused, geoip=geodata,
+            geosite=geodata.geosite if geodata is not None else None, sub_rules=sub_rules,
+        )
     except rules.RuleError as exc:
         raise ConfigError(exc.message, exc.file, exc.line) from None
