@@ -142,13 +142,22 @@ def test_mihomo_config_loads(tmp_path: Path) -> None:
     assert dns.hosts["router.lan"] == ("192.168.1.1",)
     rs = config.ruleset
     assert rs.match(flow("printer.lan")).target == "DIRECT"
-    assert rs.match(flow("x.ads.example")).target == "REJECT"  # Ads -> REJECT
-    assert rs.match(flow("www.google.com")).target == "jp"  # Proxy -> Auto -> (vm) jp
+    assert rs.match(flow("x.ads.example")).target == "Ads"
+    assert rs.match(flow("www.google.com")).target == "Proxy"
+    groups = {g.name: (g.kind, g.members) for g in config.groups.values()}
+    assert groups == {
+        "Proxy": ("select", ["Auto", "hk", "jp", "DIRECT"]),
+        "Auto": ("url-test", ["jp", "hk"]),
+        "Ads": ("select", ["REJECT", "DIRECT"]),
+    }
+    auto = config.groups["Auto"]
+    assert (auto.url, auto.interval, auto.skipped) == (
+        "http://www.gstatic.com/generate_204", 300.0, ["vm"])
     assert rs.match(flow("hk.example")).target == "hk"
     assert rs.match(flow(dst_ip="1.0.1.9")).target == "DIRECT"
     assert rs.match(flow(dst_ip="10.9.9.9")).target == "DIRECT"  # COMPATIBLE
     v = rs.match(flow("pass.example"))  # PASS: on to MATCH
-    assert v.target == "jp" and v.rule is not None and v.rule.text == "MATCH,Proxy"
+    assert v.target == "Proxy" and v.rule is not None and v.rule.text == "MATCH,Proxy"
 
 
 def test_every_ignored_key_is_one_warning(tmp_path: Path) -> None:
@@ -167,7 +176,7 @@ def test_every_ignored_key_is_one_warning(tmp_path: Path) -> None:
         assert key in by_key, key
         assert by_key[key].startswith(f"{f}:{line_of(anchor)}: "), by_key[key]
     assert any("type 'vmess', which tunproxy does not implement" in w for w in config.warnings)
-    assert any("'Auto' (url-test) goes to 'jp'" in w for w in config.warnings)
+    assert any("'Auto': members vm left out" in w for w in config.warnings)
     assert any("'#PROXY'" in w for w in config.warnings)
     assert any("dhcp://en0" in w for w in config.warnings)
     assert len(config.warnings) == len(set(config.warnings))
@@ -188,6 +197,10 @@ def test_check_prints_the_warning_count(tmp_path: Path,
         (("  - DOMAIN,hk.example,hk", "  - DOMAIN,hk.example,vm"), "DOMAIN,hk.example,vm",
          "proxy 'vm' is of type 'vmess'"),
         (("  - MATCH,Proxy", "  - MATCH,Nowhere"), "MATCH,Nowhere", "unknown target"),
+        (("proxies: [REJECT, DIRECT]}", "proxies: [REJECT, Nope]}"), "name: Ads",
+         "unknown member 'Nope'"),
+        (("    proxies: [vm, jp, hk]", "    proxies: [vm, Proxy]"), "name: Proxy",
+         "cycle: Proxy -> Auto -> Proxy"),
         (("    port: 1081", "    port: 99999"), "server: 10.0.0.2", "not host:port"),
         (("  fake-ip-range: 198.18.0.1/16", "  fake-ip-range: nope"), "fake-ip-range",
          "fake-ip-range"),

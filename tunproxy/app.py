@@ -55,6 +55,10 @@ def build_outbounds(config: Config, resolve: Any | None) -> dict[str, Outbound]:
             )
         else:
             raise SetupError(f"upstream {name}: type {up.type} is not supported yet")
+    if config.groups:
+        from tunproxy.outbounds.group import build_groups
+
+        build_groups(config.groups, outbounds)
     return outbounds
 
 

@@ -95,6 +95,8 @@ class Config:
     # One line per thing left out while loading (a skipped rule-set entry, an unknown
     # mihomo key): "file:line: what: why". Logged as warnings too.
     warnings: list[str] = field(default_factory=list)
+    # Upstream groups (mihomo's proxy-groups): name -> tunproxy.outbounds.group.GroupConfig.
+    groups: dict[str, Any] = field(default_factory=dict)
 
 
 # -- YAML with line numbers ---------------------------------------------------
@@ -516,13 +518,14 @@ def parse_config(text: str, path: Path) -> Config:
     geo_node = sections.get("geodata")
     geodata = GeoData.from_settings(_unwrap(geo_node) if geo_node else None, path.parent, file,
                                     geo_node.line if geo_node else None)
-    ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams), warnings,
+    ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams) | set(mihomo.groups),
+                         warnings,
                          aliases=mihomo.aliases, refused=mihomo.refused, geodata=geodata,
                          sub_rules=sub_rules)
     faults = _parse_faults(sections.get("debug-faults"), file)
     return Config(
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,
-        rule_count=len(lines), fault_injection=faults, warnings=warnings,
+        rule_count=len(lines), fault_injection=faults, warnings=warnings, groups=mihomo.groups,
     )
 
 

@@ -10,8 +10,9 @@ What maps where:
 - ``proxies:`` entries of type ``socks5`` become ``upstreams`` (``server``+``port``,
   ``username``/``password``, ``udp``: false unless given, as in mihomo). Other types are one
   warning each; a rule naming one is an error naming its type.
-- ``proxy-groups:`` become names for their first usable member (mihomo's ``select`` starts
-  there); a group that is not a ``select`` says in a warning that it does not health-check.
+- ``proxy-groups:`` (select, fallback, url-test, load-balance) become
+  ``tunproxy.outbounds.group`` groups; members of types tunproxy lacks are left out with a
+  warning, and a group left empty is refused like such a proxy.
 - ``rule-providers`` is ``rule-sets``; ``hosts`` goes into ``dns.hosts``.
 - ``tun:``: ``device`` -> ``name``, ``inet4-address``/``inet6-address`` -> ``address``,
   ``route-exclude-address`` -> ``route-exclude``, ``include-uid-range``, ``dns-hijack`` ->
@@ -29,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunproxy.config import BUILTIN_TARGETS, _Node
+from tunproxy.config import _Node
 from tunproxy.errors import ConfigError
 
 __all__ = ["MIHOMO_KEYS", "Translation", "is_mihomo", "translate"]
@@ -76,8 +77,9 @@ _DNS_IGNORED = {
 class Translation:
     """What the rule compiler needs beyond the upstream names."""
 
-    aliases: dict[str, str] = field(default_factory=dict)  # group -> target
+    aliases: dict[str, str] = field(default_factory=dict)  # name -> target
     refused: dict[str, str] = field(default_factory=dict)  # proxy -> why it cannot be used
+    groups: dict[str, Any] = field(default_factory=dict)  # name -> outbounds.group.GroupConfig
 
 
 def is_mihomo(root: _Node) -> bool:
@@ -280,43 +282,106 @@ def _proxies(node: _Node | None, ctx: _Ctx, tr: Translation) -> dict[str, _Node]
     return out
 
 
+_GROUP_BUILTINS = {"DIRECT": "DIRECT", "REJECT": "REJECT", "REJECT-DROP": "REJECT",
+                   "COMPATIBLE": "DIRECT", "PASS": "DIRECT"}
+
+
+def _number(g: dict[str, _Node], key: str, default: float, ctx: _Ctx, name: str) -> float:
+    node = g.get(key)
+    if node is None:
+        return default
+    if isinstance(node.value, bool) or not isinstance(node.value, int | float) or node.value < 0:
+        raise ctx.error(node.line, f"proxy group {name!r}: {key} must be a number")
+    return float(node.value)
+
+
 def _groups(node: _Node, ctx: _Ctx, tr: Translation, upstreams: set[str]) -> None:
+    from tunproxy.outbounds.group import GROUP_KINDS, GroupConfig
+
     if not isinstance(node.value, list):
         raise ctx.error(node.line, "'proxy-groups' must be a list")
-    groups: dict[str, tuple[str, list[_Node], int]] = {}
+    raw: dict[str, tuple[dict[str, _Node], int]] = {}
     for item in node.value:
         g = item.value
         if not isinstance(g, dict) or not isinstance(_scalar(g.get("name")), str):
             raise ctx.error(item.line, "a proxy group must be a mapping with name, type, proxies")
         name = g["name"].value
-        members = _as_list(g["proxies"]) if g.get("proxies") is not None else []
+        if name in raw or name in upstreams or name in tr.refused:
+            raise ctx.error(item.line, f"proxy group {name!r}: the name is taken")
+        raw[name] = (g, item.line)
+    for name, (g, line) in raw.items():
+        kind = str(_scalar(g.get("type")))
+        if kind not in GROUP_KINDS:
+            tr.refused[name] = (f"proxy group {name!r} is of type {kind!r}, which tunproxy does "
+                                "not implement")
+            ctx.warnings.append(f"{ctx.file}:{line}: mihomo {tr.refused[name]}; rules naming "
+                                "it are errors")
+            continue
+        for key, value in g.items():
+            if key not in ("name", "type", "proxies", "url", "interval", "timeout",
+                           "tolerance", "lazy", "strategy", "use", "expected-status",
+                           "max-failed-times"):
+                ctx.warn(value.line, f"proxy-groups.{name}.{key}", "not implemented")
         if "use" in g:
             ctx.warn(g["use"].line, f"proxy-groups.{name}.use", "proxy providers are not "
                      "implemented")
-        groups[name] = (str(_scalar(g.get("type"))), members, item.line)
+        members: list[str] = []
+        skipped: list[str] = []
+        for m in _as_list(g["proxies"]) if g.get("proxies") is not None else []:
+            member = str(m.value)
+            member = _GROUP_BUILTINS.get(member, member)
+            if member in upstreams or member in raw or member in ("DIRECT", "REJECT"):
+                members.append(member)
+            elif member in tr.refused:
+                skipped.append(member)
+            else:
+                raise ctx.error(m.line, f"proxy group {name!r}: unknown member {member!r}")
+        if skipped:
+            ctx.warnings.append(f"{ctx.file}:{line}: mihomo proxy group {name!r}: members "
+                                f"{', '.join(skipped)} left out (types tunproxy lacks)")
+        strategy = _scalar(g.get("strategy"))
+        if kind == "load-balance" and strategy not in (None, "consistent-hashing"):
+            ctx.warn(g["strategy"].line, f"proxy-groups.{name}.strategy {strategy!r}",
+                     "tunproxy balances by consistent hashing of the destination",
+                     "consistent-hashing used")
+        interval = _number(g, "interval", 300.0, ctx, name)
+        tr.groups[name] = GroupConfig(
+            name=name, kind=kind, members=members,
+            url=str(_scalar(g.get("url")) or "http://www.gstatic.com/generate_204"),
+            interval=interval or 300.0,
+            # mihomo's timeout is in milliseconds.
+            timeout=_number(g, "timeout", 5000.0, ctx, name) / 1000.0 or 5.0,
+            tolerance=_number(g, "tolerance", 0.0, ctx, name), line=line, file=ctx.file,
+            skipped=skipped,
+        )
+    # Groups left with no member, and groups whose members are all such groups, are refused.
+    changed = True
+    while changed:
+        changed = False
+        for name, gc in list(tr.groups.items()):
+            gc.members = [m for m in gc.members if m not in tr.refused]
+            if not gc.members:
+                tr.refused[name] = f"proxy group {name!r} has no member tunproxy can use"
+                ctx.warnings.append(f"{ctx.file}:{gc.line}: mihomo {tr.refused[name]}")
+                del tr.groups[name]
+                changed = True
+    _check_cycles(tr.groups, ctx)
 
-    def resolve(name: str, seen: tuple[str, ...]) -> str | None:
-        if name in BUILTIN_TARGETS or name in ("COMPATIBLE", "PASS") or name in upstreams:
-            return name
-        if name not in groups or name in seen:
-            return None
-        for m in groups[name][1]:
-            target = resolve(str(m.value), (*seen, name))
-            if target is not None:
-                return target
-        return None
 
-    for name, (kind, members, line) in groups.items():
-        target = resolve(name, ())
-        if target is None:
-            names = ", ".join(str(m.value) for m in members) or "none"
-            tr.refused[name] = (f"proxy group {name!r} has no member tunproxy can use "
-                                f"(members: {names})")
-            ctx.warnings.append(f"{ctx.file}:{line}: mihomo {tr.refused[name]}")
-            continue
-        tr.aliases[name] = target
-        first = str(members[0].value) if members else None
-        if kind != "select" or (first != target and resolve(first or "", ()) != target):
-            ctx.warnings.append(
-                f"{ctx.file}:{line}: mihomo proxy group {name!r} ({kind}) goes to {target!r}, "
-                "its first usable member (groups do not switch or health-check yet)")
+def _check_cycles(groups: dict[str, Any], ctx: _Ctx) -> None:
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join((*chain, name))
+            raise ctx.error(groups[name].line, f"proxy groups in a cycle: {cycle}")
+        state[name] = 1
+        for m in groups[name].members:
+            if m in groups:
+                visit(m, (*chain, name))
+        state[name] = 2
+
+    for name in groups:
+        visit(name, ())

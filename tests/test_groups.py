@@ -1,0 +1,160 @@
+"""Upstream groups: the sans-I/O choice (GroupState), and a fallback group over two real
+SOCKS5 servers (microsocks) losing and regaining a member while tunproxy runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import PROXY4, SERVER4, Topology, topology
+from tunproxy.outbounds.group import GroupState
+
+# --- GroupState ---------------------------------------------------------------------------
+
+
+def test_select_keeps_its_choice() -> None:
+    s = GroupState("select", ["a", "b"])
+    assert s.order("x") == ["a"]
+    s.report("a", None)  # select does not fail over
+    assert s.order("x") == ["a"]
+    s.select("b")
+    assert s.order("x") == ["b"]
+    with pytest.raises(ValueError):
+        s.select("c")
+
+
+def test_fallback_takes_the_first_alive_and_comes_back() -> None:
+    s = GroupState("fallback", ["a", "b", "c"])
+    assert s.order("x") == ["a", "b", "c"]
+    s.report("a", None)
+    assert s.order("x") == ["b", "c", "a"]
+    s.report("a", 0.05)
+    assert s.order("x")[0] == "a"
+
+
+def test_url_test_prefers_the_fastest_within_tolerance() -> None:
+    s = GroupState("url-test", ["a", "b"], tolerance=50)
+    s.report("a", 0.200)
+    s.report("b", 0.100)
+    assert s.order("x")[0] == "b"
+    s.report("a", 0.080)  # faster, but by less than 50 ms: no switch
+    assert s.order("x")[0] == "b"
+    s.report("a", 0.010)
+    assert s.order("x")[0] == "a"
+    s.report("a", None)
+    assert s.order("x") == ["b", "a"]
+
+
+def test_load_balance_is_consistent() -> None:
+    members = ["a", "b", "c", "d"]
+    s = GroupState("load-balance", members)
+    keys = [f"host{i}.example" for i in range(400)]
+    before = {k: s.order(k)[0] for k in keys}
+    assert before == {k: s.order(k)[0] for k in keys}  # stable
+    assert set(before.values()) == set(members)  # spread over all
+    s.report("c", None)
+    after = {k: s.order(k)[0] for k in keys}
+    moved = {k for k in keys if before[k] != after[k]}
+    assert moved == {k for k in keys if before[k] == "c"}  # only c's destinations move
+    assert "c" not in after.values()
+
+
+# --- end to end: fallback over two microsocks ---------------------------------------------
+
+A_OUT, B_OUT = "10.232.0.3", "10.232.0.4"  # where each proxy's connections come from
+PEER_PORT, HTTP_PORT = 9300, 9380
+INTERVAL = 2
+
+# Answers each connection with the address it came from.
+PEER = f"""
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{SERVER4}", {PEER_PORT})); s.listen(64)
+while True:
+    c, (ip, _) = s.accept()
+    c.sendall(ip.encode() + b"\\n"); c.close()
+"""
+
+CONFIG = f"""\
+tun:
+  device: tp0
+proxies:
+  - {{name: a, type: socks5, server: {PROXY4}, port: 1080}}
+  - {{name: b, type: socks5, server: {PROXY4}, port: 1081}}
+proxy-groups:
+  - name: G
+    type: fallback
+    proxies: [a, b]
+    url: http://{SERVER4}:{HTTP_PORT}/
+    interval: {INTERVAL}
+    timeout: 1000
+rules:
+  - MATCH,G
+"""
+
+
+class Lab:
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        s = topo.server
+        for addr in (A_OUT, B_OUT):
+            s.run("ip", "addr", "add", f"{addr}/32", "dev", "lo")
+        s.spawn(sys.executable, "-c", PEER)
+        s.spawn(sys.executable, "-m", "http.server", "--bind", SERVER4, str(HTTP_PORT))
+        self.a = self.start("a")
+        self.b = self.start("b")
+        s.wait_tcp_listening(PEER_PORT)
+        s.wait_tcp_listening(HTTP_PORT)
+
+    def start(self, which: str) -> object:
+        port, out = (1080, A_OUT) if which == "a" else (1081, B_OUT)
+        proc = self.topo.server.spawn("microsocks", "-i", PROXY4, "-p", str(port), "-b", out)
+        self.topo.server.wait_tcp_listening(port)
+        return proc
+
+    def via(self) -> str | None:
+        """Which proxy a new flow went through (its outgoing address), None if it failed."""
+        try:
+            with self.topo.client.connect(SERVER4, PEER_PORT, timeout=5) as sock:
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data.decode().strip() or None
+        except OSError:
+            return None
+
+    def wait_via(self, expected: str, within: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < within:
+            if self.via() == expected:
+                return time.monotonic() - start
+            time.sleep(0.2)
+        raise AssertionError(f"new flows did not go through {expected} within {within} s")
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with topology(tmp_path) as topo:
+        yield Lab(topo)
+
+
+@pytest.mark.netns
+def test_fallback_group_moves_to_the_live_member_and_back(lab: Lab) -> None:
+    tp = lab.topo.start_tunproxy(CONFIG)
+    assert lab.via() == A_OUT
+    lab.a.kill()  # type: ignore[attr-defined]
+    lab.a.wait(timeout=10)  # type: ignore[attr-defined]
+    # A failed connect marks the member dead at once; the health check would within INTERVAL.
+    lab.wait_via(B_OUT, within=INTERVAL + 10)
+    assert lab.via() == B_OUT
+    tp.wait_for_log(r"group G: member a is down")
+    lab.a = lab.start("a")
+    lab.wait_via(A_OUT, within=INTERVAL * 2 + 10)
+    tp.wait_for_log(r"group G: member a is up")
