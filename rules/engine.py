@@ -31,11 +31,11 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import lru_cache
-from typing import cast
+from typing import Any, cast
 
 from rules.errors import RuleError
 from rules.model import FlowMeta, GeoIP, ProcessInfo, RuleSource, Verdict
-from rules.provider import EXACT, ONE, PLUS, SUB, RuleSetData
+from rules.provider import EXACT, ONE, PLUS, PLUS_PATTERN, SUB, RuleSetData
 from rules.syntax import GEOSITE_PREFIX, Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
 from rules.tables import NEVER, Intervals, Keywords
 
@@ -45,7 +45,7 @@ Addr = tuple[bool, int]  # (is IPv6, address as int); IPv4-mapped IPv6 is IPv4
 _DEFAULT = Verdict("DIRECT", None, None)
 
 # Stage kinds.
-_PRED, _PROC, _RESOLVE = 0, 1, 2
+_PRED, _PROC, _RESOLVE, _SWAP = 0, 1, 2, 3
 
 
 @lru_cache(maxsize=16384)
@@ -75,6 +75,7 @@ class _Ctx:
 
     __slots__ = (
         "_ips",
+        "_parent",
         "_proc",
         "allow_resolve",
         "domain",
@@ -100,8 +101,30 @@ class _Ctx:
         self._ips: list[Addr] | None = None
         self.allow_resolve = False
         self.subs: dict[int, Verdict] | None = None  # SUB-RULE order -> the sub-rule's verdict
+        self._parent: _Ctx | None = None
+
+    def swapped(self) -> _Ctx:
+        """The flow with source and destination (addresses and ports) swapped, as mihomo's
+        ``SwapSrcDst`` does for ``RULE-SET,...,src``; the domain stays. The destination
+        address it swaps is the resolved one when resolution is allowed at this point."""
+        s = _Ctx.__new__(_Ctx)
+        s.flow = self.flow
+        s.domain = self.domain
+        ips = self.dst_ips()
+        s.src = ips[0] if ips else None
+        s.dst = self.src
+        s.sport, s.dport = self.dport, self.sport
+        s.network = self.network
+        s._proc = False
+        s._ips = []
+        s.allow_resolve = False
+        s.subs = None
+        s._parent = self
+        return s
 
     def process(self) -> ProcessInfo | None:
+        if self._parent is not None:
+            return self._parent.process()
         p = self._proc
         if p is False:
             getter = self.flow.process
@@ -110,15 +133,24 @@ class _Ctx:
         return p  # type: ignore[return-value]
 
     def resolved(self) -> list[Addr]:
+        """The one address mihomo's resolver hands the rules: an IPv4 one when there is
+        any, else an IPv6 one (mihomo picks at random among them; we take the first)."""
         if self._ips is None:
             getter = self.flow.resolved_ips
-            ips: list[Addr] = []
+            v6: Addr | None = None
+            picked: Addr | None = None
             if getter is not None and self.domain is not None:
                 for text in getter():
                     a = _addr(text)
-                    if a is not None:
-                        ips.append(a)
-            self._ips = ips
+                    if a is None:
+                        continue
+                    if not a[0]:
+                        picked = a
+                        break
+                    if v6 is None:
+                        v6 = a
+            picked = picked or v6
+            self._ips = [picked] if picked is not None else []
         return self._ips
 
     def dst_ips(self) -> list[Addr]:
@@ -163,6 +195,9 @@ class _Index:
         self.pname: dict[str, int] = {}
         self.ppath: dict[str, int] = {}
         self.preds: list[tuple[int, Pred, bool]] = []  # (order, predicate, needs process)
+        # RULE-SET,...,src over a classical set: (base order, the set on its own), evaluated
+        # on the swapped flow.
+        self.swaps: list[tuple[int, _Index]] = []
         self.match_order = NEVER
         self.resolve_first = NEVER  # order of the first rule that resolves the domain
         self.process_first = NEVER  # order of the first plain process/uid rule
@@ -212,6 +247,8 @@ class _Index:
                     sub.setdefault(d, order)
                 elif mode is ONE:
                     one.setdefault(d, order)
+                elif mode is PLUS_PATTERN:
+                    self.regex_src.append((order, _pattern_regex(d, plus=True)))
                 else:
                     self.regex_src.append((order, _pattern_regex(d)))
         elif data.behavior == "ipcidr":
@@ -221,6 +258,11 @@ class _Index:
                 items.append((c.v6, c.lo, c.hi, base + i))
             if not src and not no_resolve and parsed:
                 self.resolve_first = min(self.resolve_first, base)
+        elif src:
+            swapped = self._swapped_set(data, no_resolve)
+            self.swaps.append((base, swapped))
+            if swapped.resolve_first < NEVER:
+                self.resolve_first = min(self.resolve_first, base)
         else:
             before = self.resolve_first
             for i, node in enumerate(parsed):
@@ -229,6 +271,16 @@ class _Index:
                 # mihomo resolves before trying a classical set that holds an IP rule, so
                 # every entry of the set (no-resolve ones too) sees the address.
                 self.resolve_first = base
+
+    def _swapped_set(self, data: RuleSetData, no_resolve: bool) -> _Index:
+        key = (data.name, no_resolve, True)
+        sub = self._subsets.get(key)
+        if sub is None:
+            sub = _Index(self.rule_sets, nested=True, geo=self.geo)
+            sub.add_set(data, 0, no_resolve, False)
+            sub.finish()
+            self._subsets[key] = sub
+        return sub
 
     def _add_leaf(self, leaf: Leaf, order: int, no_resolve: bool, src: bool) -> None:
         kind, v = leaf.kind, leaf.value
@@ -297,6 +349,14 @@ class _Index:
             return (lambda c: not only(c)), needs, resolves
         if isinstance(node, SetRef):
             key = (node.name, node.no_resolve or no_resolve, node.src or src)
+            data = self._set(node.name)
+            if key[2] and data.behavior == "classical":
+                swapped = self._swapped_set(data, key[1])
+                return (
+                    (lambda c: swapped.first(c.swapped()) < NEVER),
+                    swapped.needs_process_before(NEVER),
+                    swapped.resolve_first < NEVER,
+                )
             sub = self._subsets.get(key)
             if sub is None:
                 sub = _Index(self.rule_sets, nested=True, geo=self.geo)
@@ -345,9 +405,10 @@ class _Index:
             ]
         )
         self.network_min = min(self.network.values(), default=NEVER)
-        stages: list[tuple[int, int, Pred | None]] = [(o, _PRED, p) for o, p, _ in self.preds]
+        stages: list[tuple[int, int, Any]] = [(o, _PRED, p) for o, p, _ in self.preds]
         if self.process_first < NEVER:
             stages.append((self.process_first, _PROC, None))
+        stages.extend((o, _SWAP, sub) for o, sub in self.swaps)
         if self.dst_items:
             r = min(o for *_, o in self.dst_items) if self.nested else self.resolve_first
             if r < NEVER:
@@ -365,7 +426,11 @@ class _Index:
         self.rule_sets = {}
 
     def needs_process_before(self, limit: int) -> bool:
-        return self.process_first < limit or any(o < limit and n for o, _, n in self.preds)
+        return (
+            self.process_first < limit
+            or any(o < limit and n for o, _, n in self.preds)
+            or any(o < limit and sub.needs_process_before(NEVER) for o, sub in self.swaps)
+        )
 
     # --- matching -----------------------------------------------------------------------------
 
@@ -435,8 +500,14 @@ class _Index:
             if kind == _PRED:
                 if not self.nested:
                     c.allow_resolve = o >= self.resolve_first
-                if pred(c):  # type: ignore[misc]
+                if pred(c):
                     best = o
+            elif kind == _SWAP:
+                if not self.nested:
+                    c.allow_resolve = o >= self.resolve_first
+                found = pred.first(c.swapped())
+                if o + found < best:
+                    best = o + found
             elif kind == _PROC:
                 p = c.process()
                 if p is not None:
@@ -455,10 +526,11 @@ class _Index:
         return best
 
 
-def _pattern_regex(pattern: str) -> str:
-    """A domain with ``*`` labels (one label each) as an anchored regex."""
+def _pattern_regex(pattern: str, plus: bool = False) -> str:
+    """A domain with ``*`` labels (one label each) as an anchored regex; ``plus``: it or
+    any name under it (``+.*.x`` is ``*.x`` and everything below, as in mihomo's trie)."""
     return (
-        "^"
+        ("^(?:.+\\.)?" if plus else "^")
         + r"\.".join("[^.]+" if lbl == "*" else re.escape(lbl) for lbl in pattern.split("."))
         + r"\Z"
     )
@@ -639,6 +711,7 @@ class RuleSet:
     ) -> None:
         self._index = index
         self._sub_orders = sub_orders
+        self._udp: RuleSet | None = None
         self.rules: tuple[RuleSource, ...] = tuple(rules)
         self._targets = targets
         self._bases = bases
@@ -653,7 +726,15 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.rules)
 
+    def attach_udp(self, udp: RuleSet) -> None:
+        """Serve UDP flows from ``udp`` (the rules without targets lacking UDP)."""
+        self._udp = udp
+        self.needs_process = self.needs_process or udp.needs_process
+        self.needs_resolve = self.needs_resolve or udp.needs_resolve
+
     def match(self, flow: FlowMeta) -> Verdict:
+        if self._udp is not None and flow.network.lower() == "udp":
+            return self._udp.match(flow)
         ctx = _Ctx(flow)
         order = self._index.first(ctx)
         if order >= NEVER:
@@ -675,6 +756,8 @@ class RuleSet:
 
         ``flow.process`` is replaced by a memo of itself, so the process is looked up at most
         once across this call and the following ``match``."""
+        if self._udp is not None and flow.network.lower() == "udp":
+            return self._udp.needs_resolve_for(flow)
         if not self.needs_resolve or flow.dst_ip is not None or not flow.domain:
             return False
         getter = flow.process
@@ -720,6 +803,7 @@ def compile(
     geoip: GeoIP | None = None,
     geosite: Callable[[str], RuleSetData] | None = None,
     sub_rules: Mapping[str, Sequence[RuleSource]] | None = None,
+    no_udp: Collection[str] = (),
 ) -> RuleSet:
     """Compile rule lines (with the rule sets they reference) for ``targets`` (upstream
     names; DIRECT, REJECT, DROP, REJECT-DROP, COMPATIBLE and PASS are built in).
@@ -727,11 +811,18 @@ def compile(
     with its message. A rule whose target is PASS is checked but never chosen.
     ``geoip`` answers GEOIP/IP-ASN lookups; ``geosite(code)`` gives a GEOSITE list as a
     rule set (ValueError when there is none); ``sub_rules`` are the named rule lists
-    ``SUB-RULE,(condition),name`` runs.
+    ``SUB-RULE,(condition),name`` runs. A UDP flow skips rules whose target is in
+    ``no_udp`` (upstreams without UDP), as mihomo moves on to the next rule: when a rule
+    names one, a second index without them serves UDP flows.
     Raises RuleError(message, file, line) for the first bad line."""
     geo = _Geo(geoip, geosite)
-    ctx = _Compiler(rule_sets, targets, aliases, refused, geo, sub_rules or {})
-    return ctx.compile(rule_lines, ())
+    comp = _Compiler(rule_sets, targets, aliases, refused, geo, sub_rules or {})
+    main = comp.compile(rule_lines, ())
+    skip = frozenset(no_udp)
+    if skip and skip.intersection(main._targets):
+        udp = _Compiler(rule_sets, targets, aliases, refused, geo, sub_rules or {}, skip)
+        main.attach_udp(udp.compile(rule_lines, ()))
+    return main
 
 
 class _Compiler:
@@ -745,7 +836,9 @@ class _Compiler:
         refused: Mapping[str, str] | None,
         geo: _Geo,
         sub_rules: Mapping[str, Sequence[RuleSource]],
+        pass_targets: frozenset[str] = frozenset(),
     ) -> None:
+        self.pass_targets = pass_targets
         self.rule_sets = rule_sets
         self.targets = targets
         self.aliases = aliases
@@ -768,6 +861,26 @@ class _Compiler:
 
     def compile(self, rule_lines: Sequence[RuleSource], chain: tuple[str, ...]) -> RuleSet:
         return _compile_list(self, rule_lines, chain)
+
+
+_RESOLVING = frozenset({"IP-CIDR", "IP-CIDR6", "GEOIP", "GEOIP-LAN", "IP-ASN", "IP-SUFFIX"})
+
+
+def _resolves(index: _Index, node: Node, no_resolve: bool, src: bool) -> bool:
+    """Whether mihomo resolves the domain on reaching this rule (ShouldResolveIP)."""
+    if isinstance(node, Leaf):
+        return (node.kind in _RESOLVING and not (no_resolve or node.no_resolve)
+                and not (src or node.src))
+    if isinstance(node, Logic):
+        return any(_resolves(index, c, no_resolve, src) for c in node.children)
+    if node.no_resolve or no_resolve:
+        return False
+    data = index._set(node.name)
+    if data.behavior == "ipcidr":
+        return not (node.src or src) and len(data) > 0
+    if data.behavior == "classical":
+        return any(_resolves(index, e, False, False) for e in data.parsed)  # type: ignore[arg-type]
+    return False
 
 
 def _sub_rule_pred(order: int, cond: Pred, sub: RuleSet) -> Pred:
@@ -827,8 +940,11 @@ def _compile_list(
         bases.append(order)
         node = parsed.node
         try:
-            if parsed.target == "PASS":
-                # mihomo goes on to the next rule: for the verdict it is not there.
+            if parsed.target == "PASS" or parsed.target in comp.pass_targets:
+                # mihomo goes on to the next rule: for the verdict it is not there, but an
+                # IP rule reached still resolves the domain for the rules after it.
+                if node is not None and _resolves(index, node, False, False):
+                    index.resolve_first = min(index.resolve_first, order)
                 sets.append(None)
                 order += 1
             elif node is None:

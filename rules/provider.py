@@ -46,6 +46,7 @@ _YAML_HEAD = re.compile(rb"^(?:payload|rules)[ \t]*:", re.MULTILINE)
 
 # How a domain-behaviour entry matches (DomainEntry.mode).
 EXACT, PLUS, SUB, ONE, PATTERN = "exact", "plus", "sub", "one", "pattern"
+PLUS_PATTERN = "plus-pattern"
 
 
 class DomainEntry(NamedTuple):
@@ -86,8 +87,15 @@ def detect_format(data: bytes) -> str:
 
 
 def parse_domain_entry(text: str) -> DomainEntry:
-    """One domain-behaviour entry. Raises ValueError."""
+    """One domain-behaviour entry. Raises ValueError, also for entries mihomo keeps but that
+    can never match there: a trailing dot (mihomo's trie refuses it) and non-ASCII names
+    (mihomo compares them with punycode hosts; write them as xn--...)."""
     t = text.strip()
+    if t.endswith("."):
+        raise ValueError("a trailing dot: mihomo refuses such an entry")
+    if not t.isascii():
+        raise ValueError("not ASCII: mihomo compares entries with punycode host names, so it "
+                         "never matches; write it in punycode (xn--...)")
     if t.startswith("+."):
         mode, rest = PLUS, t[2:]
     elif t.startswith("*."):
@@ -99,7 +107,9 @@ def parse_domain_entry(text: str) -> DomainEntry:
     d = normalize_domain(rest, wildcard=True)
     if "*" in d.split("."):
         # A '*' label anywhere else: keep the whole pattern (with the leading label).
-        return DomainEntry(PATTERN, normalize_domain(t, wildcard=True) if mode != PLUS else d)
+        if mode == PLUS:
+            return DomainEntry(PLUS_PATTERN, d)
+        return DomainEntry(PATTERN, normalize_domain(t, wildcard=True))
     return DomainEntry(mode, d)
 
 

@@ -5,11 +5,12 @@ A line is ``TYPE,VALUE,TARGET[,OPTION...]``, ``MATCH,TARGET``, or a logic rule
 As in mihomo's ``parseRules``, for logic rules and ``DOMAIN-REGEX`` everything between the
 type and the last field is the payload (a regex may hold commas), and they take no options.
 Values are normalised here once (domains lower-case, no trailing dot, IDN in punycode;
-CIDRs as integer ranges with IPv4-mapped IPv6 folded into IPv4), so matching never does it.
+CIDRs as integer ranges), so matching never does it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Container, Mapping
@@ -151,7 +152,8 @@ def normalize_domain(value: str, *, wildcard: bool = False) -> str:
 
 def parse_cidr(value: str) -> Cidr:
     """``1.2.3.0/24``, ``2001:db8::/32`` or a bare address; host bits are masked off
-    (as mihomo's ``netip.Prefix.Masked``). ``::ffff:a.b.c.d/n`` (n >= 96) becomes IPv4."""
+    (as mihomo's ``netip.Prefix.Masked``). ``::ffff:a.b.c.d/n`` stays an IPv6 range: flow
+    addresses are unmapped (IPv4-mapped is IPv4), so, as in mihomo, it matches nothing."""
     text = value.strip()
     m = _V4_CIDR_RE.match(text)
     if m is not None:
@@ -175,8 +177,6 @@ def parse_cidr(value: str) -> Cidr:
     lo = int(net.network_address)
     hi = int(net.broadcast_address)
     if net.version == 6:
-        if net.prefixlen >= 96 and lo >> 32 == 0xFFFF:
-            return Cidr(False, lo & 0xFFFFFFFF, hi & 0xFFFFFFFF)
         return Cidr(True, lo, hi)
     return Cidr(False, lo, hi)
 
@@ -212,8 +212,6 @@ def _parse_v6_cidr(text: str) -> Cidr | None:
         plen = 128
     host = (1 << (128 - plen)) - 1
     lo = n & ~host
-    if plen >= 96 and lo >> 32 == 0xFFFF:
-        return Cidr(False, lo & 0xFFFFFFFF, (lo | host) & 0xFFFFFFFF)
     return Cidr(True, lo, lo | host)
 
 
@@ -286,7 +284,11 @@ def _leaf(kind: str, value: str, options: list[str]) -> Leaf:
     elif kind in ("DOMAIN", "DOMAIN-SUFFIX"):
         parsed = normalize_domain(value)
     elif kind == "DOMAIN-KEYWORD":
+        # mihomo: idna.ToASCII(lower(keyword)), so an IDN keyword meets punycode hosts.
         parsed = value.lower()
+        if not parsed.isascii():
+            with contextlib.suppress(UnicodeError):
+                parsed = parsed.encode("idna").decode("ascii")
     elif kind == "DOMAIN-REGEX":
         try:
             re.compile(value, re.IGNORECASE)

@@ -64,11 +64,13 @@ CASES: list[tuple[str, dict[str, Any], bool]] = [
     (AD_REGEX, {"domain": "ad12.example.net"}, True),
     (AD_REGEX, {"domain": "ad1234.example.net"}, False),
     (r"DOMAIN-REGEX,cdn,proxy", {"domain": "x.cdn.y"}, True),
-    # IP-CIDR / IP-CIDR6, v4-mapped folded into v4 on both sides
+    # IP-CIDR / IP-CIDR6: a v4-mapped flow address is IPv4; a v4-mapped CIDR stays IPv6
+    # and so, as in mihomo (netip.Prefix.Contains), matches no flow
     ("IP-CIDR,93.184.216.0/24,proxy", {}, True),
     ("IP-CIDR,93.184.217.0/24,proxy", {}, False),
     ("IP-CIDR,93.184.216.34/32,proxy", {"dst_ip": "::ffff:93.184.216.34"}, True),
-    ("IP-CIDR6,::ffff:93.184.216.0/120,proxy", {}, True),
+    ("IP-CIDR6,::ffff:93.184.216.0/120,proxy", {}, False),
+    ("IP-CIDR6,::ffff:93.184.216.0/120,proxy", {"dst_ip": "::ffff:93.184.216.34"}, False),
     ("IP-CIDR,93.184.216.34/24,proxy", {}, True),  # host bits masked, as mihomo does
     ("IP-CIDR6,2001:db8::/32,proxy", {"dst_ip": "2001:db8:1::5"}, True),
     ("IP-CIDR6,2001:db8::/32,proxy", {"dst_ip": "2001:db9::5"}, False),
@@ -276,9 +278,12 @@ def test_no_resolve_skips_domain_only_flows() -> None:
 def test_ip_rule_resolves_domain_when_reached() -> None:
     rs = compile_lines(["DOMAIN,early.com,other", "IP-CIDR,1.0.0.0/8,proxy", "MATCH,DIRECT"])
     assert rs.needs_resolve
-    get, calls = resolver(["9.9.9.9", "1.2.3.4"])
+    # Of several addresses the rules see one: the first IPv4 one (mihomo: a random IPv4 one).
+    get, calls = resolver(["2001:db8::1", "1.2.3.4", "9.9.9.9"])
     assert rs.match(flow(dst_ip=None, domain="a.com", resolved_ips=get)).target == "proxy"
     assert calls[0] == 1
+    get, _ = resolver(["9.9.9.9", "1.2.3.4"])
+    assert rs.match(flow(dst_ip=None, domain="a.com", resolved_ips=get)).target == "DIRECT"
     get, calls = resolver(["1.2.3.4"])
     assert rs.match(flow(dst_ip=None, domain="early.com", resolved_ips=get)).target == "other"
     assert calls[0] == 0  # an earlier rule matched: never resolved

@@ -1,7 +1,10 @@
 """The indexed engine against a plain first-match interpreter, on random rules and flows.
 
 The reference walks the rules one by one with mihomo's semantics (``tunnel.match``): the
-first rule that needs an address resolves the domain, and every later IP rule sees it. Both
+first rule that needs an address resolves the domain to one address (an IPv4 one when there
+is any: mihomo picks one at random, tunproxy and the reference the first), and every later IP
+rule sees it; ``RULE-SET,...,src`` matches its set against the flow with source and
+destination swapped (``SwapSrcDst``); a UDP flow skips rules whose target has no UDP. Both
 must name the same rule (and rule-set entry), call the process lookup only when a linear
 scan would reach a process rule, and never call the resolver when a linear scan would not.
 """
@@ -44,7 +47,7 @@ CIDRS = [
 PORTS = ["80", "443", "400-500", "80/8080", "1-1000"]
 PROCS = [ProcessInfo(1, "curl", "/usr/bin/curl", 1000), ProcessInfo(2, "apt", "/usr/bin/apt", 0)]
 
-DOMAIN_SET = ["+.a.com", ".b.net", "*.ab.com", "c.net", "a.*.com"]
+DOMAIN_SET = ["+.a.com", ".b.net", "*.ab.com", "c.net", "a.*.com", "+.*.b.com"]
 IP_SET = ["10.0.1.0/24", "2001:db8:1::/48", "192.0.2.9"]
 CLASSICAL_SET = [
     "DOMAIN-KEYWORD,ab",
@@ -88,7 +91,7 @@ conditions = st.recursive(leaf_texts(), _logic, max_leaves=6)
 
 
 def rule_texts() -> st.SearchStrategy[str]:
-    target = st.sampled_from(["DIRECT", "REJECT", "proxy"])
+    target = st.sampled_from(["DIRECT", "REJECT", "proxy", "noudp"])
     sets = st.builds(
         lambda n, o: f"RULE-SET,{n}", st.sampled_from(["dom", "ips", "cls"]), st.just("")
     )
@@ -167,6 +170,14 @@ class Ref:
     resolve_calls: int = 0
     process_calls: int = 0
     _proc: list[ProcessInfo | None] = field(default_factory=list)
+    parent: Ref | None = None
+
+    def swapped(self) -> Ref:
+        """mihomo's SwapSrcDst: addresses (the resolved one included) and ports."""
+        ips = self.dst_ips()
+        f = dict(self.f, src_ip=ips[0] if ips else None, dst_ip=self.f["src_ip"],
+                 src_port=self.f["dst_port"], dst_port=self.f["src_port"])
+        return Ref(f, parent=self)
 
     def domain(self) -> str | None:
         d = self.f["domain"]
@@ -175,9 +186,15 @@ class Ref:
     def dst_ips(self) -> list[str]:
         if self.f["dst_ip"] is not None:
             return [self.f["dst_ip"]]
-        return list(self.f["resolved"]) if self.resolved else []
+        if not self.resolved:
+            return []
+        resolved = self.f["resolved"]
+        v4 = [ip for ip in resolved if _addr(ip)[0] == 4]
+        return (v4 or resolved)[:1]
 
     def process(self) -> ProcessInfo | None:
+        if self.parent is not None:
+            return self.parent.process()
         if not self._proc:
             self.process_calls += 1
             self._proc.append(self.f["process"])
@@ -243,14 +260,19 @@ class Ref:
                     "one": d.endswith("." + dom) and "." not in d[: -len(dom) - 1],
                     "pattern": re.fullmatch(dom.replace(".", r"\.").replace("*", "[^.]+"), d)
                     is not None,
+                    "plus-pattern": re.fullmatch(
+                        r"(?:.+\.)?" + dom.replace(".", r"\.").replace("*", "[^.]+"), d
+                    ) is not None,
                 }[e.mode]
             elif isinstance(e, Cidr):
                 if ref.src:
                     hit = _cidr_has(e, self.f["src_ip"])
                 else:
                     hit = any(_cidr_has(e, ip) for ip in self.dst_ips())
+            elif ref.src:
+                hit = self.swapped().node(e, ref.no_resolve, False)
             else:
-                hit = self.node(e, ref.no_resolve, ref.src)
+                hit = self.node(e, ref.no_resolve, False)
             if hit:
                 return i
         return None
@@ -273,7 +295,8 @@ def _set_resolves(ref: SetRef, no_resolve: bool, src: bool) -> bool:
     if data.behavior == "ipcidr":
         return not no_resolve and not src and len(data) > 0
     if data.behavior == "classical":
-        return any(_leaf_resolves(e, no_resolve, src) for e in data.parsed)  # type: ignore[arg-type]
+        # mihomo asks the set (not the swapped flow) whether it resolves.
+        return any(_leaf_resolves(e, no_resolve, False) for e in data.parsed)  # type: ignore[arg-type]
     return False
 
 
@@ -282,7 +305,7 @@ def reference(
 ) -> tuple[tuple[str, int | None, str | None], Ref]:
     ref = Ref(f)
     for n, text in enumerate(lines, 1):
-        parsed = parse_rule_line(text, "cfg", n, targets={"proxy"}, rule_sets=SETS)
+        parsed = parse_rule_line(text, "cfg", n, targets={"proxy", "noudp"}, rule_sets=SETS)
         node = parsed.node
         if node is None:
             return (parsed.target, n, None), ref
@@ -294,6 +317,8 @@ def reference(
         ):
             ref.resolved = True
             ref.resolve_calls += 1
+        if f["network"] == "udp" and parsed.target == "noudp":
+            continue  # the upstream has no UDP: mihomo goes on with the next rule
         if isinstance(node, SetRef):
             i = ref.set_entry(node)
             if i is not None:
@@ -317,7 +342,8 @@ def _counted(value: Any) -> tuple[Callable[[], Any], list[int]]:
 @given(rule_lists, st.lists(flows(), min_size=1, max_size=8))
 def test_engine_agrees_with_linear_scan(lines: list[str], flow_list: list[dict[str, Any]]) -> None:
     compiled = rules.compile(
-        [RuleSource(t, "cfg", n) for n, t in enumerate(lines, 1)], SETS, ["proxy"]
+        [RuleSource(t, "cfg", n) for n, t in enumerate(lines, 1)], SETS, ["proxy", "noudp"],
+        no_udp=["noudp"],
     )
     for f in flow_list:
         expected, ref = reference(lines, f)

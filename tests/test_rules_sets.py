@@ -54,9 +54,12 @@ DOMAIN_CASES = [
     ("ad.eu.example.com", True),  # middle '*': one label
     ("ad.example.com", False),
     ("ad.a.b.example.com", False),
-    ("xn--mnchen-ads-9db.de", True),  # IDN entry, punycode query
-    ("www.MÜNCHEN-ADS.de.", True),  # IDN query, any case, trailing dot
-    ("trailingdot.example", True),  # entry written with a capital and a trailing dot
+    # An IDN entry and a trailing-dot entry are skipped (mihomo keeps the first, which then
+    # never meets a punycode host, and refuses the second).
+    ("xn--mnchen-ads-9db.de", False),
+    ("www.MÜNCHEN-ADS.de.", False),
+    ("trailingdot.example", False),
+    ("AD.EU.example.COM.", True),  # a query in any case, with a trailing dot
 ]
 
 
@@ -69,7 +72,9 @@ def test_domain_set(fixture: str, fmt: str, domain: str, matches: bool) -> None:
 
 def test_domain_set_entry_and_line_in_verdict() -> None:
     data = load("reject.yaml", "domain", "yaml")
-    assert len(data) == 8
+    assert len(data) == 6
+    assert [why.split(":")[0] for _, why in data.skipped] == [
+        "+.münchen-ads.de", "+.TrailingDot.Example."]
     v = one_set(data).match(flow(domain="x.tracking.example"))
     assert v.rule == RuleSource("RULE-SET,s,REJECT", "cfg.yaml", 7)
     assert v.rule_set_entry == f".tracking.example ({DATA / 'reject.yaml'}:5)"
@@ -139,7 +144,7 @@ def test_bad_behavior_and_format() -> None:
         ("::ffff:192.168.1.1", True),
         ("fd12::1", True),
         ("fe80::1", False),
-        ("100.64.0.1", True),
+        ("100.64.0.1", False),  # a v4-mapped entry matches nothing, as in mihomo
         ("100.128.0.1", False),
         ("8.8.8.8", False),
     ],

@@ -515,18 +515,35 @@ def parse_config(text: str, path: Path) -> Config:
     lines = _parse_rule_lines(sections.get("rules"), file)
     rule_sets = _parse_rule_sets(sections.get("rule-sets"), file)
     sub_rules = _parse_sub_rules(sections.get("sub-rules"), file)
+    loaded: dict[str, Any] = {}
     geo_node = sections.get("geodata")
     geodata = GeoData.from_settings(_unwrap(geo_node) if geo_node else None, path.parent, file,
                                     geo_node.line if geo_node else None)
     ruleset = load_rules(lines, rule_sets, path.parent, set(upstreams) | set(mihomo.groups),
                          warnings,
                          aliases=mihomo.aliases, refused=mihomo.refused, geodata=geodata,
-                         sub_rules=sub_rules)
+                         sub_rules=sub_rules,
+                         no_udp={n for n, u in upstreams.items() if not u.udp},
+                         on_sets=lambda sets: loaded.update(sets))
+    dns = _with_domain_filter(dns, loaded, geodata, file, dns_node)
     faults = _parse_faults(sections.get("debug-faults"), file)
     return Config(
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,
         rule_count=len(lines), fault_injection=faults, warnings=warnings, groups=mihomo.groups,
     )
+
+
+def _with_domain_filter(dns: Any, sets: dict[str, Any], geodata: Any, file: str,
+                        node: _Node | None) -> Any:
+    """``fake-ip-filter`` entries naming a rule set or a geosite list (mihomo's
+    ``rule-set:x``, ``geosite:x``) become a predicate the DNS service asks."""
+    import dataclasses
+
+    from tunproxy.ruleload import domain_filter
+
+    line = _line_map(node, "dns.").get("dns.fake-ip-filter") if node else None
+    match = domain_filter(dns.fake_ip_filter, sets, geodata, file, line)
+    return dataclasses.replace(dns, fake_ip_filter_match=match) if match else dns
 
 
 def _line_map(node: _Node | None, prefix: str = "") -> dict[str, int]:

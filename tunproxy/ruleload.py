@@ -12,7 +12,7 @@ and logged; a file with no usable entry, a bad setting or a bad rule line is a
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from rules.provider import detect_format, rule_set_from_entries
 from tunproxy.errors import ConfigError
 from tunproxy.geodata import GeoData
 
-__all__ = ["load_rule_set", "load_rules", "skipped_warnings"]
+__all__ = ["domain_filter", "load_rule_set", "load_rules", "skipped_warnings"]
 
 log = logging.getLogger("tunproxy.rules")
 
@@ -109,12 +109,17 @@ def load_rules(
     refused: Mapping[str, str] | None = None,
     geodata: GeoData | None = None,
     sub_rules: Mapping[str, list[rules.RuleSource]] | None = None,
+    no_udp: Collection[str] = (),
+    on_sets: Callable[[Mapping[str, rules.RuleSetData]], None] | None = None,
 ) -> rules.RuleSet:
     """Load every declared rule set, then compile the rule lines against them.
     ``targets`` are the upstream names (``aliases``/``refused``: see ``rules.compile``).
-    Skipped entries are logged, one warning each, and appended to ``warnings``.
+    Skipped entries are logged, one warning each, and appended to ``warnings``. ``on_sets``
+    sees the loaded sets (for other users of them, e.g. ``domain_filter``).
     Raises ConfigError naming file and line."""
     sets = {name: load_rule_set(name, settings, base_dir) for name, settings in rule_sets.items()}
+    if on_sets is not None:
+        on_sets(sets)
     for data in sets.values():
         for text in skipped_warnings(data):
             log.warning("%s", text)
@@ -124,6 +129,42 @@ def load_rules(
         return rules.compile(
             rule_lines, sets, targets, aliases=aliases, refused=refused, geoip=geodata,
             geosite=geodata.geosite if geodata is not None else None, sub_rules=sub_rules,
+            no_udp=no_udp,
         )
     except rules.RuleError as exc:
         raise ConfigError(exc.message, exc.file, exc.line) from None
+
+
+FILTER_PREFIXES = ("rule-set:", "geosite:")
+
+
+def domain_filter(
+    entries: Sequence[str],
+    sets: Mapping[str, rules.RuleSetData],
+    geodata: GeoData | None,
+    file: str,
+    line: int | None,
+    what: str = "dns.fake-ip-filter",
+) -> Callable[[str], bool] | None:
+    """mihomo's ``rule-set:NAME`` / ``geosite:CODE`` entries of a domain list (such as
+    ``fake-ip-filter``) as one predicate on a domain; None when there are none.
+    Raises ConfigError for an unknown set or list."""
+    lines = []
+    for entry in entries:
+        kind, _, name = entry.partition(":")
+        if kind == "rule-set":
+            lines.append(rules.RuleSource(f"RULE-SET,{name},DIRECT", file, line or 0))
+        elif kind == "geosite":
+            lines.append(rules.RuleSource(f"GEOSITE,{name},DIRECT", file, line or 0))
+    if not lines:
+        return None
+    try:
+        compiled = rules.compile(lines, sets, (), geosite=geodata.geosite if geodata else None)
+    except rules.RuleError as exc:
+        raise ConfigError(f"{what}: {exc.message}", file, line) from None
+
+    def matches(domain: str) -> bool:
+        flow = rules.FlowMeta("udp", "0.0.0.0", 0, None, 0, domain)
+        return compiled.match(flow).rule is not None
+
+    return matches

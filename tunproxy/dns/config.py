@@ -22,7 +22,7 @@ instead of resolving the host).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -117,6 +117,9 @@ class DnsConfig:
     timeout: float = 5.0  # whole budget for one upstream answer; SERVFAIL after it
     cache_size: int = 4096
     realip_size: int = 65536
+    # fake-ip-filter's rule-set:/geosite: entries, as a predicate (built by tunproxy.config
+    # once the rule sets are loaded).
+    fake_ip_filter_match: Callable[[str], bool] | None = None
 
 
 KNOWN_KEYS = {

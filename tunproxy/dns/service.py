@@ -336,7 +336,10 @@ class DnsService:
                 reply.add_answer(RR(qname, QTYPE.PTR, CLASS.IN, config.ttl, PTR(domain + ".")))
                 return reply
 
-        fake = config.mode == "fake-ip" and name not in self._filter and qclass == CLASS.IN
+        filtered = name in self._filter or (
+            config.fake_ip_filter_match is not None and config.fake_ip_filter_match(name)
+        )
+        fake = config.mode == "fake-ip" and not filtered and qclass == CLASS.IN
         if fake and qtype in ADDRESS_TYPES:
             self.counters["fake_answers"] += 1
             reply = self._reply(request, RCODE.NOERROR)
