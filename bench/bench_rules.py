@@ -7,6 +7,14 @@ and p99 per match over a mix of flows (suffix hits, exact hits, keyword hits, CI
 misses), and the same flows through a naive first-match scan of the same rules.
 
     python3 bench/bench_rules.py [--entries 100000] [--flows 20000] [--seed 1]
+
+``--loyalsoldier`` instead measures a whole config of Loyalsoldier/clash-rules' shape
+(generated: domain sets of '+.name' entries in YAML, CIDR sets, a small classical set;
+~270k entries, ``--scale`` to change it), loaded by ``tunproxy.config`` in a fresh
+process: CPU seconds to load, RSS at rest (the whole process), bytes kept per domain and
+per CIDR entry, and the match median.
+
+    python3 bench/bench_rules.py --loyalsoldier [--scale 1.0]
 """
 
 from __future__ import annotations
@@ -206,13 +214,181 @@ def build(g: Generated) -> tuple[rules.RuleSet, dict[str, float]]:
     return rs, {"parse": w1 - w0, "parse_cpu": c1 - c0, "compile": w2 - w1, "compile_cpu": c2 - c1}
 
 
+# --- a Loyalsoldier/clash-rules-shaped config -----------------------------------------------
+
+# Entry counts of the usual Loyalsoldier config (direct, proxy, reject, gfw, ... and cncidr),
+# ~270k entries in all.
+LOYAL_DOMAIN_SETS = {"reject": 100_000, "direct": 110_000, "proxy": 40_000, "gfw": 6_000,
+                     "private": 120, "tld-not-cn": 100, "icloud": 80, "apple": 250,
+                     "google": 120}
+LOYAL_CIDR_SETS = {"cncidr": 12_000, "lancidr": 20, "telegramcidr": 20}
+LOYAL_CONFIG = """\
+mixed-port: 7890
+mode: rule
+rule-providers:
+{providers}
+rules:
+  - RULE-SET,applications,DIRECT
+  - DOMAIN,clash.razord.top,DIRECT
+  - DOMAIN,yacd.haishan.me,DIRECT
+  - RULE-SET,private,DIRECT
+  - RULE-SET,reject,REJECT
+  - RULE-SET,icloud,DIRECT
+  - RULE-SET,apple,DIRECT
+  - RULE-SET,google,DIRECT
+  - RULE-SET,proxy,DIRECT
+  - RULE-SET,direct,DIRECT
+  - RULE-SET,lancidr,DIRECT
+  - RULE-SET,cncidr,DIRECT
+  - RULE-SET,telegramcidr,DIRECT
+  - GEOIP,LAN,DIRECT
+  - MATCH,DIRECT
+"""
+
+
+def _domain(rng: random.Random) -> str:
+    depth = rng.choices([1, 2, 3], weights=[70, 25, 5])[0]
+    return ".".join(_label(rng, 2, 12) for _ in range(depth)) + "." + rng.choice(TLDS)
+
+
+def write_loyalsoldier(directory: Path, rng: random.Random, scale: float) -> dict[str, list[str]]:
+    """Write the rule files and config.yaml; returns some entries of each set (for flows)."""
+    providers = []
+    samples: dict[str, list[str]] = {}
+    for name, count in LOYAL_DOMAIN_SETS.items():
+        names = [_domain(rng) for _ in range(max(1, int(count * scale)))]
+        samples[name] = names[:: max(1, len(names) // 200)]
+        body = "".join(f"  - '+.{d}'\n" for d in names)
+        (directory / f"{name}.txt").write_text(f"payload:\n{body}")
+        providers.append(f"  {name}: {{type: file, behavior: domain, path: ./{name}.txt}}")
+    for name, count in LOYAL_CIDR_SETS.items():
+        nets = []
+        for i in range(max(1, int(count * scale))):
+            if i % 8 == 7:
+                nets.append(f"240e:{rng.randrange(65536):x}:{rng.randrange(65536):x}::/48")
+            else:
+                nets.append(f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24")
+        samples[name] = [n.split("/")[0] for n in nets[:: max(1, len(nets) // 200)]]
+        body = "".join(f"  - '{n}'\n" for n in nets)
+        (directory / f"{name}.txt").write_text(f"payload:\n{body}")
+        providers.append(f"  {name}: {{type: file, behavior: ipcidr, path: ./{name}.txt}}")
+    apps = "".join(f"  - PROCESS-NAME,app{i}\n" for i in range(60))
+    (directory / "applications.txt").write_text(f"payload:\n{apps}")
+    providers.append("  applications: {type: file, behavior: classical, path: ./applications.txt}")
+    (directory / "config.yaml").write_text(LOYAL_CONFIG.format(providers="\n".join(providers)))
+    return samples
+
+
+def measure_config(config: Path, flows_file: Path | None) -> dict[str, float]:
+    """In this (fresh) process: load the config, then RSS at rest and match times."""
+    import json
+
+    from tunproxy.config import load_config
+
+    c0, w0 = time.process_time(), time.perf_counter()
+    loaded = load_config(config)
+    c1, w1 = time.process_time(), time.perf_counter()
+    gc.collect()
+    out = {"load_cpu": c1 - c0, "load_wall": w1 - w0, "rss_kib": _rss_kib()}
+    if flows_file is not None:
+        targets = json.loads(flows_file.read_text())
+        fl = [FlowMeta("tcp", "172.19.0.2", 40000, ip, 443, domain) for domain, ip in targets]
+        match = loaded.ruleset.match
+        for f in fl[:500]:
+            match(f)
+        samples = []
+        clock = time.perf_counter_ns
+        for f in fl:
+            t = clock()
+            match(f)
+            samples.append((clock() - t) / 1000)
+        out["match_median_us"] = statistics.median(samples)
+        out["match_p99_us"] = _percentile(samples, 0.99)
+    return out
+
+
+def bytes_per_entry(rng: random.Random, n: int = 50_000) -> tuple[float, float]:
+    """Bytes kept (tracemalloc, after compiling; the parsed set freed) per '+.domain' entry
+    and per CIDR entry."""
+    domains = "\n".join("+." + _domain(rng) for _ in range(n))
+    cidrs = "\n".join(f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24"
+                      for _ in range(n))
+    out = []
+    for behavior, text in (("domain", domains), ("ipcidr", cidrs)):
+        gc.collect()
+        tracemalloc.start()
+        data = rules.parse_rule_set("s", text, behavior=behavior, format="text", file="s.txt")
+        rs = rules.compile([RuleSource("RULE-SET,s,DIRECT", "c.yaml", 1)], {"s": data}, ())
+        del data
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out.append(held / n)
+        del rs
+    return out[0], out[1]
+
+
+def loyalsoldier(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+    import tempfile
+
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="tunproxy-bench-") as tmp:
+        directory = Path(tmp)
+        samples = write_loyalsoldier(directory, rng, args.scale)
+        entries = sum(max(1, int(c * args.scale)) for c in
+                      [*LOYAL_DOMAIN_SETS.values(), *LOYAL_CIDR_SETS.values()]) + 60
+        flows: list[tuple[str | None, str | None]] = []
+        for name, values in samples.items():
+            for v in values:
+                if name in LOYAL_CIDR_SETS:
+                    flows.append((None, v))
+                else:
+                    flows.append(("www." + v, "203.0.113.9"))
+        flows += [(_domain(rng), "203.0.113.10") for _ in range(len(flows))]  # misses
+        rng.shuffle(flows)
+        (directory / "flows.json").write_text(json.dumps(flows))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--measure-config", str(directory / "config.yaml"),
+             "--flows-file", str(directory / "flows.json")],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            return 1
+        m = json.loads(proc.stdout)
+    per_domain, per_cidr = bytes_per_entry(rng)
+    print(f"config             Loyalsoldier-shaped, {entries} entries (scale {args.scale})")
+    print(f"load               {m['load_cpu']:.2f} s CPU, {m['load_wall']:.2f} s wall "
+          "(target < 1 s CPU)")
+    print(f"RSS at rest        {m['rss_kib'] / 1024:.1f} MiB, whole process (target < 60)")
+    print(f"kept per entry     {per_domain:.0f} B a domain entry (target <= 120), "
+          f"{per_cidr:.0f} B a CIDR entry (target <= 40)")
+    print(f"match              median {m['match_median_us']:.2f} us (target < 10), "
+          f"p99 {m['match_p99_us']:.2f} us over {len(flows)} flows")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--flows", type=int, default=20_000)
     ap.add_argument("--naive-flows", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--loyalsoldier", action="store_true",
+                    help="measure a whole Loyalsoldier-shaped config instead")
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--measure-config", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--flows-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure_config is not None:
+        import json
+
+        print(json.dumps(measure_config(args.measure_config, args.flows_file)))
+        return 0
+    if args.loyalsoldier:
+        return loyalsoldier(args)
     rng = random.Random(args.seed)
     g = generate(args.entries, rng)
     fl = flows(g, args.flows, rng)

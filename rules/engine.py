@@ -35,9 +35,18 @@ from typing import Any, cast
 
 from rules.errors import RuleError
 from rules.model import FlowMeta, GeoIP, ProcessInfo, RuleSource, Verdict
-from rules.provider import EXACT, ONE, PLUS, PLUS_PATTERN, SUB, RuleSetData
+from rules.provider import (
+    EXACT,
+    ONE,
+    PATTERN,
+    PLUS,
+    PLUS_PATTERN,
+    SUB,
+    BulkDomains,
+    RuleSetData,
+)
 from rules.syntax import GEOSITE_PREFIX, Cidr, Leaf, Logic, Node, SetRef, parse_rule_line
-from rules.tables import NEVER, Intervals, Keywords
+from rules.tables import COMPACT_MIN, NEVER, Intervals, Keywords, compact_map
 
 __all__ = ["RuleSet", "compile"]
 
@@ -184,6 +193,11 @@ class _Index:
         self.exact: dict[str, int] = {}
         self.sub: dict[str, int] = {}
         self.one: dict[str, int] = {}
+        # Entries of large domain sets, (order, keys) per table, packed by finish().
+        self._bulk: dict[str, list[tuple[int, Sequence[str]]]] = {
+            "exact": [], "sub": [], "one": []
+        }
+        self.keep_entries = False  # compile(keep_entries=True): every entry its own order
         self.keywords: dict[str, int] = {}
         self.regex_src: list[tuple[int, str]] = []
         self.dst_items: list[tuple[bool, int, int, int]] = []
@@ -232,12 +246,23 @@ class _Index:
     def add_set(self, data: RuleSetData, base: int, no_resolve: bool, src: bool) -> None:
         """File every entry of ``data``: entry i gets order ``base + i``."""
         parsed = data.parsed
-        if data.behavior == "domain":
+        if data.behavior == "domain" and len(parsed) >= COMPACT_MIN and not self.keep_entries:
+            # A large set: all its entries at ``base`` (the verdict names the set, not the
+            # entry), into packed tables.
+            modes: dict[str, list[Any]] = (
+                parsed.by_mode() if isinstance(parsed, BulkDomains) else _by_mode(parsed)
+            )
+            bulk = self._bulk
+            bulk["exact"] += [(base, modes[EXACT]), (base, modes[PLUS])]
+            bulk["sub"] += [(base, modes[SUB]), (base, modes[PLUS])]
+            bulk["one"].append((base, modes[ONE]))
+            for mode, d in modes.get("patterns", ()):
+                self.regex_src.append((base, _pattern_regex(d, plus=mode is PLUS_PATTERN)))
+        elif data.behavior == "domain":
             exact, sub, one = self.exact, self.sub, self.one
             for i, e in enumerate(parsed):
                 order = base + i
-                mode = e.mode  # type: ignore[union-attr]
-                d = e.domain  # type: ignore[union-attr]
+                mode, d = e  # type: ignore[misc]
                 if mode is EXACT:
                     exact.setdefault(d, order)
                 elif mode is PLUS:
@@ -277,6 +302,7 @@ class _Index:
         sub = self._subsets.get(key)
         if sub is None:
             sub = _Index(self.rule_sets, nested=True, geo=self.geo)
+            sub.keep_entries = self.keep_entries
             sub.add_set(data, 0, no_resolve, False)
             sub.finish()
             self._subsets[key] = sub
@@ -360,6 +386,7 @@ class _Index:
             sub = self._subsets.get(key)
             if sub is None:
                 sub = _Index(self.rule_sets, nested=True, geo=self.geo)
+                sub.keep_entries = self.keep_entries
                 sub.add_set(self._set(node.name), 0, key[1], key[2])
                 sub.finish()
                 self._subsets[key] = sub
@@ -385,8 +412,12 @@ class _Index:
         # Resolved addresses only meet IP rules from the first resolving rule on (the whole
         # nested set when the outer rule allows resolution).
         late = 0 if self.nested else self.resolve_first
-        self.late4 = ranges(self.dst_items, False, late)
-        self.late6 = ranges(self.dst_items, True, late)
+        first_ip = min((o for *_, o in self.dst_items), default=NEVER)
+        if late <= first_ip:  # every IP rule is past the first resolving one: one table
+            self.late4, self.late6 = self.dst4, self.dst6
+        else:
+            self.late4 = ranges(self.dst_items, False, late)
+            self.late6 = ranges(self.dst_items, True, late)
         self.src4 = ranges(self.src_items, False, 0)
         self.src6 = ranges(self.src_items, True, 0)
         self.dport = Intervals(self.dport_items)
@@ -401,10 +432,16 @@ class _Index:
                 *self.one.values(),
                 *self.keywords.values(),
                 *(o for o, _ in self.regex_src),
+                *(o for groups in self._bulk.values() for o, keys in groups if keys),
                 NEVER,
             ]
         )
         self.network_min = min(self.network.values(), default=NEVER)
+        # Large domain tables (rule sets) go into packed hash arrays.
+        self.exact = compact_map(self.exact, self._bulk["exact"])  # type: ignore[assignment]
+        self.sub = compact_map(self.sub, self._bulk["sub"])  # type: ignore[assignment]
+        self.one = compact_map(self.one, self._bulk["one"])  # type: ignore[assignment]
+        self._bulk = {}
         stages: list[tuple[int, int, Any]] = [(o, _PRED, p) for o, p, _ in self.preds]
         if self.process_first < NEVER:
             stages.append((self.process_first, _PROC, None))
@@ -524,6 +561,17 @@ class _Index:
                     if o < best:
                         best = o
         return best
+
+
+def _by_mode(parsed: Sequence[object]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {EXACT: [], PLUS: [], SUB: [], ONE: [], "patterns": []}
+    for e in parsed:
+        mode, d = cast(tuple[str, str], e)
+        if mode in (PATTERN, PLUS_PATTERN):
+            out["patterns"].append((mode, d))
+        else:
+            out[mode].append(d)
+    return out
 
 
 def _pattern_regex(pattern: str, plus: bool = False) -> str:
@@ -804,6 +852,7 @@ def compile(
     geosite: Callable[[str], RuleSetData] | None = None,
     sub_rules: Mapping[str, Sequence[RuleSource]] | None = None,
     no_udp: Collection[str] = (),
+    keep_entries: bool = False,
 ) -> RuleSet:
     """Compile rule lines (with the rule sets they reference) for ``targets`` (upstream
     names; DIRECT, REJECT, DROP, REJECT-DROP, COMPATIBLE and PASS are built in).
@@ -813,14 +862,18 @@ def compile(
     rule set (ValueError when there is none); ``sub_rules`` are the named rule lists
     ``SUB-RULE,(condition),name`` runs. A UDP flow skips rules whose target is in
     ``no_udp`` (upstreams without UDP), as mihomo moves on to the next rule: when a rule
-    names one, a second index without them serves UDP flows.
+    names one, a second index without them serves UDP flows. Rule sets of COMPACT_MIN
+    entries or more keep no entry text unless ``keep_entries`` (what ``tunproxy explain``
+    asks for): their verdicts name the entry by number.
     Raises RuleError(message, file, line) for the first bad line."""
     geo = _Geo(geoip, geosite)
     comp = _Compiler(rule_sets, targets, aliases, refused, geo, sub_rules or {})
+    comp.keep_entries = keep_entries
     main = comp.compile(rule_lines, ())
     skip = frozenset(no_udp)
     if skip and skip.intersection(main._targets):
         udp = _Compiler(rule_sets, targets, aliases, refused, geo, sub_rules or {}, skip)
+        udp.keep_entries = keep_entries
         main.attach_udp(udp.compile(rule_lines, ()))
     return main
 
@@ -839,6 +892,7 @@ class _Compiler:
         pass_targets: frozenset[str] = frozenset(),
     ) -> None:
         self.pass_targets = pass_targets
+        self.keep_entries = False
         self.rule_sets = rule_sets
         self.targets = targets
         self.aliases = aliases
@@ -907,6 +961,7 @@ def _compile_list(
 ) -> RuleSet:
     rule_sets, targets, aliases, refused = comp.rule_sets, comp.targets, comp.aliases, comp.refused
     index = _Index(rule_sets, nested=False, geo=comp.geo)
+    index.keep_entries = comp.keep_entries
     sub_orders: set[int] = set()
     rules: list[RuleSource] = []
     tgts: list[str] = []
@@ -954,7 +1009,9 @@ def _compile_list(
             elif isinstance(node, SetRef):
                 data = index._set(node.name)
                 index.add_set(data, order, node.no_resolve, node.src)
-                sets.append(dataclasses.replace(data, parsed=()))
+                # A large set keeps no entry text: a verdict names the entry by number.
+                big = len(data) >= COMPACT_MIN and not comp.keep_entries
+                sets.append(data.stripped() if big else dataclasses.replace(data, parsed=()))
                 order += len(data)
             else:
                 index.add(node, order)

@@ -20,7 +20,9 @@ Parsing is done once here (entries validated and normalised, each with its line 
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -63,17 +65,28 @@ class RuleSetData:
     behavior: str
     format: str
     file: str
-    entries: tuple[str, ...]
-    lines: tuple[int, ...]
-    parsed: tuple[DomainEntry | Cidr | Node, ...] = field(repr=False, compare=False)
+    entries: Sequence[str]
+    lines: Sequence[int]
+    parsed: Sequence[DomainEntry | Cidr | Node] = field(repr=False, compare=False)
     #: Entries left out, as (line, "entry: why"); for mrs the line is the entry's number.
     skipped: tuple[tuple[int, str], ...] = ()
+    #: The entry count once ``entries``/``lines`` were dropped (``stripped``); else -1.
+    size: int = -1
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self.size if self.size >= 0 else len(self.entries)
+
+    def stripped(self) -> RuleSetData:
+        """Without the entries' text and lines (a large set's verdicts then name the entry
+        by number; ``tunproxy explain`` loads the set again with them)."""
+        return dataclasses.replace(self, entries=(), lines=(), parsed=(), size=len(self))
 
     def describe(self, index: int) -> str:
         """``"entry (file:line)"`` for the verdict."""
+        if self.size >= 0:
+            if self.behavior == "domain":  # filed by set, not by entry (rules.tables)
+                return f"an entry of {self.name} ({self.file}; tunproxy explain names it)"
+            return f"entry #{index + 1} of {self.name} ({self.file})"
         if self.format in ("mrs", "geosite"):
             return f"{self.entries[index]} ({self.file}, entry {self.lines[index]})"
         return f"{self.entries[index]} ({self.file}:{self.lines[index]})"
@@ -258,6 +271,115 @@ def rule_set_from_entries(
     )
 
 
+# The shape of nearly every published domain set (Loyalsoldier, meta-rules-dat): one plain
+# (optionally quoted, optionally '+.'/'.'/'*.'-prefixed) lower-case host name per item line.
+_LABEL_RE = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_RE = rf"(?:{_LABEL_RE}\.)*{_LABEL_RE}"
+_BULK_YAML = re.compile(
+    rf"^[ \t]*-[ \t]+(['\"]?)(\+\.|\.|\*\.)?({_HOST_RE})\1[ \t]*(?:#.*)?\r?$", re.MULTILINE
+)
+_BULK_TEXT = re.compile(rf"^[ \t]*()(\+\.|\.|\*\.)?({_HOST_RE})[ \t]*\r?$", re.MULTILINE)
+_YAML_ITEM_LINE = re.compile(r"^[ \t]*-", re.MULTILINE)
+_TEXT_ENTRY_LINE = re.compile(r"^[ \t]*(?!#|//)[^ \t\r\n]", re.MULTILINE)
+_CONTENT_LINE = re.compile(r"^[ \t]*[^ \t\r\n#]", re.MULTILINE)
+_MODES = {"": EXACT, "+.": PLUS, ".": SUB, "*.": ONE}
+
+
+class BulkDomains(Sequence[DomainEntry]):
+    """The parsed entries of a plain domain set, as two lists in file order (each entry's
+    mode, a shared constant, and its host name) instead of a tuple object per entry."""
+
+    __slots__ = ("hosts", "modes")
+
+    def __init__(self, modes: list[str], hosts: list[str]) -> None:
+        self.modes = modes
+        self.hosts = hosts
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    def __getitem__(self, i: int) -> DomainEntry:  # type: ignore[override]
+        return DomainEntry(self.modes[i], self.hosts[i])
+
+    def __iter__(self) -> Iterator[DomainEntry]:
+        return map(DomainEntry, self.modes, self.hosts)
+
+    def by_mode(self) -> dict[str, list[str]]:
+        """Host names per mode (order within the set dropped)."""
+        out: dict[str, list[str]] = {EXACT: [], PLUS: [], SUB: [], ONE: []}
+        for mode, host in zip(self.modes, self.hosts, strict=True):
+            out[mode].append(host)
+        return out
+
+
+class _Lazy(Sequence[Any]):
+    """``entries`` or ``lines`` of a bulk-parsed set, built on first use (a verdict of a
+    small set, ``tunproxy explain``): a large set in a running proxy never needs them."""
+
+    __slots__ = ("_build", "_data", "_n", "_part")
+
+    def __init__(self, n: int, build: Callable[[], tuple[list[str], list[int]]], part: int):
+        self._n = n
+        self._build = build
+        self._part = part
+        self._data: Sequence[Any] | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if self._data is None:
+            self._data = self._build()[self._part]
+        return self._data[i]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _bulk_domains(name: str, text: str, format: str, file: str) -> RuleSetData | None:
+    """A whole domain set in a few C-level passes (regex over the text, zip) instead of a
+    Python call per entry; None when any entry is not of the plain shape (then the general
+    parser reads it, entry by entry, with its warnings). Entry text and lines are
+    recovered from the text only when asked for."""
+    if format == "yaml":
+        head = re.search(r"^(?:payload|rules)[ \t]*:[ \t]*(?:#.*)?\r?$", text, re.MULTILINE)
+        if head is None or _CONTENT_LINE.search(text, 0, head.start()):
+            return None
+        start = head.end()
+        pattern = _BULK_YAML
+        counted = _CONTENT_LINE
+    else:
+        start = 0
+        pattern = _BULK_TEXT
+        counted = _TEXT_ENTRY_LINE
+    found = pattern.findall(text, start)
+    if not found or len(found) != len(counted.findall(text, start)):
+        return None  # another key, a nested value, an entry of another shape
+    modes = [_MODES[f[1]] for f in found]
+    hosts = [f[2] for f in found]
+    del found
+
+    def build() -> tuple[list[str], list[int]]:
+        first = text.count("\n", 0, start) + 1
+        is_item = counted.match
+        lines = [n for n, ln in enumerate(text[start:].split("\n"), first) if is_item(ln)]
+        prefix = {v: k for k, v in _MODES.items()}
+        return [prefix[m] + h for m, h in zip(modes, hosts, strict=True)], lines
+
+    n = len(hosts)
+    return RuleSetData(
+        name=name,
+        behavior="domain",
+        format=format,
+        file=file,
+        entries=_Lazy(n, build, 0),
+        lines=_Lazy(n, build, 1),
+        parsed=BulkDomains(modes, hosts),
+    )
+
+
 def parse_rule_set(
     name: str, text: str | bytes, *, behavior: str, format: str | None, file: str
 ) -> RuleSetData:
@@ -284,6 +406,10 @@ def parse_rule_set(
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise RuleError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", file) from None
+    if behavior == "domain" and format in ("yaml", "text"):
+        bulk = _bulk_domains(name, text, format, file)
+        if bulk is not None:
+            return bulk
     if format == "yaml":
         items = _yaml_fast(text)
         if items is None:

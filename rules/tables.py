@@ -4,12 +4,16 @@ order that matches this key", so rules of one kind are never tried one by one.""
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
-from collections.abc import Iterable
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
 from itertools import islice
 from typing import Any
 
-__all__ = ["NEVER", "Intervals", "Keywords"]
+__all__ = ["COMPACT_MIN", "NEVER", "HashIndex", "Intervals", "Keywords", "compact_map"]
+
+# Below this many keys a plain dict is both small enough and fastest.
+COMPACT_MIN = 1024
 
 # The order of "no rule": larger than any real rule order.
 NEVER = 1 << 62
@@ -24,8 +28,8 @@ class Intervals:
     def __init__(self, items: Iterable[tuple[int, int, int]]) -> None:
         """``items`` are (lo, hi, order) with lo <= hi, inclusive."""
         ranges = sorted(items)
-        self.starts: list[int] = []
-        self.orders: list[int] = []
+        self.starts: list[int] | array[int] = []
+        self.orders: list[int] | array[int] = []
         self.min_order = min((r[2] for r in ranges), default=NEVER)
         if not ranges:
             return
@@ -33,7 +37,8 @@ class Intervals:
         heap: list[tuple[int, int]] = []  # (order, hi) of the ranges started so far
         j = 0
         n = len(ranges)
-        starts, orders = self.starts, self.orders
+        starts: Any = self.starts
+        orders: Any = self.orders
         for p in points:
             while j < n and ranges[j][0] <= p:
                 heapq.heappush(heap, (ranges[j][2], ranges[j][1]))
@@ -45,6 +50,12 @@ class Intervals:
             if not orders or orders[-1] != cur:
                 starts.append(p)
                 orders.append(cur)
+        # Packed: 8 bytes a start (when they fit: IPv4, ports, UIDs) and 8 an order, instead
+        # of two Python ints (~70 bytes).
+        if len(starts) >= 64:
+            self.orders = array("q", orders)
+            if starts[-1] < 1 << 64:
+                self.starts = array("Q", starts)
 
     def __bool__(self) -> bool:
         return bool(self.starts)
@@ -52,6 +63,66 @@ class Intervals:
     def lookup(self, key: int) -> int:
         i = bisect_right(self.starts, key) - 1
         return self.orders[i] if i >= 0 else NEVER
+
+
+class HashIndex:
+    """A read-only ``str -> order`` table packed into one sorted ``array('Q')``: per key,
+    48 bits of its hash and 16 bits naming its order (8 bytes a key, where a dict slot, the
+    key string and an int take ~150). A lookup is one bisect.
+
+    Large rule sets file all their entries at the RULE-SET line's order (the engine needs
+    no more to choose the target), so a few thousand distinct orders are plenty; past
+    65536 the caller keeps a dict. Two keys whose 48 hash bits agree are one key with the
+    smaller order: with n keys, a lookup errs with odds about n / 2**48 (1e-9 for 270k).
+    ``hash(str)`` is salted per process: build and look up in the same process."""
+
+    __slots__ = ("min_order", "orders", "packed")
+
+    MAX_ORDERS = 1 << 16
+    _MASK = (1 << 48) - 1
+
+    def __init__(self, groups: Iterable[tuple[int, Sequence[str]]]) -> None:
+        """``groups``: (order, keys filed at it)."""
+        groups = list(groups)
+        self.orders = sorted({o for o, _ in groups})
+        if len(self.orders) > self.MAX_ORDERS:
+            raise ValueError("too many orders for a HashIndex")
+        rank = {o: r for r, o in enumerate(self.orders)}
+        mask = self._MASK
+        packed: list[int] = []
+        for order, keys in groups:
+            r = rank[order]
+            packed += [(h & mask) << 16 | r for h in map(hash, keys)]
+        packed.sort()
+        self.packed = array("Q", packed)
+        self.min_order = self.orders[0] if self.orders else NEVER
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def get(self, key: str, default: int | None = None) -> int | None:
+        k = (hash(key) & self._MASK) << 16
+        packed = self.packed
+        i = bisect_left(packed, k)
+        # The smallest rank sorts first among equal hashes: it is the smallest order.
+        if i < len(packed) and packed[i] >> 16 == k >> 16:
+            return self.orders[packed[i] & 0xFFFF]
+        return default
+
+
+def compact_map(
+    items: dict[str, int], groups: list[tuple[int, Sequence[str]]]
+) -> dict[str, int] | HashIndex:
+    """``items`` and the large sets' ``groups`` (order, keys) as one table: a dict when
+    small, else a HashIndex."""
+    total = len(items) + sum(len(k) for _, k in groups)
+    if total < COMPACT_MIN or len(items) + len(groups) >= HashIndex.MAX_ORDERS:
+        for order, keys in groups:
+            for k in keys:
+                if items.get(k, NEVER) > order:
+                    items[k] = order
+        return items
+    return HashIndex([*groups, *(((o, [k]) for k, o in items.items()))])
 
 
 class Keywords:

@@ -223,10 +223,16 @@ def test_rule_set_inside_logic_rule() -> None:
 
 
 def test_large_set_is_indexed() -> None:
-    """20k entries; a hit on the last entry names it with its line."""
+    """20k entries (in packed tables): a hit on the last entry names the set, or the entry with
+    its text and line when the entries are kept (tunproxy explain)."""
     text = "\n".join(f"+.d{i}.example" for i in range(20000))
     data = rules.parse_rule_set("big", text, behavior="domain", format="text", file="big.txt")
     v = one_set(data).match(flow(domain="www.d19999.example"))
+    assert v.rule_set_entry == "an entry of big (big.txt; tunproxy explain names it)"
+    assert one_set(data).match(flow(domain="d19999.example.com")).target == "DIRECT"
+    kept = rules.compile([RuleSource("RULE-SET,big,REJECT", "cfg.yaml", 7)], {"big": data}, (),
+                         keep_entries=True)
+    v = kept.match(flow(domain="www.d19999.example"))
     assert v.rule_set_entry == "+.d19999.example (big.txt:20000)"
 
 

@@ -471,8 +471,9 @@ TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-fa
              "sub-rules", "geodata")
 
 
-def parse_config(text: str, path: Path) -> Config:
-    """Parse and validate the whole file; raise ConfigError naming file and line."""
+def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config:
+    """Parse and validate the whole file; raise ConfigError naming file and line.
+    ``keep_entries``: large rule sets keep their entries' text and lines (for explain)."""
     from tunproxy.dns import parse_dns_config
     from tunproxy.geodata import GeoData
     from tunproxy.mihomo import Translation, is_mihomo, translate
@@ -524,7 +525,7 @@ def parse_config(text: str, path: Path) -> Config:
                          aliases=mihomo.aliases, refused=mihomo.refused, geodata=geodata,
                          sub_rules=sub_rules,
                          no_udp={n for n, u in upstreams.items() if not u.udp},
-                         on_sets=lambda sets: loaded.update(sets))
+                         on_sets=lambda sets: loaded.update(sets), keep_entries=keep_entries)
     dns = _with_domain_filter(dns, loaded, geodata, file, dns_node)
     faults = _parse_faults(sections.get("debug-faults"), file)
     return Config(
@@ -564,7 +565,7 @@ def _line_map(node: _Node | None, prefix: str = "") -> dict[str, int]:
     return out
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, keep_entries: bool = False) -> Config:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -572,4 +573,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("no such file", str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read it: {exc}", str(path)) from None
-    return parse_config(text, path)
+    return parse_config(text, path, keep_entries=keep_entries)

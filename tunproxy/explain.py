@@ -157,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         from tunproxy.config import load_config
 
-        ruleset: rules.RuleSet = load_config(path).ruleset
+        # With every entry's text and line, which a running proxy does not keep for large sets.
+        ruleset: rules.RuleSet = load_config(path, keep_entries=True).ruleset
     except ConfigError as exc:
         print(f"tunproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
