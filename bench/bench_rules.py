@@ -267,7 +267,8 @@ def write_loyalsoldier(directory: Path, rng: random.Random, scale: float) -> dic
             if i % 8 == 7:
                 nets.append(f"240e:{rng.randrange(65536):x}:{rng.randrange(65536):x}::/48")
             else:
-                nets.append(f"{rng.randrange(1, 223)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24")
+                a, b, c = rng.randrange(1, 223), rng.randrange(256), rng.randrange(256)
+                nets.append(f"{a}.{b}.{c}.0/24")
         samples[name] = [n.split("/")[0] for n in nets[:: max(1, len(nets) // 200)]]
         body = "".join(f"  - '{n}'\n" for n in nets)
         (directory / f"{name}.txt").write_text(f"payload:\n{body}")

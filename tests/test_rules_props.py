@@ -420,3 +420,50 @@ def test_ipv4_cidr_parsing_matches_ipaddress(n: int, plen: int) -> None:
     text = f"{ipaddress.IPv4Address(n)}/{plen}"
     net = ipaddress.IPv4Network(text, strict=False)
     assert parse_cidr(text) == Cidr(False, int(net.network_address), int(net.broadcast_address))
+
+
+# --- large sets: packed tables against the same sets kept entry by entry ----------------------
+
+BIG_LABELS = [f"n{i}" for i in range(40)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["", "+.", ".", "*."]), st.sampled_from(BIG_LABELS),
+                  st.sampled_from([*BIG_LABELS, ""]), st.sampled_from(TLDS)),
+        min_size=1, max_size=60,
+    ),
+    st.lists(st.tuples(st.sampled_from([*BIG_LABELS, "www", "x"]), st.sampled_from(BIG_LABELS),
+                       st.sampled_from([*BIG_LABELS, ""]), st.sampled_from(TLDS)),
+             min_size=1, max_size=30),
+)
+def test_packed_domain_tables_agree_with_dicts(
+    entries: list[tuple[str, str, str, str]], queries: list[tuple[str, str, str, str]]
+) -> None:
+    """Two sets over the threshold (1024 filler entries each) sharing some entries, in
+    bulk-parsed YAML and text: the packed tables give the same rule as dicts do."""
+    def host(a: str, b: str, tld: str) -> str:
+        return ".".join(p for p in (a, b, tld) if p)
+
+    written = [p + host(a, b, t) for p, a, b, t in entries]
+    half = len(written) // 2
+    one = written[:half] + [f"+.f{i}.filler" for i in range(1024)]
+    two = written[half // 2 :] + [f"g{i}.filler" for i in range(1024)]
+    sets = {
+        "one": rules.parse_rule_set("one", "payload:\n" + "".join(f"  - '{e}'\n" for e in one),
+                                    behavior="domain", format=None, file="one.yaml"),
+        "two": rules.parse_rule_set("two", "\n".join(two), behavior="domain", format=None,
+                                    file="two.list"),
+    }
+    assert isinstance(sets["one"].parsed, rules.provider.BulkDomains)
+    assert isinstance(sets["two"].parsed, rules.provider.BulkDomains)
+    texts = ["DOMAIN,n1.com,proxy", "RULE-SET,one,REJECT", "RULE-SET,two,proxy", "MATCH,DIRECT"]
+    lines = [RuleSource(t, "cfg", n) for n, t in enumerate(texts, 1)]
+    packed = rules.compile(lines, sets, ["proxy"])
+    plain = rules.compile(lines, sets, ["proxy"], keep_entries=True)
+    for q in queries:
+        d = host(q[0], host(q[1], q[2], ""), q[3])
+        f = FlowMeta("tcp", "10.0.0.2", 1, None, 443, d)
+        a, b = packed.match(f), plain.match(f)
+        assert (a.target, a.rule) == (b.target, b.rule), d
