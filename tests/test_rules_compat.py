@@ -315,3 +315,28 @@ def test_aliases_and_refused_targets() -> None:
                       refused={"hk-vmess": "proxy 'hk-vmess' is of type vmess, which tunproxy "
                                             "does not implement"})
     assert info.value.line == 2 and "type vmess" in info.value.message
+
+
+def test_http_provider_not_downloaded_from_inside_the_event_loop(
+    tmp_path: Path, server: tuple[str, dict[str, bytes], http.server.HTTPServer],
+) -> None:
+    """A reload runs in the event loop: a stale cached copy is kept, not fetched again."""
+    import asyncio
+    import os
+
+    base, files, _ = server
+    (tmp_path / "providers").mkdir()
+    cached = tmp_path / "providers" / "ads"
+    cached.write_bytes(b"payload:\n  - '+.old.example'\n")
+    os.utime(cached, (1, 1))
+    files["/ads.yaml"] = b"payload:\n  - '+.new.example'\n"
+    s = settings(type="http", behavior="domain", url=f"{base}/ads.yaml", interval=60)
+    line = [RuleSource("RULE-SET,ads,REJECT", "cfg.yaml", 9)]
+
+    async def reload() -> rules.RuleSet:
+        return load_rules(line, {"ads": s}, tmp_path, ())
+
+    rs = asyncio.run(reload())
+    assert rs.match(flow("x.old.example")).target == "REJECT"
+    rs = load_rules(line, {"ads": s}, tmp_path, ())  # at start: refreshed
+    assert rs.match(flow("x.new.example")).target == "REJECT"

@@ -7,11 +7,14 @@ tunproxy's own sockets bypass them anyway) and written atomically over the cache
 download fails the cached copy is used, with a warning; without one it is a ConfigError.
 
 Not done (yet): refreshing every ``interval`` while running, and downloading through the
-rules (mihomo's ``proxy:``): a refresh needs a config reload (SIGHUP) today.
+rules (mihomo's ``proxy:``). A reload (SIGHUP) keeps a cached copy as it is (the download
+would block the event loop, and its socket would be routed into tunproxy's own TUN); a
+restart refreshes stale copies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -29,6 +32,14 @@ log = logging.getLogger("tunproxy.rules")
 
 MAX_BYTES = 256 * 1024 * 1024
 TIMEOUT = 15.0
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def download(url: str, dest: Path, timeout: float = TIMEOUT, limit: int = MAX_BYTES) -> None:
@@ -66,6 +77,12 @@ def cached_path(name: str, settings: Mapping[str, Any], base_dir: Path,
     except OSError:
         age = None
     if age is not None and interval and age < interval:
+        return dest
+    if age is not None and _in_event_loop():
+        # A reload while running: a blocking download here would stall every flow, and its
+        # socket (not fwmarked) would be routed into our own TUN. Keep the cached copy.
+        log.warning("%s:%s: rule set %s: the cached copy (%.0f s old) is kept; it is "
+                    "downloaded again at the next start", cfg_file, cfg_line, name, age)
         return dest
     try:
         download(url, dest)
