@@ -290,8 +290,25 @@ class _Index:
                 self.resolve_first = min(self.resolve_first, base)
         else:
             before = self.resolve_first
-            for i, node in enumerate(parsed):
-                self.add(node, base + i, no_resolve, src)  # type: ignore[arg-type]
+            if len(parsed) >= COMPACT_MIN and not self.keep_entries:
+                # A large classical set (ACL4SSR lists, geosite): its DOMAIN and
+                # DOMAIN-SUFFIX entries go to the packed tables at ``base`` (they share the
+                # set's target; the verdict names the set), the rest entry by entry.
+                full: list[str] = []
+                suffix: list[str] = []
+                for i, node in enumerate(parsed):
+                    kind = node.kind if isinstance(node, Leaf) else None
+                    if kind == "DOMAIN":
+                        full.append(cast(str, node.value))  # type: ignore[union-attr]
+                    elif kind == "DOMAIN-SUFFIX":
+                        suffix.append(cast(str, node.value))  # type: ignore[union-attr]
+                    else:
+                        self.add(node, base + i, no_resolve, src)  # type: ignore[arg-type]
+                self._bulk["exact"] += [(base, full), (base, suffix)]
+                self._bulk["sub"].append((base, suffix))
+            else:
+                for i, node in enumerate(parsed):
+                    self.add(node, base + i, no_resolve, src)  # type: ignore[arg-type]
             if self.resolve_first < before:
                 # mihomo resolves before trying a classical set that holds an IP rule, so
                 # every entry of the set (no-resolve ones too) sees the address.

@@ -84,7 +84,7 @@ class RuleSetData:
     def describe(self, index: int) -> str:
         """``"entry (file:line)"`` for the verdict."""
         if self.size >= 0:
-            if self.behavior == "domain":  # filed by set, not by entry (rules.tables)
+            if self.behavior != "ipcidr":  # filed by set, not by entry (rules.tables)
                 return f"an entry of {self.name} ({self.file}; tunproxy explain names it)"
             return f"entry #{index + 1} of {self.name} ({self.file})"
         if self.format in ("mrs", "geosite"):

@@ -441,8 +441,9 @@ BIG_LABELS = [f"n{i}" for i in range(40)]
 def test_packed_domain_tables_agree_with_dicts(
     entries: list[tuple[str, str, str, str]], queries: list[tuple[str, str, str, str]]
 ) -> None:
-    """Two sets over the threshold (1024 filler entries each) sharing some entries, in
-    bulk-parsed YAML and text: the packed tables give the same rule as dicts do."""
+    """Sets over the threshold (1024 filler entries each) sharing some entries, in
+    bulk-parsed YAML and text and a classical set: the packed tables give the same rule as
+    dicts do."""
     def host(a: str, b: str, tld: str) -> str:
         return ".".join(p for p in (a, b, tld) if p)
 
@@ -456,9 +457,15 @@ def test_packed_domain_tables_agree_with_dicts(
         "two": rules.parse_rule_set("two", "\n".join(two), behavior="domain", format=None,
                                     file="two.list"),
     }
+    kinds = ["DOMAIN-SUFFIX", "DOMAIN", "DOMAIN-KEYWORD"]
+    three = [f"{kinds[i % 3]},{host(a, b, t)}" for i, (_, a, b, t) in enumerate(entries)]
+    sets["three"] = rules.parse_rule_set(
+        "three", "\n".join([*three, *(f"DOMAIN-SUFFIX,h{i}.filler" for i in range(1024))]),
+        behavior="classical", format="text", file="three.list")
     assert isinstance(sets["one"].parsed, rules.provider.BulkDomains)
     assert isinstance(sets["two"].parsed, rules.provider.BulkDomains)
-    texts = ["DOMAIN,n1.com,proxy", "RULE-SET,one,REJECT", "RULE-SET,two,proxy", "MATCH,DIRECT"]
+    texts = ["DOMAIN,n1.com,proxy", "RULE-SET,three,DROP", "RULE-SET,one,REJECT",
+             "RULE-SET,two,proxy", "MATCH,DIRECT"]
     lines = [RuleSource(t, "cfg", n) for n, t in enumerate(texts, 1)]
     packed = rules.compile(lines, sets, ["proxy"])
     plain = rules.compile(lines, sets, ["proxy"], keep_entries=True)

@@ -135,6 +135,8 @@ def load_rules(
     except rules.RuleError as exc:
         raise ConfigError(exc.message, exc.file, exc.line) from None
     del sets
+    if geodata is not None:
+        geodata.release()
     _release_freed_memory()
     return compiled
 
@@ -178,6 +180,9 @@ def domain_filter(
         compiled = rules.compile(lines, sets, (), geosite=geodata.geosite if geodata else None)
     except rules.RuleError as exc:
         raise ConfigError(f"{what}: {exc.message}", file, line) from None
+    finally:
+        if geodata is not None:
+            geodata.release()
 
     def matches(domain: str) -> bool:
         flow = rules.FlowMeta("udp", "0.0.0.0", 0, None, 0, domain)
