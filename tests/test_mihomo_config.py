@@ -189,6 +189,7 @@ def test_check_prints_the_warning_count(tmp_path: Path,
     out = capsys.readouterr().out
     n = len(load_config(cfg).warnings)
     assert f"{n} warnings" in out and "upstreams: hk (socks5 10.0.0.1:1080)" in out
+    assert "group Auto (url-test: jp, hk)" in out
 
 
 @pytest.mark.parametrize(

@@ -104,8 +104,10 @@ def _check(file: str) -> int:
         f"{u.name} ({u.type} {u.host}:{u.port}{', pipelined' if u.pipeline else ''})"
         for u in config.upstreams.values()
     ) or "none"
+    groups = "".join(f", group {g.name} ({g.kind}: {', '.join(g.members)})"
+                     for g in config.groups.values())
     skipped = f", {len(config.warnings)} warnings (see above)" if config.warnings else ""
-    print(f"{file}: ok: {config.rule_count} rules, upstreams: {upstreams}, "
+    print(f"{file}: ok: {config.rule_count} rules, upstreams: {upstreams}{groups}, "
           f"tun {config.tun.name} mtu {config.tun.mtu}{skipped}")
     return 0
 
