@@ -100,26 +100,45 @@ def parse_geosite_index(buf: bytes) -> dict[str, tuple[int, int]]:
     return index
 
 
+def _domain_fast(buf: bytes, start: int, end: int) -> tuple[int, str] | None:
+    """The usual Domain message, ``08 type 12 len value`` with one-byte varints and no
+    attributes, read without the general field walker; None for anything else."""
+    kind = 0
+    p = start
+    if p < end and buf[p] == 0x08:
+        if p + 1 >= end or buf[p + 1] & 0x80:
+            return None
+        kind = buf[p + 1]
+        p += 2
+    if p + 1 >= end or buf[p] != 0x12 or buf[p + 1] & 0x80 or p + 2 + buf[p + 1] != end:
+        return None
+    return kind, buf[p + 2 : end].decode("utf-8", "replace")
+
+
 def read_geosite_list(buf: bytes, where: tuple[int, int], attr: str | None) -> list[str]:
     """The classical rule lines of one GeoSite message. Raises ValueError."""
     out: list[str] = []
     for number, wire, value in _fields(buf, *where):
         if number != 2 or wire != 2:
             continue
-        kind = 0
-        text = ""
-        attrs: set[str] = set()
-        for n2, w2, v2 in _fields(buf, *value):
-            if n2 == 1 and w2 == 0:
-                kind = v2
-            elif n2 == 2 and w2 == 2:
-                text = buf[v2[0] : v2[1]].decode("utf-8", "replace")
-            elif n2 == 3 and w2 == 2:
-                for n3, w3, v3 in _fields(buf, *v2):
-                    if n3 == 1 and w3 == 2:
-                        attrs.add(buf[v3[0] : v3[1]].decode("utf-8", "replace").lower())
-        if attr is not None and attr not in attrs:
-            continue
+        fast = _domain_fast(buf, *value) if attr is None else None
+        if fast is not None:
+            kind, text = fast
+        else:
+            kind = 0
+            text = ""
+            attrs: set[str] = set()
+            for n2, w2, v2 in _fields(buf, *value):
+                if n2 == 1 and w2 == 0:
+                    kind = v2
+                elif n2 == 2 and w2 == 2:
+                    text = buf[v2[0] : v2[1]].decode("utf-8", "replace")
+                elif n2 == 3 and w2 == 2:
+                    for n3, w3, v3 in _fields(buf, *v2):
+                        if n3 == 1 and w3 == 2:
+                            attrs.add(buf[v3[0] : v3[1]].decode("utf-8", "replace").lower())
+            if attr is not None and attr not in attrs:
+                continue
         rule = _KINDS.get(kind)
         if rule is not None and text:
             out.append(f"{rule},{text}")
