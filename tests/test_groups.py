@@ -3,6 +3,7 @@ SOCKS5 servers (microsocks) losing and regaining a member while tunproxy runs.""
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -158,3 +159,67 @@ def test_fallback_group_moves_to_the_live_member_and_back(lab: Lab) -> None:
     lab.a = lab.start("a")
     lab.wait_via(A_OUT, within=INTERVAL * 2 + 10)
     tp.wait_for_log(r"group G: member a is up")
+
+
+# --- health checks in memory: DIRECT members to local HTTP/HTTPS servers --------------------
+
+
+def _run_checks(url: str, serve_tls: bool, tmp_path: Path) -> dict[str, bool]:
+    import asyncio
+    import ssl
+
+    from tests.test_dns_netns import DATA
+    from tunproxy.outbounds.base import StreamProtocol, Target
+    from tunproxy.outbounds.direct import DirectOutbound
+    from tunproxy.outbounds.group import GroupConfig, GroupOutbound
+
+    sys.path.insert(0, str(DATA))
+    from dnstest_servers import make_certificate
+
+    async def main() -> dict[str, bool]:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        ctx = None
+        if serve_tls:
+            cert, key = make_certificate(tmp_path, ["check.test"], ["127.0.0.1"])
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(cert, key)
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=ctx)
+        port = server.sockets[0].getsockname()[1]
+        # "dead": a port bound but not listening, so connections to it are refused.
+        dead_sock = socket.socket()
+        dead_sock.bind(("127.0.0.1", 0))
+        dead_port = dead_sock.getsockname()[1]
+
+        class Redirect(DirectOutbound):
+            """DIRECT, but to a fixed port: one member reaches the server, one does not."""
+
+            def __init__(self, name: str, to: int) -> None:
+                super().__init__(name)
+                self.to = to
+
+            async def open_stream(
+                self, target: Target, protocol: StreamProtocol, *, timeout: float
+            ) -> asyncio.Transport:
+                return await super().open_stream(Target(self.to, address="127.0.0.1"),
+                                                 protocol, timeout=timeout)
+
+        members = {"up": Redirect("up", port), "down": Redirect("down", dead_port)}
+        group = GroupOutbound(GroupConfig("G", "url-test", ["down", "up"], url=url.format(port),
+                                          timeout=5.0), members)
+        await group.check_all()
+        server.close()
+        dead_sock.close()
+        return dict(group.state.alive)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(("url", "tls"), [("http://127.0.0.1:{}/generate_204", False),
+                                          ("https://check.test:{}/generate_204", True)])
+def test_health_checks_over_http_and_https(url: str, tls: bool, tmp_path: Path) -> None:
+    assert _run_checks(url, tls, tmp_path) == {"down": False, "up": True}

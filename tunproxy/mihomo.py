@@ -194,14 +194,27 @@ def _server_url(item: _Node, ctx: _Ctx, key: str) -> _Node | None:
         ctx.warn(item.line, f"dns.{key} {text!r}", "system and DHCP resolvers are not implemented")
         return None
     base, sep, fragment = text.partition("#")
-    if sep and "=" not in fragment:
-        # mihomo's '#PROXY' / '#DIRECT' fragment names the outbound to reach it through.
-        ctx.warn(item.line, f"dns.{key} {text!r}", f"'#{fragment}' (resolver through an "
-                 "outbound) is not implemented", "asked directly")
-        text = base
-    if "://" not in text:
-        text = f"udp://{text}"
-    return _Node(text, item.line)
+    options: list[str] = []
+    if sep:
+        # mihomo's fragment: an outbound to reach the resolver through ('#PROXY'), and
+        # parameters ('h3=true', 'skip-cert-verify=true', 'ecs=...', ...).
+        for part in fragment.split("&"):
+            name, eq, value = part.partition("=")
+            if not eq:
+                ctx.warn(item.line, f"dns.{key} {text!r}", f"'#{part}' (a resolver reached "
+                         "through an outbound) is not implemented", "asked directly")
+            elif name == "h3" and value.lower() == "true" and base.startswith("https://"):
+                base = "h3://" + base[len("https://") :]
+            elif name == "skip-cert-verify" and value.lower() == "true":
+                options.append("insecure=1")
+            elif name in ("h3", "skip-cert-verify"):
+                continue
+            else:
+                ctx.warn(item.line, f"dns.{key} {text!r}", f"parameter {name!r} is not "
+                         "implemented")
+    if "://" not in base:
+        base = f"udp://{base}"
+    return _Node(base + ("#" + "&".join(options) if options else ""), item.line)
 
 
 def _dns(node: _Node | None, hosts: _Node | None, hijack: _Node | None,

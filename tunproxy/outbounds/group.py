@@ -147,11 +147,13 @@ class GroupOutbound(Outbound):
         self._checker: asyncio.Task[None] | None = None
         parts = urlsplit(config.url)
         host = parts.hostname or ""
+        self._tls_host = host if parts.scheme == "https" else None
+        port = parts.port or (443 if self._tls_host is not None else 80)
         try:
             ipaddress.ip_address(host)
-            self._check_target = Target(parts.port or 80, address=host)
+            self._check_target = Target(port, address=host)
         except ValueError:
-            self._check_target = Target(parts.port or 80, domain=host)
+            self._check_target = Target(port, domain=host)
         self._request = (f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} "
                          f"HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: tunproxy\r\n"
                          "Connection: close\r\n\r\n").encode()
@@ -179,11 +181,13 @@ class GroupOutbound(Outbound):
                 transport = await self.members[name].open_stream(
                     self._check_target, proto, timeout=self.config.timeout
                 )
+                if self._tls_host is not None:
+                    transport = await self._start_tls(transport, proto)
                 transport.write(self._request)
                 line = await proto.done
             if line.startswith(b"HTTP/"):
                 latency = time.monotonic() - start
-        except (OSError, OutboundError, TimeoutError, ConnectionError) as exc:
+        except (OSError, OutboundError, TimeoutError, ConnectionError, ValueError) as exc:
             log.debug("group %s: health check through %s failed: %s", self.name, name, exc)
         finally:
             if transport is not None:
@@ -193,6 +197,23 @@ class GroupOutbound(Outbound):
         if was != (latency is not None):
             log.info("group %s: member %s is %s", self.name, name,
                      "up" if latency is not None else "down")
+
+    async def _start_tls(
+        self, transport: asyncio.Transport, proto: asyncio.Protocol
+    ) -> asyncio.Transport:
+        """TLS over the member's stream for an https:// check URL. The certificate is not
+        verified: a check sends nothing secret and measures reachability and latency."""
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        tls = await asyncio.get_running_loop().start_tls(
+            transport, proto, ctx, server_hostname=self._tls_host or None
+        )
+        if tls is None:
+            raise ConnectionError("TLS handshake did not complete")
+        return tls
 
     def _candidates(self, target: Target) -> list[str]:
         self.start()
