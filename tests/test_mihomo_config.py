@@ -241,3 +241,23 @@ def test_merge_keys_in_the_tunproxy_dialect(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="duplicate key 'mtu'") as info:
         load_config(cfg)
     assert info.value.line == 4
+
+
+def test_dns_url_parameters(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "mode: rule\n"
+        "dns:\n  enable: true\n  nameserver:\n"
+        "    - 'https://1.1.1.1/dns-query#h3=true'\n"
+        "    - 'tls://9.9.9.9#skip-cert-verify=true&ecs=1.2.3.0/24'\n"
+        "    - '8.8.8.8:5353'\n"
+        "rules:\n  - MATCH,DIRECT\n"
+    )
+    config = load_config(cfg)
+    servers = config.dns.servers
+    assert [(s.scheme, s.host, s.port, s.insecure) for s in servers] == [
+        ("h3", "1.1.1.1", 443, False),
+        ("tls", "9.9.9.9", 853, True),
+        ("udp", "8.8.8.8", 5353, False),
+    ]
+    assert any("parameter 'ecs' is not implemented" in w for w in config.warnings)
