@@ -156,13 +156,14 @@ class Proxy:
     async def serve(self, tun: TunDevice) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        driver = relay = dns = None
+        driver = relay = dns = refresher = None
         outbounds: dict[str, Outbound] = {}
         try:
             dns = self._make_dns()
             stack = Stack(_stack_config(config, tun.vnet_hdr, tun.tso))
             outbounds = build_outbounds(config, dns.resolve if dns is not None else None)
             self.router = Router(config.ruleset, outbounds, dns, self._processes())
+            refresher = _start_refresher(config, self._resolver_outbound, self.reload)
             driver_ref: list[TunDriver] = []
             relay = Relay(loop, stack, self.router, config.relay, self.flow_log,
                           lambda: driver_ref[0].flush_soon())
@@ -195,6 +196,8 @@ class Proxy:
             for outbound in outbounds.values():
                 with _logged(f"closing outbound {outbound.name}"):
                     await outbound.aclose()
+            if refresher is not None:
+                await refresher.aclose()
             if dns is not None:
                 with _logged("closing DNS"):
                     await dns.aclose()
@@ -241,6 +244,18 @@ class Proxy:
         from tunproxy.procinfo import ProcessResolver
 
         return ProcessResolver()
+
+
+def _start_refresher(config: Config, outbound_for: Any, reload: Any) -> Any | None:
+    """Refresh ``type: http`` rule sets every ``interval``, through the rules."""
+    from tunproxy.ruleremote import Refresher, remote_rule_sets
+
+    sets = remote_rule_sets(config.rule_set_settings, config.path.parent)
+    if not sets:
+        return None
+    refresher = Refresher(sets, outbound_for, reload)
+    refresher.start()
+    return refresher
 
 
 def _log_counters(

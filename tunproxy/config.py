@@ -97,6 +97,8 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     # Upstream groups (mihomo's proxy-groups): name -> tunproxy.outbounds.group.GroupConfig.
     groups: dict[str, Any] = field(default_factory=dict)
+    # The rule-sets: settings as loaded (tunproxy.ruleremote refreshes the http ones).
+    rule_set_settings: dict[str, Any] = field(default_factory=dict)
 
 
 # -- YAML with line numbers ---------------------------------------------------
@@ -531,6 +533,7 @@ def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config
     return Config(
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,
         rule_count=len(lines), fault_injection=faults, warnings=warnings, groups=mihomo.groups,
+        rule_set_settings=rule_sets,
     )
 
 
