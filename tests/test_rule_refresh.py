@@ -144,3 +144,46 @@ def test_parse_http_response_errors() -> None:
         parse_http_response(b"SSH-2.0\r\n\r\n")
     with pytest.raises(ValueError, match="cut short"):
         parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+
+
+# --- end to end: the refresh goes where the rules send it ---------------------------------
+
+HTTP_PORT = 9480
+VIA = "10.232.0.3"  # the SOCKS5 server's outgoing address
+
+
+@pytest.mark.netns
+def test_refresh_is_downloaded_through_the_rules(tmp_path: Path) -> None:
+    from tests.netns import PROXY4, SERVER4, topology
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "r.yaml").write_bytes(RULES)
+    log_path = tmp_path / "http.log"
+    config = f"""\
+tun: {{name: tp0}}
+upstreams:
+  s: {{type: socks5, server: "{PROXY4}:1080", udp: false}}
+rule-sets:
+  r: {{type: http, behavior: domain, url: "http://{SERVER4}:{HTTP_PORT}/r.yaml", interval: 2}}
+rules:
+  - RULE-SET,r,REJECT
+  - IP-CIDR,{SERVER4}/32,s,no-resolve
+  - MATCH,DIRECT
+"""
+    with topology(tmp_path) as topo, log_path.open("wb") as log:
+        s = topo.server
+        s.run("ip", "addr", "add", f"{VIA}/32", "dev", "lo")
+        s.spawn(sys.executable, "-m", "http.server", "--bind", SERVER4, "--directory",
+                str(site), str(HTTP_PORT), stderr=log)
+        s.spawn("microsocks", "-i", PROXY4, "-p", "1080", "-b", VIA)
+        s.wait_tcp_listening(HTTP_PORT)
+        s.wait_tcp_listening(1080)
+        tp = topo.start_tunproxy(config)
+        tp.wait_for_log(r"rule set r: refreshed from", timeout=30)
+        tp.wait_for_log(r"reloaded .*tunproxy.yaml", timeout=30)
+        assert (tmp_path / "providers" / "r").read_bytes() == RULES
+    requests = [ln for ln in log_path.read_text().splitlines() if "GET /r.yaml" in ln]
+    # The first download at start goes directly (no routes yet); the refresh through s.
+    assert requests[0].startswith("10.231.0.1 "), requests
+    assert any(r.startswith(f"{VIA} ") for r in requests[1:]), requests
