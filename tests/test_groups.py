@@ -223,3 +223,15 @@ def _run_checks(url: str, serve_tls: bool, tmp_path: Path) -> dict[str, bool]:
                                           ("https://check.test:{}/generate_204", True)])
 def test_health_checks_over_http_and_https(url: str, tls: bool, tmp_path: Path) -> None:
     assert _run_checks(url, tls, tmp_path) == {"down": False, "up": True}
+
+
+def test_groups_without_udp() -> None:
+    from tunproxy.outbounds.group import GroupConfig, groups_without_udp
+
+    groups = {
+        "tcp-only": GroupConfig("tcp-only", "fallback", ["a", "b"]),
+        "mixed": GroupConfig("mixed", "fallback", ["a", "u"]),
+        "outer": GroupConfig("outer", "select", ["tcp-only", "REJECT"]),
+        "direct": GroupConfig("direct", "select", ["DIRECT", "a"]),
+    }
+    assert groups_without_udp(groups, {"a", "b"}) == {"tcp-only", "outer"}

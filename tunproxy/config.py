@@ -526,7 +526,7 @@ def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config
                          warnings,
                          aliases=mihomo.aliases, refused=mihomo.refused, geodata=geodata,
                          sub_rules=sub_rules,
-                         no_udp={n for n, u in upstreams.items() if not u.udp},
+                         no_udp=_without_udp(upstreams, mihomo.groups),
                          on_sets=lambda sets: loaded.update(sets), keep_entries=keep_entries)
     dns = _with_domain_filter(dns, loaded, geodata, file, dns_node)
     faults = _parse_faults(sections.get("debug-faults"), file)
@@ -535,6 +535,13 @@ def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config
         rule_count=len(lines), fault_injection=faults, warnings=warnings, groups=mihomo.groups,
         rule_set_settings=rule_sets,
     )
+
+
+def _without_udp(upstreams: dict[str, UpstreamConfig], groups: dict[str, Any]) -> set[str]:
+    from tunproxy.outbounds.group import groups_without_udp
+
+    plain = {n for n, u in upstreams.items() if not u.udp}
+    return plain | groups_without_udp(groups, plain)
 
 
 def _with_domain_filter(dns: Any, sets: dict[str, Any], geodata: Any, file: str,

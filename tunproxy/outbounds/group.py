@@ -260,6 +260,23 @@ class GroupOutbound(Outbound):
             self._checker = None
 
 
+def groups_without_udp(groups: dict[str, GroupConfig], no_udp: set[str]) -> set[str]:
+    """The groups none of whose members (upstreams, or groups, recursively) carry UDP:
+    a UDP flow skips a rule naming one, as for such an upstream. (mihomo asks the member
+    chosen at the time; a group with any UDP member is taken to carry UDP.)"""
+    out: set[str] = set()
+    changed = True
+    while changed:
+        changed = False
+        for name, g in groups.items():
+            if name not in out and g.members and all(
+                m in no_udp or m in out or m == "REJECT" for m in g.members
+            ) and any(m != "REJECT" for m in g.members):
+                out.add(name)
+                changed = True
+    return out
+
+
 def build_groups(groups: dict[str, GroupConfig], outbounds: dict[str, Outbound]) -> None:
     """Add a GroupOutbound per group to ``outbounds``; members may be groups defined in any
     order (mihomo allows it), but not in a cycle (checked when the config was read)."""
