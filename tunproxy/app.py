@@ -175,6 +175,8 @@ class Proxy:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stop, sig)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+            # SIGUSR1: the exit summary, now (bench/stress.py reads it under load).
+            loop.add_signal_handler(signal.SIGUSR1, _log_live, relay, driver, dns)
             log.info(
                 "tunproxy ready: %s mtu %d, offloads %s, writes %s, %d rules, dns %s",
                 tun.name, config.tun.mtu, " ".join(sorted(tun.offloads)) or "off",
@@ -183,7 +185,7 @@ class Proxy:
             await self.stopping.wait()
             log.info("stopping: %d flows open", len(relay.flows))
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             if relay is not None:
                 with _logged("closing flows"):
@@ -266,6 +268,12 @@ def _log_counters(
     log.info("stack counters: %s; tun write errors %d", stack_part or "none", write_errors)
     ends = ", ".join(f"{k} {v}" for k, v in sorted(ended.items()))
     log.info("flows ended: %s", ends or "none")
+
+
+def _log_live(relay: Relay, driver: TunDriver, dns: Any | None) -> None:
+    _log_counters(relay.stack.counters, relay.flow_log.ended_by_reason, driver.write_errors)
+    pending = f", dns pending {len(dns.coalescer)}" if dns is not None else ""
+    log.info("relay flows %d%s", len(relay.flows), pending)
 
 
 @contextlib.contextmanager
