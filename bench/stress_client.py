@@ -73,7 +73,7 @@ def raise_nofile_limit() -> None:
 def csum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -174,11 +174,11 @@ class Hostile:
             return bytes(data)
         if pick < 0.20:
             self.count("truncated")
-            pkt = self.valid(r.random() < 0.3)
-            return pkt[: r.randrange(0, len(pkt))]
+            whole = self.valid(r.random() < 0.3)
+            return whole[: r.randrange(0, len(whole))]
         if pick < 0.30:
             self.count("wrong-length")
-            pkt = bytearray(self.valid(r.random() < 0.3))
+            pkt: bytearray = bytearray(self.valid(r.random() < 0.3))
             if pkt[0] >> 4 == 4:
                 struct.pack_into("!H", pkt, 2, r.randrange(0, 65536))
                 struct.pack_into("!H", pkt, 10, 0)
@@ -193,9 +193,9 @@ class Hostile:
             return self.bad_ip_header()
         if pick < 0.50:
             self.count("bad-checksum")
-            pkt = bytearray(self.valid(r.random() < 0.3))
-            pkt[r.randrange(len(pkt) - 4, len(pkt))] ^= 1 << r.randrange(8)
-            return bytes(pkt)
+            flipped = bytearray(self.valid(r.random() < 0.3))
+            flipped[r.randrange(len(flipped) - 4, len(flipped))] ^= 1 << r.randrange(8)
+            return bytes(flipped)
         if pick < 0.62:
             self.count("fragment")
             return self.fragment()
@@ -308,7 +308,7 @@ class Hostile:
 class LiveFlow:
     """A TCP flow the injector opened itself from a spoofed source, to abuse once open."""
 
-    __slots__ = ("dst", "dport", "iss", "irs", "sport", "src", "sent", "established")
+    __slots__ = ("dport", "dst", "established", "irs", "iss", "sent", "sport", "src")
 
     def __init__(self, src: bytes, sport: int, dst: bytes, dport: int, iss: int) -> None:
         self.src, self.sport, self.dst, self.dport = src, sport, dst, dport
@@ -357,7 +357,7 @@ class Injector:
             ihl = (data[0] & 15) * 4
             if data[9] != TCP or data[16:18] != bytes(SPOOF_NET):
                 continue
-            sport, dport, seq, ack, _, flags = struct.unpack_from("!HHIIBB", data, ihl)
+            _, dport, seq, _, _, flags = struct.unpack_from("!HHIIBB", data, ihl)
             flow = self.live.get(dport)
             if flow is None:
                 continue

@@ -376,3 +376,46 @@ def test_new_syn_on_a_time_wait_tuple_opens_a_new_flow() -> None:
     old = TcpPeer(s, sport=40001, isn=10)
     old.syn(1.2)
     assert events(s) == []
+
+
+def key(peer: TcpPeer) -> FlowKey:
+    return FlowKey(6, peer.src, peer.sport, peer.dst, peer.dport)
+
+
+def test_half_open_limit_evicts_the_oldest_unanswered_handshake() -> None:
+    """At the limit, a SYN takes the slot of the oldest flow whose SYN-ACK went unanswered
+    for ``half_open_evict_after`` (a SYN flood's spoofed sources never answer); flows still
+    waiting for their upstream (not accepted), and younger handshakes, keep theirs."""
+    s = Stack(StackConfig(max_half_open=3, half_open_evict_after=3.0, seed=1))
+    peers = [TcpPeer(s, sport=1000 + i) for i in range(5)]
+    for p in peers[:3]:
+        p.syn(0.0)
+    opened = events(s)
+    assert [e.flow for e in opened if isinstance(e, FlowOpened)] == [1, 2, 3]
+    s.accept(2, 0.1)
+    s.accept(3, 0.1)
+    assert [o.dport for o in drain(s)] == [1001, 1002]  # SYN-ACKs, never answered
+    # Too young to give up: the new SYN is refused, as without eviction.
+    early = TcpPeer(s, sport=2000)
+    early.syn(2.9)
+    assert events(s) == [] and s.counters["drop.limit.half_open"] == 1
+    assert [o.dport for o in drain(s)] == [2000]
+    s.handle_timer(3.0)
+    drain(s)  # SYN-ACK retransmissions
+    # Flow 1 waits for its upstream: flow 2, the oldest accepted one, makes room.
+    peers[3].syn(3.0)
+    assert events(s) == [FlowReset(2, "half-open-evicted"), FlowOpened(4, key(peers[3]))]
+    (rst,) = drain(s)
+    assert rst.dport == 1001 and rst.tcp is not None and rst.tcp.flags & tcp.RST
+    assert s.counters["tcp.half_open_evicted"] == 1
+    assert s.counters["flows.half_open"] == 3 and s.counters["flows.tcp"] == 3
+    # Flow 1 still waits; flow 3 is the oldest unanswered SYN-ACK now.
+    peers[4].syn(3.1)
+    assert events(s) == [FlowReset(3, "half-open-evicted"), FlowOpened(5, key(peers[4]))]
+    drain(s)
+    # No accepted handshake old enough is left: the next SYN is refused.
+    late = TcpPeer(s, sport=2001)
+    late.syn(3.2)
+    assert events(s) == [] and s.counters["drop.limit.half_open"] == 2
+    (refused,) = drain(s)
+    assert refused.dport == 2001 and refused.tcp is not None and refused.tcp.flags & tcp.RST

@@ -579,11 +579,18 @@ class TcpEndpoint:
         interval = min(self._rtt.rto * (1 << self._persist_backoff), self.config.max_rto)
         self._arm(_PERSIST, now + interval)
 
-    def _give_up(self) -> None:
+    def evict(self, now: float) -> None:
+        """Give up an unanswered handshake to make room for another (the stack's half-open
+        limit): RST, and ``FlowReset(reason="half-open-evicted")`` so the owner lets go
+        of its upstream."""
+        if self.state is TcpState.SYN_RECEIVED and not self.closed:
+            self._give_up("half-open-evicted")
+
+    def _give_up(self, reason: str = "retransmit-timeout") -> None:
         """RFC 9293 3.8.3 (R2 exceeded): reset the connection and tell the application."""
         if self.accepted:
             self._rst = self._make(RST | ACK, self._snd_max, None, with_ts=False)
-        self._finish(FlowReset(self.flow, "retransmit-timeout"))
+        self._finish(FlowReset(self.flow, reason))
         self._close(TcpEvent.TIMEOUT)
 
     # ------------------------------------------------------------------ input
