@@ -68,6 +68,7 @@ from bench.services import (  # noqa: E402
     prepare_namespaces,
 )
 from tests.netns import SERVER4, SERVER6, Topology, Tunproxy, topology  # noqa: E402
+from tunproxy.relay import UPSTREAM_READ_SIZE  # noqa: E402
 
 TUN_NAME = "tpstress0"
 SOURCE_PORT = 7010
@@ -77,7 +78,6 @@ SCENARIOS = ("hostile", "flows", "synflood", "slow", "upstream", "dns", "kill9",
 # The stack's defaults (stack.StackConfig), which the configuration does not change.
 MAX_HALF_OPEN = 4096
 TCP_SEND_BUFFER = 512 * 1024
-RELAY_BUFFER = 262144  # relay.buffer-size default
 DNS_TIMEOUT = 2.0
 MIB = 1024 * 1024
 
@@ -604,7 +604,11 @@ def scenario_slow(h: Harness, args: argparse.Namespace) -> Block:
     later = [kib for t, kib in sampler.samples if t >= seconds / 3]
     first = sampler.samples[0][1] if sampler.samples else rest
     growth_late = (max(later) - min(later)) if later else 0
-    bound_kib = held * (TCP_SEND_BUFFER + RELAY_BUFFER) / 1024 + args.rss_bound_mib * 1024
+    # Per flow: the stack's send buffer, one upstream read beyond it (the relay pauses
+    # reading only once the buffer is full), and a read kept whole until all of it is
+    # acknowledged (the send buffer holds the reads themselves, no copies).
+    per_flow = TCP_SEND_BUFFER + 2 * UPSTREAM_READ_SIZE
+    bound_kib = held * per_flow / 1024 + args.rss_bound_mib * 1024
     slope = fit_slope([(t / 60, mb) for t, mb in samples if t >= seconds / 3])
     block.add("thrown", f"{held} flows ({ready['failed']} failed to open) fed by a server "
                         f"that writes as fast as it can; the apps read 1 KiB each, then nothing")
@@ -613,8 +617,10 @@ def scenario_slow(h: Harness, args: argparse.Namespace) -> Block:
                                       "(until the windows closed)")
     block.add("flows held", f"{counters.get('relay.flows', 0)} relay flows")
     block.add("RSS", f"{mib(rest)} before; {mib(first)} .. {mib(sampler.peak)} over the run; "
-                     f"bound {mib(bound_kib)} = flows x (send buffer {TCP_SEND_BUFFER // 1024} "
-                     f"KiB + relay buffer {RELAY_BUFFER // 1024} KiB) + {args.rss_bound_mib} MiB")
+                     f"{(sampler.peak - rest) / max(held, 1):,.0f} KiB per flow; bound "
+                     f"{mib(bound_kib)} = flows x (send buffer {TCP_SEND_BUFFER // 1024} KiB "
+                     f"+ 2 upstream reads of {UPSTREAM_READ_SIZE // 1024} KiB) + "
+                     f"{args.rss_bound_mib} MiB")
     block.add("RSS samples [MiB]", " ".join(f"{mb:.1f}" for _, mb in samples))
     block.add("slope after the first third", f"{slope:+.2f} MiB/min")
     block.check("tunproxy alive", alive)
@@ -668,6 +674,8 @@ def scenario_upstream(h: Harness, args: argparse.Namespace) -> Block:
     late = [t for t in ended if t > 2.0]
     block.add("thrown", f"{ready['ready']} flows echoing 64 B every ~0.2 s; microsocks "
                         "killed with SIGKILL")
+    # tunproxy mirrors the upstream's end: a killed proxy's kernel closes its sockets with
+    # FIN (nothing unread) or RST, so the app sees EOF or a reset.
     block.add("ended", f"{len(ended)} of {result['flows']} "
                        f"({', '.join(f'{k} {v}' for k, v in result['ended_how'].items())}); "
                        f"after the kill: max {max(ended, default=0):.2f} s, "
@@ -745,8 +753,22 @@ ROUTING_KEYS = ("rule4", "rule6", "route4", "route6")
 
 
 def routing(h: Harness) -> dict[str, str]:
+    """Rules and routes of the client namespace, without the TUN's IPv6 link-local route
+    (the kernel draws a new link-local address for every new TUN)."""
     snap = h.topo.client.routing_snapshot()
-    return {k: snap[k] for k in ROUTING_KEYS}
+    return {k: "\n".join(line for line in snap[k].splitlines()
+                          if not re.match(r"local fe80::\S+ dev ", line))
+            for k in ROUTING_KEYS}
+
+
+def routing_counts(a: dict[str, str], b: dict[str, str]) -> str:
+    """How many rules/routes ``b`` has that ``a`` has not, by kind."""
+    parts = []
+    for key in ROUTING_KEYS:
+        extra = set(b[key].splitlines()) - set(a[key].splitlines())
+        if extra:
+            parts.append(f"{len(extra)} {key[:-1]}s (IPv{key[-1]})")
+    return ", ".join(parts)
 
 
 def routing_diff(a: dict[str, str], b: dict[str, str]) -> str:
@@ -794,9 +816,11 @@ def scenario_kill9(h: Harness, args: argparse.Namespace) -> Block:
     block.add("thrown", f"{ready['ready']:,} flows echoing 64 B every ~1 s; SIGKILL")
     block.add("the flows", f"{len(ended):,} ended within 10 s "
                            f"({', '.join(f'{k} {v}' for k, v in result['ended_how'].items())}),"
-                           f" {result['alive']:,} hung (no RST can come from a dead process)")
-    block.add("left behind", routing_diff(clean, left) or "nothing")
-    block.add("next start", undo_line.split("] ", 1)[-1][:200] or "(no undo logged)")
+                           f" {result['alive']:,} still open: a dead process resets nothing, "
+                           "the apps' own 5 s timeouts end them")
+    block.add("left behind", (routing_counts(clean, left) or "nothing")
+              + " (the TUN went with the process; its rules stay until the next start)")
+    block.add("next start", re.sub(r"^\S+ \S+ ", "", undo_line)[:200] or "(no undo logged)")
     block.add("new instance", f"4 MiB echo {detail}; {fresh['count']} of 50 new connections")
     block.check("next start restores the routing of the first",
                 again == running, routing_diff(running, again))

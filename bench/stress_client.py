@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -43,6 +44,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -550,7 +552,22 @@ async def open_many(host: str, port: int, count: int, parallel: int, timeout: fl
 
 
 async def stdin_line() -> str:
-    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    """The next line of stdin ("" at its end). Read on a daemon thread, not the loop's
+    executor: asyncio.run would wait for a read still blocked at exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def deliver(line: str) -> None:
+        if not future.done():
+            future.set_result(line)
+
+    def read() -> None:
+        line = sys.stdin.readline()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(deliver, line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return await future
 
 
 async def flows_mode(args: argparse.Namespace) -> dict[str, Any]:
