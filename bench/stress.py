@@ -228,6 +228,7 @@ class Harness:
         self.sizes = sizes
         self.services = Services(topo, workdir)
         self.counter = 0
+        self.source_started = False
 
     # .. tunproxy ..
 
@@ -317,7 +318,8 @@ class Harness:
             sock.sendall(data)
 
     def source_server(self) -> None:
-        if self.services._once("source"):
+        if not self.source_started:
+            self.source_started = True
             self.topo.server.spawn(sys.executable, str(STRESS_SERVER), "--host", SERVER4,
                                    "--port", str(SOURCE_PORT))
             self.topo.server.wait_tcp_listening(SOURCE_PORT)
