@@ -385,6 +385,22 @@ class Sampler:
         return max((kib for _, kib in self.samples), default=0)
 
 
+def tenths(samples: list[tuple[float, int]]) -> list[int]:
+    """The sample at each tenth of the run (and the last)."""
+    if not samples:
+        return []
+    picks = sorted({min(len(samples) - 1, i * len(samples) // 10) for i in range(10)})
+    return [samples[i][1] for i in picks] + [samples[-1][1]]
+
+
+def late_growth(samples: list[tuple[float, int]]) -> int:
+    """How much RSS grew over the last third of the samples (KiB; 0 if it fell)."""
+    if len(samples) < 3:
+        return 0
+    last = samples[-(len(samples) // 3) - 1:]
+    return max(0, max(kib for _, kib in last) - last[0][1])
+
+
 def drops(before: dict[str, int], after: dict[str, int]) -> list[tuple[str, int]]:
     return sorted(((k[5:], after[k] - before.get(k, 0)) for k in after
                    if k.startswith("drop.") and after[k] - before.get(k, 0) > 0),
@@ -433,7 +449,13 @@ def scenario_hostile(h: Harness, args: argparse.Namespace) -> Block:
         if delta(before, after, key):
             block.add(key, f"{delta(before, after, key):,}")
     block.add("RSS", f"{mib(rest)} before, peak {mib(sampler.peak)} "
-                     f"(+{mib(sampler.peak - rest)}), {len(sampler.samples)} samples")
+                     f"(+{mib(sampler.peak - rest)}); by tenths of the run: "
+                     + " ".join(f"{kib / 1024:.0f}" for kib in tenths(sampler.samples))
+                     + " MiB")
+    block.add("flows held at the end", f"{after.get('flows.tcp', 0):,} TCP "
+                                       f"({after.get('flows.half_open', 0):,} half-open), "
+                                       f"{after.get('flows.udp', 0):,} UDP sessions; "
+                                       f"{after.get('reassembly.bytes', 0):,} B of fragments")
     block.add("normal traffic", f"{during.ok} x 1 MiB echo transfers during, "
                                 f"{len(during.failed)} failed; 4 MiB after: {after_detail}")
     block.check("tunproxy alive", alive, "" if alive else f"rc={tp.proc.poll()}")
@@ -442,9 +464,13 @@ def scenario_hostile(h: Harness, args: argparse.Namespace) -> Block:
                 f"{during.ok} ok" + (f", first failure: {during.failed[0]}" if during.failed
                                      else ""))
     block.check("transfer after sha256-equal", after_ok, after_detail)
-    bound = args.rss_bound_mib
-    block.check(f"RSS growth under {bound} MiB", sampler.peak - rest < bound * 1024,
-                f"+{mib(sampler.peak - rest)}")
+    # What the attack fills is bounded by tables, not by a byte budget: half-open TCP flows
+    # (4,096), UDP sessions (one per spoofed source, each with its upstream socket, until
+    # idle for 60 s or 65,536 of them), held fragments (4 MiB). Bounded means RSS levels
+    # off once they are full: its growth over the last third of the run stays small.
+    late = late_growth(sampler.samples)
+    block.check(f"RSS levels off (last third grows < {args.rss_late_mib} MiB)",
+                late < args.rss_late_mib * 1024, f"+{mib(late)} over the last third")
     return block
 
 
@@ -948,6 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=16, help="hostile packets' and SYNs' seed")
     parser.add_argument("--rss-bound-mib", type=int, default=64,
                         help="RSS growth allowed under attack (64)")
+    parser.add_argument("--rss-late-mib", type=int, default=16,
+                        help="RSS growth allowed over the hostile run's last third (16)")
     parser.add_argument("--per-flow-kib", type=int, default=16,
                         help="RSS per held flow allowed (16)")
     parser.add_argument("--soak-growth-mib", type=float, default=8.0,

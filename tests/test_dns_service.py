@@ -341,6 +341,26 @@ def test_dead_upstream_servfail_within_the_timeout() -> None:
     run(main())
 
 
+def test_dead_upstream_leaves_no_lookup_behind_its_callers() -> None:
+    """Lookups queued for an upstream slot share their callers' budget: once every caller
+    got SERVFAIL, none is left pending, and none reaches the upstream late (bench/stress.py
+    saw 244 of 500 still pending after their SERVFAILs, each to be sent to the dead server
+    once a slot freed)."""
+
+    async def main() -> None:
+        stub = StubResolver(Zone(ZONE), hang=True)
+        svc = service({"mode": "real-ip", "timeout": 0.3}, stub)
+        svc._upstream_slots = asyncio.Semaphore(2)
+        replies = await asyncio.gather(*(ask(svc, f"n{i}.real.test", ident=i) for i in range(6)))
+        assert [r.header.rcode for r in replies] == [RCODE.SERVFAIL] * 6
+        await asyncio.sleep(0.05)  # the shared lookups' own cancellations run
+        assert len(svc.coalescer) == 0
+        await asyncio.sleep(0.4)  # past a second timeout: nothing was sent late either
+        assert stub.calls == 2
+
+    run(main())
+
+
 def test_identical_concurrent_queries_are_coalesced() -> None:
     async def main() -> None:
         stub = StubResolver(Zone(ZONE))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.stress import SCENARIOS, Block, fit_slope
+from bench.stress import SCENARIOS, Block, fit_slope, late_growth, tenths
 from bench.stress_client import Hostile
 from stack import Stack, StackConfig
 
@@ -83,3 +83,13 @@ def test_fit_slope_and_block_verdicts() -> None:
     assert block.passed and "[PASS] held" in block.render()
     block.check("lost nothing", False, "1 lost")
     assert not block.passed and "[FAIL] lost nothing: 1 lost" in block.render()
+
+
+def test_rss_series_helpers() -> None:
+    rising = [(float(t), 1000 + 100 * t) for t in range(30)]
+    flat = [(float(t), 1000 + min(100 * t, 1500)) for t in range(30)]
+    assert late_growth(rising) == 1000  # samples 19..29
+    assert late_growth(flat) == 0
+    assert late_growth([(0.0, 5)]) == 0
+    assert tenths(rising)[0] == 1000 and tenths(rising)[-1] == 3900
+    assert len(tenths(rising)) == 11 and tenths([]) == []

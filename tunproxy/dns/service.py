@@ -410,7 +410,10 @@ class DnsService:
     async def _fetch(self, key: CacheKey) -> DNSRecord:
         if not self.resolvers:
             raise ResolverError("no upstream resolvers configured")
-        async with self._upstream_slots:
+        # The shared lookup keeps its first caller's budget, slot wait included: with a
+        # dead upstream, lookups queued behind the slots would otherwise start only once
+        # their callers had their SERVFAIL, and pile up on the dead server after them.
+        async with asyncio.timeout(self.config.timeout), self._upstream_slots:
             return await self._fetch_now(key)
 
     async def _fetch_now(self, key: CacheKey) -> DNSRecord:
