@@ -202,6 +202,7 @@ class ClientProc:
             if "error" in result:
                 raise MeasureError(f"stress client {self.mode}: {result['error']}")
             if skip_progress and "progress" in result:
+                progress(f"  {self.mode}: {json.dumps(result)}")
                 continue
             return result
 
@@ -769,8 +770,11 @@ def scenario_dns(h: Harness, args: argparse.Namespace) -> Block:
     block.check("healthy first", healthy["rcodes"].get("0", 0) == 50, str(healthy["rcodes"]))
     block.check("every query SERVFAIL", servfail == dead["asked"],
                 f"{servfail} of {dead['asked']}")
-    block.check(f"within the timeout ({DNS_TIMEOUT:g} s + 0.5 s)",
-                (dead["max_s"] or 99) <= DNS_TIMEOUT + 0.5, f"slowest {dead['max_s']}")
+    # The timeout runs from when tunproxy reads a query; reading 500 at once on two busy
+    # cores takes a few hundred milliseconds, hence the slack.
+    block.check(f"within the timeout ({DNS_TIMEOUT:g} s + {args.dns_slack:g} s)",
+                (dead["max_s"] or 99) <= DNS_TIMEOUT + args.dns_slack,
+                f"slowest {dead['max_s'] or 0:.2f} s")
     block.check("no pending pile-up", pending_later == 0, f"{pending_later} pending")
     block.check("answers again once it is back", back["rcodes"].get("0", 0) == 50,
                 str(back["rcodes"]))
@@ -976,6 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RSS growth allowed under attack (64)")
     parser.add_argument("--rss-late-mib", type=int, default=16,
                         help="RSS growth allowed over the hostile run's last third (16)")
+    parser.add_argument("--dns-slack", type=float, default=1.0,
+                        help="seconds a SERVFAIL may come after dns.timeout (1.0)")
     parser.add_argument("--per-flow-kib", type=int, default=16,
                         help="RSS per held flow allowed (16)")
     parser.add_argument("--soak-growth-mib", type=float, default=8.0,

@@ -477,7 +477,9 @@ class Injector:
             now = time.monotonic()
             if now >= next_report:
                 next_report = now + 5
-                emit({"progress": mine, "elapsed_s": now - start})
+                emit({"progress": mine, "elapsed_s": round(now - start, 1),
+                      "tun_read": self.tun_stat("tx_packets") - base_read,
+                      "tun_dropped": self.tun_stat("tx_dropped") - base_dropped})
         elapsed = time.monotonic() - start
         return {
             "sent": self.sent, "send_errors": self.send_errors, "elapsed_s": elapsed,
