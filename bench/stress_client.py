@@ -459,6 +459,7 @@ class Injector:
         base_dropped = self.tun_stat("tx_dropped")
         start = time.monotonic()
         mine = 0  # what we wrote; the TUN counters also count the normal traffic beside us
+        credited = 0  # TUN drops taken as done (see the pacing below)
         next_report = start + 5
         while mine < args.count:
             batch = min(256, args.count - mine)
@@ -466,12 +467,22 @@ class Injector:
                 self.send(self.next_packet())
             mine += batch
             self.drain()
-            # Pace: keep at most WINDOW of our packets queued in the TUN ahead of tunproxy.
+            # Pace on what tunproxy has read: at most WINDOW of our packets ahead of it.
+            # Drops count as done only once reads have stalled for 100 ms (a dropped packet
+            # will never be read); counting them at once let the injector run ahead of
+            # tunproxy by all it dropped.
+            last_read = -1
+            stalled_since = time.monotonic()
             while True:
-                done = (self.tun_stat("tx_packets") - base_read
-                        + self.tun_stat("tx_dropped") - base_dropped)
-                if self.sent - done < args.window:
+                read = self.tun_stat("tx_packets") - base_read
+                if self.sent - read - credited < args.window:
                     break
+                now = time.monotonic()
+                if read != last_read:
+                    last_read, stalled_since = read, now
+                elif now - stalled_since > 0.1:
+                    credited = self.tun_stat("tx_dropped") - base_dropped
+                    stalled_since = now
                 self.drain()
                 select.select([self.sock], [], [], 0.002)
             now = time.monotonic()
