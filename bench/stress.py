@@ -455,7 +455,9 @@ def scenario_hostile(h: Harness, args: argparse.Namespace) -> Block:
                      + " MiB")
     block.add("flows held at the end", f"{after.get('flows.tcp', 0):,} TCP "
                                        f"({after.get('flows.half_open', 0):,} half-open), "
-                                       f"{after.get('flows.udp', 0):,} UDP sessions; "
+                                       f"{after.get('flows.udp', 0):,} UDP sessions in "
+                                       f"the stack, {after.get('relay.flows', 0):,} in the "
+                                       "relay; "
                                        f"{after.get('reassembly.bytes', 0):,} B of fragments")
     block.add("normal traffic", f"{during.ok} x 1 MiB echo transfers during, "
                                 f"{len(during.failed)} failed; 4 MiB after: {after_detail}")
