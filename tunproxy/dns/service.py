@@ -398,8 +398,9 @@ class DnsService:
             return hit
         if key in self.coalescer:
             self.counters["coalesced"] += 1
-        async with asyncio.timeout(self.config.timeout):
-            response = await self.coalescer.run(key, lambda: self._fetch(key))
+        deadline = asyncio.get_running_loop().time() + self.config.timeout
+        async with asyncio.timeout_at(deadline):
+            response = await self.coalescer.run(key, lambda: self._fetch(key, deadline))
         return CachedAnswer(
             response.header.rcode,
             list(response.rr),
@@ -407,13 +408,13 @@ class DnsService:
             [rr for rr in response.ar if rr.rtype != QTYPE.OPT],
         )
 
-    async def _fetch(self, key: CacheKey) -> DNSRecord:
+    async def _fetch(self, key: CacheKey, deadline: float) -> DNSRecord:
         if not self.resolvers:
             raise ResolverError("no upstream resolvers configured")
-        # The shared lookup keeps its first caller's budget, slot wait included: with a
-        # dead upstream, lookups queued behind the slots would otherwise start only once
+        # The shared lookup ends with its first caller's budget, slot wait included: with
+        # a dead upstream, lookups queued behind the slots would otherwise start only once
         # their callers had their SERVFAIL, and pile up on the dead server after them.
-        async with asyncio.timeout(self.config.timeout), self._upstream_slots:
+        async with asyncio.timeout_at(deadline), self._upstream_slots:
             return await self._fetch_now(key)
 
     async def _fetch_now(self, key: CacheKey) -> DNSRecord:
