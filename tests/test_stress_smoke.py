@@ -33,9 +33,12 @@ def test_smoke_scenario_passes(scenario: str, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: network namespaces and a TUN")
     out = tmp_path / "stress.json"
+    # The smoke flood is under a second long: a handful of legitimate connections sample
+    # it, too few for the full run's 90 % to be more than noise on a busy machine.
+    extra = ["--legit-percent", "50"] if scenario == "synflood" else []
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "stress.py"), "--smoke", "--only", scenario,
-         "--json", str(out)],
+         "--json", str(out), *extra],
         capture_output=True, text=True, timeout=400, cwd=REPO, check=False,
     )
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
