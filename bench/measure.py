@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import select
 import subprocess
@@ -154,3 +155,19 @@ def wait_rss_settled(pid: int, timeout: float = 3.0) -> int:
             return now
         last = now
     return last
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid``, all its threads (``/proc/PID/stat`` fields
+    14 and 15, what ``time`` reports): what a figure cost the proxy, far less sensitive to
+    the load of a shared machine than its rate."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError as exc:
+        raise MeasureError(f"cannot read the CPU time of pid {pid}: {exc}") from None
+    # The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS

@@ -41,12 +41,18 @@ METRICS: tuple[Metric, ...] = (
     Metric("rr_p99", "request/response latency p99 (64 B)", "us", False, "latency", 0, True),
     Metric("udp_rr", "UDP request/response rate (64 B)", "req/s", True, "udp"),
     Metric("dns_qps", "DNS answers/s (fake-ip; baseline: dnsmasq)", "answers/s", True, "dns"),
-    Metric("rss_rest", "tunproxy RSS at rest", "MiB", False, "mem", 1),
-    Metric("rss_per_flow", "tunproxy RSS per idle TCP flow", "KiB", False, "mem", 1),
+    Metric("rss_rest", "proxy RSS at rest", "MiB", False, "mem", 1),
+    Metric("rss_per_flow", "proxy RSS per idle TCP flow", "KiB", False, "mem", 1),
+    # The proxy process's user + system CPU (tunproxy or a peer; /proc, like `time`).
+    Metric("cpu_conn", "proxy CPU per connection (connections/s run)", "us", False, "cps"),
+    Metric("cpu_gb_up", "proxy CPU per GB, TCP upload", "ms", False, "tcp"),
+    Metric("cpu_gb_down", "proxy CPU per GB, TCP download", "ms", False, "tcp"),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 TESTS = ("tcp", "cps", "latency", "mem", "udp", "dns")
-PATHS = ("baseline", "direct", "socks5", "socks5-only")
+PATHS = ("baseline", "direct", "socks5", "hev", "redsocks", "socks5-only")
+# Peers (bench/peers.py): other proxies through the same SOCKS5 server, measured in the same run.
+PEER_LABELS = {"hev": "hev > SOCKS5", "redsocks": "redsocks > SOCKS5"}
 
 
 # -- results ------------------------------------------------------------------
@@ -75,7 +81,8 @@ class Cell:
 
 @dataclass
 class Column:
-    path: str  # baseline | direct | socks5 | socks5-only (the SOCKS5 server without tunproxy)
+    # baseline | direct | socks5 | hev | redsocks | socks5-only (the SOCKS5 server alone)
+    path: str
     offload: bool = True
     tests: tuple[str, ...] = TESTS
     cells: dict[str, Cell] = field(default_factory=dict)
@@ -86,6 +93,8 @@ class Column:
             return "baseline"
         if self.path == "socks5-only":
             return "SOCKS5 only"
+        if self.path in PEER_LABELS:
+            return PEER_LABELS[self.path]
         name = {"direct": "DIRECT", "socks5": "SOCKS5"}[self.path]
         return name if self.offload else f"{name} no-offload"
 
@@ -206,10 +215,12 @@ class Target:
     name: str
     path: str
     key: str
-    # "ratio": median / same-run baseline >= limit; "max": median <= limit;
-    # "below": median < limit (absolute figures).
+    # "ratio": median per-round ratio to ``reference`` >= limit; "ratio_max": that ratio
+    # <= limit; "max": median <= limit; "below": median < limit (absolute figures).
     kind: str
     limit: float
+    # The column a ratio is taken against: the baseline, or a peer measured in the same run.
+    reference: str = "baseline"
 
 
 TARGETS: tuple[Target, ...] = (
@@ -222,6 +233,21 @@ TARGETS: tuple[Target, ...] = (
     Target("RSS per idle TCP flow via SOCKS5 <= 16 KiB", "socks5", "rss_per_flow", "max", 16.0),
     Target("RSS at rest via DIRECT < 60 MiB", "direct", "rss_rest", "below", 60.0),
     Target("RSS at rest via SOCKS5 < 60 MiB", "socks5", "rss_rest", "below", 60.0),
+    # Issue 17: against the peers, through the same SOCKS5 server, in the same run.
+    Target("connections/s via SOCKS5 >= 1.00x hev's", "socks5", "cps", "ratio", 1.0, "hev"),
+    Target("connections/s via DIRECT >= 0.30x baseline", "direct", "cps", "ratio", 0.30),
+    Target("new connection latency p50 via SOCKS5 <= hev's", "socks5", "conn_p50",
+           "ratio_max", 1.0, "hev"),
+    Target("UDP request/response via SOCKS5 >= 1.00x hev's", "socks5", "udp_rr", "ratio", 1.0,
+           "hev"),
+    Target("TCP upload via SOCKS5 >= 3.00x hev's", "socks5", "tcp_up", "ratio", 3.0, "hev"),
+    Target("TCP download via SOCKS5 >= 3.00x hev's", "socks5", "tcp_down", "ratio", 3.0, "hev"),
+    Target("TCP upload via SOCKS5 >= 0.90x redsocks'", "socks5", "tcp_up", "ratio", 0.9,
+           "redsocks"),
+    Target("TCP download via SOCKS5 >= 0.90x redsocks'", "socks5", "tcp_down", "ratio", 0.9,
+           "redsocks"),
+    Target("RSS at rest via DIRECT <= 25 MiB", "direct", "rss_rest", "max", 25.0),
+    Target("RSS at rest via SOCKS5 <= 25 MiB", "socks5", "rss_rest", "max", 25.0),
 )
 
 
@@ -260,15 +286,24 @@ def check_targets(sections: list[Section]) -> list[Verdict]:
                     reason = reason[:87] + "..."
                 verdicts.append(Verdict(target, section.mtu, "FAIL", f"n/a: {reason}"))
                 continue
-            if target.kind == "ratio":
-                ratio = section.ratio(column, target.key)
+            if target.kind in ("ratio", "ratio_max"):
+                reference = section.column(target.reference)
+                ratio = None if reference is None else section.ratio(
+                    column, target.key, reference=reference)
                 if ratio is None:
-                    verdicts.append(Verdict(target, section.mtu, "SKIP", "no baseline figure"))
+                    verdicts.append(Verdict(target, section.mtu, "SKIP",
+                                            f"no {target.reference} figure"))
                     continue
-                ok = ratio >= target.limit
-                detail = f"{ratio:.2f}x (limit {target.limit:.2f}x)" + _ceiling(
-                    section, column, target.key
-                )
+                ok = ratio >= target.limit if target.kind == "ratio" else ratio <= target.limit
+                detail = f"{ratio:.2f}x (limit {target.limit:.2f}x)"
+                if target.reference == "baseline":
+                    detail += _ceiling(section, column, target.key)
+                else:
+                    assert reference is not None
+                    own = reference.value(target.key)
+                    if own is not None:
+                        detail += (f"; {reference.label}: "
+                                   f"{format_number(own, metric.digits)} {metric.unit}")
             else:
                 value = cell.value
                 ok = value < target.limit if target.kind == "below" else value <= target.limit

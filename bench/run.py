@@ -17,6 +17,9 @@ server, microsocks, dante, dnsmasq), and measures each column in turn:
 * ``SOCKS5``: tunproxy with ``MATCH,socks`` to dante (``--socks-server microsocks``: TCP to
   microsocks, UDP still to dante, as microsocks has no UDP ASSOCIATE);
 * the same two with the TUN offloads off (``tun.offload: false``);
+* the peers (issue 17, ``bench/peers.py``): hev-socks5-tunnel and redsocks through the same
+  dante; every column with a proxy process also gets that process's CPU per connection and
+  per GB (user + system from /proc);
 * ``SOCKS5 only``: a control without tunproxy: the client programs themselves use the SOCKS5
   server (iperf3 under proxychains4, the Python clients speak SOCKS5). It shows how much of
   the SOCKS5 column's loss is the SOCKS5 server's own.
@@ -54,11 +57,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import measure, profiling  # noqa: E402
+from bench import measure, peers, profiling  # noqa: E402
 from bench.measure import MeasureError  # noqa: E402
 from bench.report import (  # noqa: E402
     METRICS,
     PATHS,
+    PEER_LABELS,
     TESTS,
     Column,
     Section,
@@ -199,6 +203,7 @@ class Runner:
         self.log_level = log_level
         self.profiles: list[profiling.Profile] = []
         self.tp: Tunproxy | None = None
+        self.peer: peers.Peer | None = None  # a peer column's proxy (hev, redsocks)
         self.topo: Topology | None = None
         self.services: Services | None = None
         self.round = 0
@@ -211,6 +216,12 @@ class Runner:
     def tunproxy_gone(self) -> str:
         assert self.tp is not None
         return f"tunproxy exited (rc={self.tp.proc.poll()}): {log_reason(self.tp.log)}"
+
+    def proxy_pid(self) -> int | None:
+        """The process whose CPU and memory a figure costs: tunproxy or a peer."""
+        if self.tp is not None:
+            return self.tp.proc.pid
+        return self.peer.pid if self.peer is not None else None
 
     def step(self, column: Column, what: str) -> None:
         progress(f"  round {self.round + 1}/{self.settings.rounds} {column.label}: {what}")
@@ -235,12 +246,19 @@ class Runner:
         if tp is not None and tp.proc.poll() is not None:
             fail(self.tunproxy_gone())
             return None
+        peer = self.peer
+        if peer is not None and peer.gone():
+            fail(peer.gone() or "")
+            return None
+        peer_before = peer.carried() if peer is not None else 0
         before = measure.tun_bytes(self.topo.client, TUN_NAME) if tp is not None else None
         log_mark = tp.line_count() if tp is not None else 0
         try:
             figures, carried = measure_once()
         except MeasureError as exc:
             reason = str(exc)
+            if peer is not None and peer.gone():
+                reason = peer.gone() or reason
             if tp is not None:
                 if tp.proc.poll() is not None:
                     reason = self.tunproxy_gone()
@@ -257,6 +275,10 @@ class Runner:
                 fail(f"traffic bypassed the TUN ({moved} bytes through {TUN_NAME} for "
                      f"{carried:.0f} payload bytes)")
                 return None
+        if peer is not None and peer.carried() <= peer_before:
+            fail(f"traffic bypassed {peer.label} (its "
+                 f"{'TUN' if peer.name == 'hev' else 'REDIRECT rule'} counters did not move)")
+            return None
         for key, value in figures.items():
             column.cell(key).add(value, self.round)
         return figures
@@ -286,9 +308,17 @@ class Runner:
 
             def once(reverse: bool = reverse, parallel: int = parallel,
                      key: str = key) -> tuple[dict[str, float], float]:
+                pid = self.proxy_pid()
+                cpu = measure.cpu_seconds(pid) if pid is not None else 0.0
                 result = measure.iperf(ns, s.iperf_seconds, reverse=reverse, parallel=parallel,
                                        wrapper=wrapper)
-                return {key: result["gbps"]}, result["bytes"]
+                figures = {key: result["gbps"]}
+                if pid is not None and parallel == 1:
+                    # CPU (ms) per GB of payload received.
+                    cpu = measure.cpu_seconds(pid) - cpu
+                    figures[f"cpu_gb_{'down' if reverse else 'up'}"] = \
+                        cpu * 1e3 / (result["bytes"] / 1e9)
+                return figures, result["bytes"]
 
             if self.record(column, (key,), once) is None and self.services is not None:
                 self.services.restart_iperf()
@@ -301,10 +331,14 @@ class Runner:
         self.step(column, f"{count} connections")
 
         def once() -> tuple[dict[str, float], float]:
+            pid = self.proxy_pid()
+            cpu = measure.cpu_seconds(pid) if pid is not None else 0.0
             r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
                                "--count", str(count), "--timeout", "5", *via)
-            return ({"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]},
-                    float(r["count"]))
+            figures = {"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]}
+            if pid is not None:
+                figures["cpu_conn"] = (measure.cpu_seconds(pid) - cpu) * 1e6 / r["count"]
+            return figures, float(r["count"])
 
         self.record(column, ("cps", "conn_p50", "conn_p99"), once)
 
@@ -361,10 +395,10 @@ class Runner:
 
     def test_mem(self, column: Column) -> None:
         """RSS at rest (fresh process, one probe flow done), then with N idle flows open."""
-        assert self.topo is not None and self.tp is not None
+        pid = self.proxy_pid()
+        assert self.topo is not None and pid is not None
         if self.round >= self.settings.mem_rounds:
             return
-        pid = self.tp.proc.pid
         count = self.settings.hold_count
         self.step(column, f"RSS with {count} idle TCP flows")
 
@@ -539,7 +573,7 @@ class Runner:
                     self.services.iperf()
                 if tests & {"cps", "latency", "mem", "udp"}:
                     self.services.echo()
-                if paths & {"socks5", "socks5-only"}:
+                if paths & {"socks5", "socks5-only", *PEER_LABELS}:
                     self.services.dante()
                     if self.socks_port == MICROSOCKS_PORT:
                         self.services.microsocks()
@@ -551,6 +585,8 @@ class Runner:
                         if column.path == "baseline":
                             self.step(column, "plain kernel routing, no TUN")
                             self.run_tests(column, column.tests, section.mtu)
+                        elif column.path in PEER_LABELS:
+                            self.run_peer_column(section, column)
                         elif column.path == "socks5-only":
                             self.step(column, "no tunproxy, clients use the SOCKS5 server")
                             self.run_tests(column, column.tests, section.mtu)
@@ -559,7 +595,44 @@ class Runner:
                                 self.run_tunproxy_group(section, column, group)
             finally:
                 self.stop_tunproxy("interrupted")
+                self.stop_peer()
                 self.topo = None
+
+    def run_peer_column(self, section: Section, column: Column) -> None:
+        """A peer (hev, redsocks) through the SOCKS5 server, fresh per round, like tunproxy."""
+        assert self.topo is not None
+        key = (f"{section.mtu} {column.label}", "peer")
+        if key in self.broken:
+            return
+        tag = f"{column.path}-mtu{section.mtu}-round{self.round + 1}"
+        self.step(column, "starting the peer")
+        try:
+            self.peer = peers.start(column.path, self.topo.client, self.section_dir,
+                                    section.mtu, SOCKS4, DANTE_PORT, tag)
+        except peers.PeerError as exc:
+            reason = f"{PEER_LABELS[column.path]} did not start: {exc}"
+            progress(f"    {reason}")
+            self.fail_tests(column, column.tests, reason)
+            self.broken[key] = reason
+            return
+        try:
+            try:
+                measure.client(self.topo.client, "cps", "--host", SERVER4, "--port",
+                               str(ECHO_PORT), "--count", "3", "--timeout", "5", timeout=60)
+            except MeasureError as exc:
+                reason = self.peer.gone() or f"no TCP through {self.peer.label}: {exc}"
+                progress(f"    {reason}")
+                self.fail_tests(column, column.tests, reason)
+                return
+            self.run_tests(column, column.tests, section.mtu)
+        finally:
+            self.stop_peer()
+
+    def stop_peer(self) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            with contextlib.suppress(Exception):
+                peer.stop()
 
 
 # -- planning -------------------------------------------------------------------------
@@ -617,6 +690,11 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
                     wanted = [t for t in wanted if t == "tcp"]
                 if wanted:
                     columns.append(Column(path, offload, tuple(wanted)))
+        for path in PEER_LABELS:
+            if path in paths:
+                wanted = [t for t in tests if t in peers.PEER_TESTS[path]]
+                if wanted:
+                    columns.append(Column(path, True, tuple(wanted)))
         if "socks5-only" in paths:
             # The clients that can speak SOCKS5 themselves: iperf3 (via proxychains4), cps, rr.
             control = tuple(t for t in tests if t in ("tcp", "cps", "latency"))
@@ -735,6 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socks-pipeline", action="store_true",
                         help="tunproxy's SOCKS5 upstream with pipeline: true (request sent with "
                              "the greeting); dante takes it, microsocks does not")
+    parser.add_argument("--build-peers", action="store_true",
+                        help="build hev-socks5-tunnel into its cache first if it is not there "
+                             "(bench/peers.py; about a minute, once)")
     parser.add_argument("--commit", metavar="REV",
                         help="measure the code of commit REV (git archive into a temp dir), "
                              "not the working tree, which others may be editing")
@@ -788,6 +869,9 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to measure with these --only/--paths/--mtu choices", file=sys.stderr)
         return 2
     raise_nofile_limit()
+    if args.build_peers and any(c.path == "hev" for s in sections for c in s.columns):
+        progress("building hev-socks5-tunnel (once, into its cache)")
+        peers.build_hev()
     meta = machine_info()
     if args.keep:
         workdir = args.keep.resolve()
@@ -823,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render_header(meta, settings, sections) + "\n\n" + render_table(sections)
     verdicts = check_targets(sections)
     if args.targets:
-        text += "\n\nTargets (issue 7):\n" + render_targets(verdicts)
+        text += "\n\nTargets (issues 7 and 17):\n" + render_targets(verdicts)
     if runner.profiles:
         text += "\n\n" + PROFILE_LEGEND
     for profile in runner.profiles:

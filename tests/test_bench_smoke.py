@@ -38,6 +38,48 @@ def test_quick_baseline_run_produces_figures() -> None:
     assert "connections/s" in proc.stderr
 
 
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+def test_quick_peer_run_reports_cpu_per_connection() -> None:
+    """The peer columns (hev-socks5-tunnel, redsocks through dante), those built here."""
+    from bench import peers
+
+    ready = [name for name in peers.PEERS if peers.available(name) is None]
+    if not ready:
+        pytest.skip("no peer available: " + "; ".join(
+            f"{name}: {peers.available(name)}" for name in peers.PEERS))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--paths", ",".join(ready),
+         "--only", "cps", "--json", "-"],
+        capture_output=True, text=True, timeout=80, cwd=REPO, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (section,) = json.loads(proc.stdout)["sections"]
+    assert [c["path"] for c in section["columns"]] == ready
+    for column in section["columns"]:
+        figures = column["figures"]
+        assert figures["cps"]["median"] > 0, (column["label"], figures["cps"])
+        # CPU time of the peer's process, per connection; it did carry them (else n/a).
+        assert figures["cpu_conn"]["median"] > 0, (column["label"], figures["cpu_conn"])
+
+
+def test_peer_targets_are_ratios_to_the_peer_of_the_same_round() -> None:
+    section = _section(direct_up=[5.0], socks_cps=300.0, socks_error=None)
+    hev = Column("hev", tests=("cps",))
+    hev.cell("cps").add(250.0, 0)
+    section.columns.append(hev)
+    for column, p50 in ((section.columns[2], 900.0), (hev, 1000.0)):
+        column.cell("conn_p50").add(p50, 0)
+    verdicts = {v.target.name: v for v in check_targets([section])}
+    cps = verdicts["connections/s via SOCKS5 >= 1.00x hev's"]
+    assert cps.status == "PASS" and cps.detail.startswith("1.20x (limit 1.00x)")
+    assert "hev > SOCKS5: 250 conn/s" in cps.detail
+    # Lower is better: 900 / 1000 = 0.90x of hev's latency passes a <= 1.00x limit.
+    assert verdicts["new connection latency p50 via SOCKS5 <= hev's"].status == "PASS"
+    # redsocks was not measured: its targets are skipped, not failed.
+    assert verdicts["TCP upload via SOCKS5 >= 0.90x redsocks'"].status == "SKIP"
+
+
 def _section(
     direct_up: list[float], socks_cps: float | None, socks_error: str | None
 ) -> Section:
