@@ -93,8 +93,8 @@ def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
 class Host:
     """The host side: TUN device and policy routing, through the journal.
 
-    Runs on a plain asyncio loop (pyroute2's asyncio netlink socket does not run
-    on uvloop); ``setup`` and ``teardown`` each get their own short-lived loop.
+    Runs on a plain asyncio loop; ``setup`` and ``teardown`` each get their own short-lived
+    loop, and their netlink calls go to a helper process that exits when they are done.
     """
 
     def __init__(self, config: Config, state_dir: Path) -> None:
@@ -122,7 +122,7 @@ class Host:
                 await setup_routing(journal, config.tun, index, excluded_addresses=excluded,
                                     hijack_dns=hijack_dns)
         finally:
-            journal.release()
+            await journal.release()
         return self.tun
 
     async def teardown(self) -> None:

@@ -16,6 +16,9 @@ namespaces never read each other's records, and a record left by a namespace
 that is gone is never undone in a new one that happens to get its inode.
 Before undoing, what is undone is checked to be what was made: the TUN by its
 name, kind and interface index.
+
+The netlink calls go through ``tunproxy.netlink``'s short-lived helper process (pyroute2
+in a child that exits once set-up or teardown is done), so pyroute2 never stays resident.
 """
 
 from __future__ import annotations
@@ -32,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from tunproxy.errors import SetupError
+from tunproxy.netlink import Netlink, NetlinkError
 
 __all__ = ["DEFAULT_STATE_DIR", "Change", "Journal", "cleanup_state_dir"]
 
@@ -151,7 +152,7 @@ class Journal:
         self.identity = NetnsIdentity.here()
         self.path = state_dir / f"{name}@{self.identity.key()}.json"
         self.changes: list[Change] = []
-        self._ipr: AsyncIPRoute | None = None
+        self._ipr: Netlink | None = None
 
     # -- lifecycle ----------------------------------------------------------
     async def open(self) -> None:
@@ -161,7 +162,7 @@ class Journal:
         except OSError as exc:
             raise SetupError(f"cannot create the state directory {self.state_dir}: "
                              f"{exc.strerror}") from None
-        self._ipr = AsyncIPRoute()
+        self._ipr = await _start_netlink()
         previous = _read_state(self.path)
         if previous is not None:
             pid = int(previous.get("pid", 0))
@@ -180,25 +181,25 @@ class Journal:
             self.path.unlink(missing_ok=True)
         self._write()
 
-    def release(self) -> None:
-        """Close the netlink socket (it belongs to the loop that opened it); keep the record."""
+    async def release(self) -> None:
+        """End the netlink helper (set-up is done); keep the record."""
         if self._ipr is not None:
-            self._ipr.close()
+            await self._ipr.close()
             self._ipr = None
 
     async def close(self) -> None:
         """Undo every change in reverse order and remove the state file."""
-        ipr = self._ipr or AsyncIPRoute()
+        ipr = self._ipr or await _start_netlink()
         try:
             await _undo(self.changes, ipr)
             self.changes.clear()
             self.path.unlink(missing_ok=True)
         finally:
-            ipr.close()
+            await ipr.close()
             self._ipr = None
 
     @property
-    def ipr(self) -> AsyncIPRoute:
+    def ipr(self) -> Netlink:
         assert self._ipr is not None, "Journal.open() first"
         return self._ipr
 
@@ -256,7 +257,14 @@ class Journal:
         os.replace(tmp, self.path)
 
 
-async def _undo(changes: list[Change], ipr: AsyncIPRoute) -> None:
+async def _start_netlink() -> Netlink:
+    try:
+        return await Netlink.start()
+    except OSError as exc:
+        raise SetupError(f"cannot start the netlink helper: {exc}") from None
+
+
+async def _undo(changes: list[Change], ipr: Netlink) -> None:
     """Undo ``changes`` in reverse order; what is already gone is skipped."""
     for change in reversed(changes):
         try:
@@ -271,7 +279,7 @@ async def _undo(changes: list[Change], ipr: AsyncIPRoute) -> None:
             log.debug("undid %s", change.describe())
 
 
-async def _undo_one(change: Change, ipr: AsyncIPRoute) -> None:
+async def _undo_one(change: Change, ipr: Netlink) -> None:
     args = change.args
     if change.kind == "rule":
         await ipr.rule("del", **args)
@@ -287,7 +295,7 @@ async def _undo_one(change: Change, ipr: AsyncIPRoute) -> None:
         # Only ever delete the TUN we made, never an interface that took its name later:
         # same name, same index (when recorded), and a TUN.
         if links and args.get("index", links[0]) == links[0]:
-            kind = await _link_kind(ipr, links[0])
+            kind = await ipr.link_kind(links[0])
             if kind == "tun":
                 await ipr.link("del", index=links[0])
             else:
@@ -296,14 +304,6 @@ async def _undo_one(change: Change, ipr: AsyncIPRoute) -> None:
     elif change.kind == "sysctl" and change.old is not None:
         with contextlib.suppress(FileNotFoundError):
             _write_sysctl(args["path"], change.old)
-
-
-async def _link_kind(ipr: AsyncIPRoute, index: int) -> str | None:
-    async for link in await ipr.link("get", index=index):
-        info = link.get("IFLA_LINKINFO")
-        if info is not None:
-            return info.get("IFLA_INFO_KIND")  # type: ignore[no-any-return]
-    return None
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:
@@ -366,11 +366,11 @@ async def cleanup_state_dir(state_dir: Path) -> list[str]:
                           "(run cleanup there)")
             continue
         changes = [Change.from_json(c) for c in data.get("changes", [])]
-        ipr = AsyncIPRoute()
+        ipr = await _start_netlink()
         try:
             await _undo(changes, ipr)
         finally:
-            ipr.close()
+            await ipr.close()
         path.unlink(missing_ok=True)
         report.append(f"{path.name}: undid {len(changes)} changes left by pid {pid}")
     return report

@@ -75,20 +75,19 @@ async def check_clashes(journal: Journal, tun: TunConfig) -> None:
     """Refuse to start when the table or the mark is already used by something else."""
     ipr = journal.ipr
     for family in _families(tun):
-        routes = [r async for r in await ipr.route("dump", family=family, table=tun.table)]
+        routes = await ipr.route_count(family, tun.table)
         if routes:
             raise SetupError(
-                f"routing table {tun.table} is already in use ({len(routes)} routes); set "
+                f"routing table {tun.table} is already in use ({routes} routes); set "
                 "tun.table to a free table"
             )
-        async for rule in await ipr.rule("dump", family=family):
-            if rule.get("FRA_FWMARK") == tun.fwmark:
+        for rule in await ipr.rules(family):
+            if rule["fwmark"] == tun.fwmark:
                 raise SetupError(
                     f"fwmark {tun.fwmark:#x} is already used by an ip rule; set tun.fwmark "
                     "to a free mark"
                 )
-            table = rule.get("FRA_TABLE") or rule["table"]
-            if table == tun.table:
+            if rule["table"] == tun.table:
                 raise SetupError(
                     f"routing table {tun.table} is already used by an ip rule; set tun.table "
                     "to a free table"
