@@ -80,6 +80,9 @@ class RelayConfig:
     buffer_size: int = 256 * 1024
     sniff: bool = False
     sniff_timeout: float = 0.3
+    # Answer the app's SYN at once and hold its bytes while the upstream connects (a failed
+    # upstream then resets the app) instead of connecting before accepting.
+    accept_early: bool = False
 
 
 @dataclass(slots=True)
@@ -374,7 +377,7 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
 def _parse_relay(node: _Node | None, file: str) -> RelayConfig:
     s = _Section(node, file, "relay", (
         "connect-timeout", "udp-idle-timeout", "dns-idle-timeout", "tcp-idle-timeout",
-        "buffer-size", "sniff", "sniff-timeout",
+        "buffer-size", "sniff", "sniff-timeout", "accept-early",
     ))
     r = RelayConfig()
     r.connect_timeout = s.number("connect-timeout", r.connect_timeout, 0.1, 300)
@@ -384,6 +387,7 @@ def _parse_relay(node: _Node | None, file: str) -> RelayConfig:
     r.buffer_size = s.integer("buffer-size", r.buffer_size, 16 * 1024, 64 * 1024 * 1024)
     r.sniff = s.boolean("sniff", r.sniff)
     r.sniff_timeout = s.number("sniff-timeout", r.sniff_timeout, 0.01, 10)
+    r.accept_early = s.boolean("accept-early", r.accept_early)
     return r
 
 

@@ -549,6 +549,12 @@ class Relay:
             if key.dst_port == 443:
                 flow.sniffer = QuicSniffer()
                 flow.sniff_result = self.loop.create_future()
+        elif self.config.accept_early and isinstance(flow, TcpFlow):
+            # The handshake overlaps the upstream connect; the app's bytes (and FIN) wait in
+            # the stack, its window closing, until upstream_ready resumes receiving.
+            flow.accepted = True
+            self.stack.accept(flow_id, self.now())
+            self.stack.pause_receiving(flow_id)
         flow.task = self.spawn(self._connect(flow, key))
 
     def _should_sniff(self, key: FlowKey, record: FlowRecord) -> bool:
@@ -625,11 +631,11 @@ class Relay:
             log.info("%s via %s failed: %s", record.describe(), record.outbound, exc)
             if already_accepted:
                 self.stack.abort(flow.id, self.now())
-            elif isinstance(flow, TcpFlow):
-                how = Refusal.UNREACHABLE if isinstance(exc, Unreachable) else Refusal.RESET
             else:
                 how = Refusal.UNREACHABLE
-            self.stack.refuse(flow.id, how, self.now())
+                if isinstance(flow, TcpFlow) and not isinstance(exc, Unreachable):
+                    how = Refusal.RESET
+                self.stack.refuse(flow.id, how, self.now())
             self.end(flow, exc.reason)
             self.flush_soon()
             return
