@@ -4,22 +4,29 @@ connects, and an upstream that fails resets the app (instead of refusing its SYN
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_relay_e2e import (  # noqa: F401  (lab is a fixture)
+from tests.netns import topology
+from tests.test_relay_e2e import (
     CLOSED_PORT,
     Lab,
     config,
     echo_after_half_close,
-    lab,
     payload_chunks,
 )
 from tunproxy.config import parse_config
 from tunproxy.errors import ConfigError
 
 EARLY = "  accept-early: true\n"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with topology(tmp_path) as topo:
+        yield Lab(topo)
 
 
 @pytest.mark.netns
