@@ -106,6 +106,19 @@ def test_backpressure_pause_closes_window_and_resume_reopens_it() -> None:
     assert data_of(c.take_events()) == payload[held:]
 
 
+def test_a_few_held_bytes_released_send_no_window_update() -> None:
+    # RFC 9293 3.8.6.2.2: update the window when it grows by min(RCV.BUFF / 2, MSS); a
+    # request held while the upstream connects does not earn a segment of its own.
+    c = Conn()
+    c.ep.pause_receiving()
+    c.peer.write(b"GET / HTTP/1.1\r\n\r\n")
+    c.pump()
+    assert c.take_events() == []
+    c.ep.resume_receiving(c.now)
+    assert data_of(c.take_events()) == b"GET / HTTP/1.1\r\n\r\n"
+    assert c.from_server() == []
+
+
 def test_data_in_a_zero_window_is_refused_but_its_ack_is_used() -> None:
     c = Conn()
     c.ep.pause_receiving()

@@ -410,10 +410,14 @@ class TcpEndpoint:
         if held:
             for data in held:
                 self._events.append(DataReceived(self.flow, data))
+            freed = self._held_bytes
             self._held = None
             self._held_bytes = 0
-            if self.state in RECEIVING:
-                self._ack_pending = True  # window update (RFC 9293 3.8.6.2.2)
+            # A window update (RFC 9293 3.8.6.2.2) once the window grows by
+            # min(RCV.BUFF / 2, MSS): a few held bytes (a request held while the upstream
+            # connects) are not worth a segment of their own.
+            if self.state in RECEIVING and freed >= min(self._rcv_cap // 2, self.effective_mss):
+                self._ack_pending = True
         if self._half_close_pending:
             self._deliver_half_close()
 
