@@ -103,6 +103,8 @@ class StackConfig:
     tcp_receive_window: int = 1024 * 1024  # per flow, bytes the application may send ahead
     tcp_time_wait: float = 2.0  # a short TIME_WAIT (we are never the server that is reused)
     accept_timeout: float = 30.0  # a SYN not accepted/refused by then is refused with RST
+    # How long a TCP ACK may wait to ride on the reply (TcpConfig.delayed_ack); 0: at once.
+    tcp_delayed_ack: float = 0.0
     # Seed for initial sequence numbers; None draws one from the system. Tests set it.
     seed: int | None = None
     # ICMP errors we originate (refusals), a token bucket: RFC 4443 2.4 (f) requires a
@@ -340,6 +342,7 @@ class Stack:
             receive_window=self.config.tcp_receive_window,
             time_wait=self.config.tcp_time_wait,
             accept_timeout=self.config.accept_timeout,
+            delayed_ack=self.config.tcp_delayed_ack,
         )
         fid = self._new_flow_id()
         endpoint = TcpEndpoint(

@@ -87,6 +87,7 @@ def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
         gso=gso,
         udp_idle_timeout=config.relay.udp_idle_timeout,
         tcp_receive_window=max(config.relay.buffer_size, 64 * 1024),
+        tcp_delayed_ack=config.tun.delayed_ack,
     )
 
 

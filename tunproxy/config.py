@@ -54,6 +54,8 @@ class TunConfig:
     offload: bool = True
     queues: int = 1
     txqueuelen: int = 5000
+    # Seconds an ACK of the app's data or FIN may wait to ride on the reply; 0: at once.
+    delayed_ack: float = 0.01
 
 
 @dataclass(slots=True)
@@ -277,7 +279,7 @@ def _uid_ranges(section: _Section, key: str) -> list[tuple[int, int]]:
 def _parse_tun(node: _Node | None, file: str) -> TunConfig:
     s = _Section(node, file, "tun", (
         "name", "mtu", "address", "auto-route", "route-exclude", "include-uid", "exclude-uid",
-        "fwmark", "table", "rule-priority", "offload", "queues", "txqueuelen",
+        "fwmark", "table", "rule-priority", "offload", "queues", "txqueuelen", "delayed-ack",
     ))
     tun = TunConfig()
     name = s.string("name", tun.name) or tun.name
@@ -285,6 +287,7 @@ def _parse_tun(node: _Node | None, file: str) -> TunConfig:
         raise s.error("name", f"{name!r} is not a valid interface name (1 to 15 characters)")
     tun.name = name
     tun.mtu = s.integer("mtu", tun.mtu, 1280, 65535)
+    tun.delayed_ack = s.number("delayed-ack", tun.delayed_ack, 0, 0.5)  # RFC 9293: < 0.5 s
     if "address" in s.items:
         addresses = []
         for text, line in s.string_list("address"):

@@ -84,6 +84,10 @@ class TcpConfig:
     max_retries: int = 10  # retransmission timeouts in a row before giving up (RFC 9293 3.8.3 R2)
     syn_retries: int = 5  # SYN-ACK retransmissions before giving up
     initial_window: int = 65536  # RFC 5681 allows 4 segments; the peer is on this machine
+    # RFC 9293 3.8.6.3 / RFC 1122 4.2.3.2: how long the ACK of in-order data or a FIN may
+    # wait to ride on our reply (data or FIN); 0: ACK at once. Never for more than one
+    # full-sized segment's worth, nor for out-of-order data.
+    delayed_ack: float = 0.0
 
 
 # Which deadline ``_timer_at`` is.
@@ -126,6 +130,7 @@ class TcpEndpoint:
         "_close_requested",
         "_counters",
         "_cwnd",
+        "_delack_at",
         "_done",
         "_dsack",
         "_dup_bytes",
@@ -297,6 +302,7 @@ class TcpEndpoint:
 
         # -- output flags
         self._ack_pending = False
+        self._delack_at: float | None = None  # a delayed ACK is due then (RFC 9293 3.8.6.3)
         self._synack_pending = False
         self._probe_pending = False
         self._rst: TcpRepr | None = None
@@ -316,6 +322,10 @@ class TcpEndpoint:
         return self.state is TcpState.CLOSED and self._done
 
     def get_timer(self) -> float | None:
+        delack = self._delack_at
+        if delack is not None:
+            at = self._timer_at
+            return delack if at is None or delack < at else at
         return self._timer_at
 
     def accepts_new_syn(self, syn: TcpRepr) -> bool:
@@ -424,6 +434,10 @@ class TcpEndpoint:
     # ------------------------------------------------------------------ timers
 
     def handle_timer(self, now: float) -> None:
+        delack = self._delack_at
+        if delack is not None and now >= delack:
+            self._delack_at = None
+            self._ack_pending = True
         at = self._timer_at
         if at is None or now < at:
             return
@@ -986,6 +1000,7 @@ class TcpEndpoint:
         start = rcv_nxt + rel
         data: bytes | memoryview = payload
         fin = bool(seg.flags & FIN)
+        gap = bool(self._ooo)  # data beyond a hole was waiting: this may fill it
         if start < rcv_nxt:
             data = data[rcv_nxt - start :]
             start = rcv_nxt
@@ -1013,7 +1028,21 @@ class TcpEndpoint:
                     ooo = self._ooo = Reassembly()
                 ooo.add(start, data)
                 self._count("tcp.out_of_order")
-        self._ack_pending = True
+        delay = self.config.delayed_ack
+        if (
+            delay
+            and not gap
+            and not self._ooo
+            and not self._ack_pending
+            and self._rcv_nxt + (1 if fin else 0) - self._last_ack_sent < 2 * self.effective_mss
+        ):
+            # In order, no hole filled (RFC 5681 4.2 wants those ACKed at once), less than
+            # two full segments unacknowledged: the ACK may wait for our reply (RFC 9293
+            # 3.8.6.3), at most ``delay``.
+            if self._delack_at is None:
+                self._delack_at = now + delay
+        else:
+            self._ack_pending = True
         if self._peer_fin_off is not None and self._peer_fin_off == self._rcv_nxt:
             # The FIN, in order: it takes one sequence number (RFC 9293 3.10.7.4 eighth check).
             self._rcv_nxt += 1
@@ -1081,6 +1110,7 @@ class TcpEndpoint:
             self._held = None
             self._held_bytes = 0
         self._ack_pending = False
+        self._delack_at = None
         self._synack_pending = False
         self._probe_pending = False
         self._timer_at = None
@@ -1136,6 +1166,7 @@ class TcpEndpoint:
             ack = (self._irs + 1 + rcv_nxt) & MASK
             window = self._window() if not flags & RST else 0
             self._last_ack_sent = rcv_nxt
+            self._delack_at = None  # this segment carries the ACK a delayed one waited for
         else:
             ack = 0
             window = 0
