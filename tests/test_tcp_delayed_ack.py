@@ -63,6 +63,18 @@ def test_the_ack_of_a_fin_rides_on_our_fin() -> None:
     assert payload == b"ok" and seg.flags & FIN and seg.ack == acked_all(c)
 
 
+def test_after_our_fin_the_peers_fin_is_acknowledged_at_once() -> None:
+    # Nothing more will ever leave here for the ACK to ride on.
+    c = delayed()
+    c.ep.shutdown_write(c.now)
+    c.pump()
+    c.peer.fin_queued = True
+    for seg, data in c.peer.data_segments(c.now):
+        c.to_server(seg, data)
+    [(seg, payload)] = c.from_server()
+    assert payload == b"" and seg.flags == ACK and seg.ack == acked_all(c)
+
+
 def test_two_full_segments_are_acknowledged_at_once() -> None:
     c = delayed()
     c.peer.write(bytes(2 * 1460))

@@ -1031,6 +1031,7 @@ class TcpEndpoint:
         delay = self.config.delayed_ack
         if (
             delay
+            and self._fin_off is None  # our FIN is out: nothing left for the ACK to ride on
             and not gap
             and not self._ooo
             and not self._ack_pending
