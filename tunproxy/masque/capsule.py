@@ -1,0 +1,132 @@
+"""RFC 9297 capsules and HTTP Datagram payloads, sans-I/O.
+
+A capsule is ``type (varint) | length (varint) | value``. On a CONNECT-UDP stream the
+DATAGRAM capsule (type 0x00) carries an HTTP Datagram payload for datagrams that cannot
+go in a QUIC DATAGRAM frame (too big for the packet); every other capsule type is
+skipped (RFC 9297 section 3.2: unknown capsules MUST be silently dropped), streamed
+past without buffering its value.
+
+An HTTP Datagram payload on a CONNECT-UDP request is ``context ID (varint) | payload``;
+context ID 0 is a UDP payload (RFC 9298 section 4). Other contexts are dropped by the
+caller.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CAPSULE_DATAGRAM",
+    "CapsuleParser",
+    "MasqueError",
+    "emit_capsule",
+    "emit_http_datagram",
+    "emit_varint",
+    "parse_http_datagram",
+    "parse_varint",
+]
+
+CAPSULE_DATAGRAM = 0x00
+VARINT_MAX = (1 << 62) - 1
+# A DATAGRAM capsule longer than this is refused: a UDP payload is at most 65,527 bytes,
+# plus its context ID.
+MAX_DATAGRAM_CAPSULE = 65_535 + 8
+
+
+class MasqueError(Exception):
+    """The peer sent bytes this layer refuses: every parse either succeeds or raises this."""
+
+
+def emit_varint(value: int) -> bytes:
+    """RFC 9000 section 16: the shortest encoding."""
+    if value < 0x40:
+        return bytes((value,))
+    if value < 0x4000:
+        return (value | 0x4000).to_bytes(2, "big")
+    if value < 0x4000_0000:
+        return (value | 0x8000_0000).to_bytes(4, "big")
+    if value <= VARINT_MAX:
+        return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
+    raise ValueError(f"{value} does not fit a QUIC varint")
+
+
+def parse_varint(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int] | None:
+    """(value, offset after it), or None when ``data`` ends inside the varint."""
+    if offset >= len(data):
+        return None
+    first = data[offset]
+    size = 1 << (first >> 6)
+    if offset + size > len(data):
+        return None
+    value = first & 0x3F
+    for i in range(offset + 1, offset + size):
+        value = (value << 8) | data[i]
+    return value, offset + size
+
+
+def emit_capsule(capsule_type: int, value: bytes) -> bytes:
+    return emit_varint(capsule_type) + emit_varint(len(value)) + value
+
+
+def emit_http_datagram(payload: bytes, context_id: int = 0) -> bytes:
+    return emit_varint(context_id) + payload
+
+
+def parse_http_datagram(data: bytes) -> tuple[int, bytes]:
+    """(context ID, payload) of an HTTP Datagram payload."""
+    head = parse_varint(data)
+    if head is None:
+        raise MasqueError("HTTP datagram without a complete context ID")
+    context_id, offset = head
+    return context_id, data[offset:]
+
+
+class CapsuleParser:
+    """Feed the stream's bytes, in any pieces; ``feed`` returns the value of each
+    complete DATAGRAM capsule. Other capsule types are skipped as they stream past."""
+
+    __slots__ = ("_buffer", "_skip", "skipped")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._skip = 0  # bytes left of an unknown capsule's value
+        self.skipped = 0  # unknown capsules seen
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if self._skip:
+            taken = min(self._skip, len(data))
+            self._skip -= taken
+            data = data[taken:]
+        self._buffer += data
+        buffer = self._buffer
+        offset = 0
+        while offset < len(buffer):
+            head = parse_varint(buffer, offset)
+            if head is None:
+                break
+            capsule_type, after_type = head
+            length_field = parse_varint(buffer, after_type)
+            if length_field is None:
+                break
+            length, start = length_field
+            if capsule_type != CAPSULE_DATAGRAM:
+                self.skipped += 1
+                available = len(buffer) - start
+                if length > available:
+                    self._skip = length - available
+                    offset = len(buffer)
+                    break
+                offset = start + length
+                continue
+            if length > MAX_DATAGRAM_CAPSULE:
+                raise MasqueError(f"DATAGRAM capsule of {length} bytes")
+            if start + length > len(buffer):
+                break
+            value = bytes(buffer[start : start + length])
+            offset = start + length
+            out.append(value)
+        del buffer[:offset]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
