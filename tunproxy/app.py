@@ -53,6 +53,11 @@ def build_outbounds(config: Config, resolve: Any | None) -> dict[str, Outbound]:
                 name, up.host, up.port, username=up.username, password=up.password,
                 fwmark=fwmark, udp=up.udp, pipeline=up.pipeline,
             )
+        elif up.type == "quic":
+            from tunproxy.outbounds.quic import QuicOutbound
+
+            outbounds[name] = QuicOutbound(
+                name, up.host, up.port, udp=up.udp, fwmark=fwmark, **up.options)
         else:
             raise SetupError(f"upstream {name}: type {up.type} is not supported yet")
     if config.groups:

@@ -7,6 +7,8 @@
     tunproxy cleanup               undo what a crashed run left behind
     tunproxy run [--rules FILE] [--capture FILE] [--summary] -- CMD [ARGS...]
                                    one command, in a network namespace of its own
+    tunproxy server --listen [::]:443 --cert FILE --key FILE --token SECRET
+                                   a MASQUE proxy (HTTP/3 CONNECT, CONNECT-UDP)
 
 Every error the user can cause or fix is one sentence on stderr and a
 non-zero exit; tracebacks are for our own bugs.
@@ -93,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     from tunproxy import explain as explain_module
 
     explain_module.add_arguments(explain)
+
+    server = sub.add_parser("server", help="run a MASQUE proxy for quic upstreams")
+    from tunproxy import server as server_module
+
+    server_module.add_arguments(server)
     return parser
 
 
@@ -157,10 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tunproxy import explain as explain_module
 
             return explain_module.run(args)
+        if args.command == "server":
+            from tunproxy import server as server_module
+
+            return server_module.run(args)
         if args.rules is None:
             parser.print_usage(sys.stderr)
             print("tunproxy: give a rules file with --rules FILE (or a command: check, explain, "
-                  "cleanup, run)", file=sys.stderr)
+                  "cleanup, run, server)", file=sys.stderr)
             return EXIT_CONFIG
         return _run(args.rules, args.state_dir)
     except ConfigError as exc:

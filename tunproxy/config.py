@@ -349,7 +349,7 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
             raise ConfigError(f"upstream name {name!r} is reserved", file, entry.line)
         s = _Section(entry, file, f"upstreams.{name}", (
             "type", "server", "username", "password", "udp", "pipeline", "sni", "insecure",
-            "alpn", "ca", "congestion",
+            "alpn", "ca", "congestion", *QUIC_KEYS,
         ))
         kind = s.string("type", None)
         if kind not in UPSTREAM_TYPES:
@@ -370,11 +370,42 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
             raise s.error("pipeline", "is a socks5 setting")
         options = {k: _unwrap(v) for k, v in s.items.items()
                    if k not in ("type", "server", "username", "password", "udp", "pipeline")}
+        if kind == "quic":
+            options = _quic_options(s, Path(file).parent)
         upstreams[name] = UpstreamConfig(
             name=name, type=kind, host=host, port=port, username=username, password=password,
             udp=s.boolean("udp", True), pipeline=pipeline, options=options, line=entry.line,
         )
     return upstreams
+
+
+QUIC_KEYS = ("token", "udp-template", "keepalive", "idle-timeout", "max-datagram-size")
+
+
+def _quic_options(s: _Section, base: Path) -> dict[str, Any]:
+    """A quic upstream's settings, checked (QuicOutbound's keyword arguments)."""
+    from tunproxy.masque.request import DEFAULT_UDP_TEMPLATE, check_template
+
+    for key in ("username", "password", "alpn", "congestion"):
+        if key in s.items:
+            raise s.error(key, "is not a quic setting (MASQUE authenticates with 'token')"
+                          if key in ("username", "password") else "is not supported for quic")
+    template = s.string("udp-template", DEFAULT_UDP_TEMPLATE) or DEFAULT_UDP_TEMPLATE
+    problem = check_template(template)
+    if problem is not None:
+        raise s.error("udp-template", problem)
+    ca = s.string("ca", None)
+    if ca is not None:
+        ca = str(base / ca)
+        if not Path(ca).is_file():
+            raise s.error("ca", f"no such file: {ca}")
+    return {
+        "token": s.string("token", None), "sni": s.string("sni", None), "ca": ca,
+        "insecure": s.boolean("insecure", False), "udp_template": template,
+        "keepalive": s.number("keepalive", 10.0, 0, 600),
+        "idle_timeout": s.number("idle-timeout", 30.0, 1, 3600),
+        "max_datagram_size": s.integer("max-datagram-size", 1200, 1200, 65527),
+    }
 
 
 def _parse_relay(node: _Node | None, file: str) -> RelayConfig:

@@ -24,6 +24,9 @@ from tunproxy.masque.capsule import MasqueError
 
 __all__ = [
     "DEFAULT_UDP_TEMPLATE",
+    "H3_CONNECT_ERROR",
+    "H3_NO_ERROR",
+    "H3_REQUEST_CANCELLED",
     "ConnectRequest",
     "Headers",
     "RequestRefused",
@@ -38,6 +41,11 @@ __all__ = [
 ]
 
 Headers = list[tuple[bytes, bytes]]
+
+# RFC 9114 section 8.1: the error codes a MASQUE endpoint resets streams with.
+H3_NO_ERROR = 0x100
+H3_REQUEST_CANCELLED = 0x10C
+H3_CONNECT_ERROR = 0x10F
 
 DEFAULT_UDP_TEMPLATE = "/.well-known/masque/udp/{target_host}/{target_port}/"
 _VARIABLES = ("{target_host}", "{target_port}")
