@@ -526,13 +526,13 @@ async def serve(config: ServerConfig, own: list[str]) -> None:
     except Exception as exc:  # the QUIC library's refusal of the certificate or key
         raise ConfigError(f"cannot load {config.certfile} / {config.keyfile}: {exc}") from None
     assert server.server is not None
-    host, port = server.server.address
-    log.info("serving MASQUE (HTTP/3 CONNECT, CONNECT-UDP) on %s, %s", _authority(host, port),
-             "token required" if config.token else "NO TOKEN: an open proxy")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    host, port = server.server.address
+    log.info("serving MASQUE (HTTP/3 CONNECT, CONNECT-UDP) on %s, %s", _authority(host, port),
+             "token required" if config.token else "NO TOKEN: an open proxy")
     await stop.wait()
     log.info("stopping: closing %d connection(s)", len(server.server.links()))
     server.close()
