@@ -221,10 +221,32 @@ class H3Link(QuicConnectionProtocol):
     def alive(self) -> bool:
         return self.closed_reason is None
 
+    def error_received(self, exc: Exception) -> None:
+        # A client's socket is connected: an ICMP port unreachable surfaces here. Nothing
+        # listens on the proxy's port any more (it was killed or restarted), so end the
+        # connection now rather than after the idle timeout, and let its flows go.
+        if isinstance(exc, ConnectionRefusedError) and self.is_client and self.alive:
+            self.closed_reason = "the proxy's UDP port is closed (ICMP port unreachable)"
+            self._blocked.clear()
+            self.handler.h3_closed(self.closed_reason)
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.peer == "?":
             self.peer = f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
-        super().datagram_received(data, addr)
+        if self.closed_reason is not None and self.closed_reason.startswith("QUIC library"):
+            return
+        try:
+            super().datagram_received(data, addr)
+        except Exception as exc:  # see _fail
+            self._fail(exc)
+
+    def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        if self.closed_reason is not None and self.closed_reason.startswith("QUIC library"):
+            return
+        try:
+            super().datagrams_received(data, addr)
+        except Exception as exc:  # see _fail
+            self._fail(exc)
 
     # -- the library's side ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -254,8 +276,36 @@ class H3Link(QuicConnectionProtocol):
             self._blocked.discard(event.stream_id)
             handler.h3_reset(event.stream_id)
 
+    # The library's entry points. Whatever it raises (a protocol state it cannot handle)
+    # ends this connection, never the event loop.
+    def _fail(self, exc: Exception) -> None:
+        log.warning("QUIC connection with %s failed: %s", self.peer, exc)
+        if self.alive:
+            self.closed_reason = f"QUIC library error: {exc}"
+            self._blocked.clear()
+            self.handler.h3_closed(self.closed_reason)
+        waiter = self._connected_waiter
+        if waiter is not None and not waiter.done():
+            self._connected_waiter = None
+            waiter.set_exception(ConnectionError(str(exc)))
+        if self.is_client:
+            self.close_transport()
+        else:
+            self._closed.set()
+            self._connection_terminated_handler()
+
+    def _handle_timer(self) -> None:
+        try:
+            super()._handle_timer()
+        except Exception as exc:  # see _fail
+            self._fail(exc)
+
     def transmit(self) -> None:
-        super().transmit()
+        try:
+            super().transmit()
+        except Exception as exc:  # see _fail
+            self._fail(exc)
+            return
         if self._blocked:
             for stream_id in list(self._blocked):
                 if self._quic.get_send_buffer_size(stream_id) <= self.send_limit // 2:
@@ -307,6 +357,12 @@ async def dial(
     gate = ReadGate()
     loop = asyncio.get_running_loop()
     sock = sock_factory(address)
+    try:
+        # Connected: the kernel filters other sources, and reports ICMP errors to us.
+        sock.connect((address, port))
+    except OSError:
+        sock.close()
+        raise
     _, protocol = await create_optimized_datagram_transport(
         loop,
         lambda: H3Link(quic, handler_factory=handler_factory, gate=gate, send_limit=send_limit),
@@ -378,7 +434,8 @@ async def listen(
 
     server = await serve(
         host, port, configuration=configuration, create_protocol=create_protocol,
-        session_ticket_fetcher=tickets.pop,
+        # A ticket from an earlier run of the server is unknown here: a full handshake.
+        session_ticket_fetcher=lambda key: tickets.pop(key, None),
         session_ticket_handler=lambda ticket: tickets.__setitem__(ticket.ticket, ticket),
     )
     gate.transport = server._transport

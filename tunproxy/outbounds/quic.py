@@ -139,6 +139,18 @@ class QuicOutbound(Outbound):
 
     async def _dial(self) -> _Connection:
         address = await self._proxy_address()
+        if self.tls.session_ticket is not None:
+            try:
+                return await self._dial_once(address)
+            except ProxyError as exc:
+                # A ticket the server no longer knows (it restarted) should only cost the
+                # resumption; qh3 2.1 fails the whole handshake instead. Once more without.
+                log.debug("upstream %s: handshake with a session ticket failed (%s); "
+                          "retrying without", self.name, exc)
+                self.tls.session_ticket = None
+        return await self._dial_once(address)
+
+    async def _dial_once(self, address: str) -> _Connection:
         holder: list[_Connection] = []
 
         def factory(link: H3Link) -> _Connection:

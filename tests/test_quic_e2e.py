@@ -1,0 +1,203 @@
+"""The QUIC upstream end to end: apps in the client namespace, tunproxy with
+``MATCH,quic``, ``tunproxy server`` on PROXY4 in the server namespace, the test servers
+(tests/e2e_peer.py) behind it.
+
+Sizes: ``TUNPROXY_QUIC_E2E_MB`` (default 32) megabytes each way in the default suite;
+the 100 MB run is marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_peer import payload_chunks
+from tests.masque_peer import MasqueServer, make_cert
+from tests.netns import PROXY4, REPO, SERVER4, SERVER6, Topology, Tunproxy, topology
+from tests.test_relay_e2e import download, echo_after_half_close, upload
+
+pytestmark = pytest.mark.netns
+
+BULK = int(os.environ.get("TUNPROXY_QUIC_E2E_MB", "32")) * 1024 * 1024
+TCP_PORT = 7000
+UDP_PORT = 7001
+QUIC_PORT = 4443
+TOKEN = "e2e-token"
+
+
+def quic_config(token: str = TOKEN, ca: Path | None = None, extra: str = "") -> str:
+    return f"""\
+tun:
+  name: tp0
+upstreams:
+  quic:
+    type: quic
+    server: "{PROXY4}:{QUIC_PORT}"
+    token: "{token}"
+    sni: proxy.test
+    ca: "{ca}"
+{extra}relay:
+  connect-timeout: 5
+rules:
+  - MATCH,quic
+"""
+
+
+class QuicLab:
+    """A topology with the test servers and ``tunproxy server`` in the server namespace."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        peer = str(REPO / "tests" / "e2e_peer.py")
+        for host in (SERVER4, SERVER6):
+            topo.server.spawn(sys.executable, peer, "tcp", host, str(TCP_PORT))
+            topo.server.spawn(sys.executable, peer, "udp", host, str(UDP_PORT))
+        self.ca, self.cert, self.key = make_cert(topo.workdir, "proxy.test", [PROXY4])
+        self.servers: list[MasqueServer] = []
+        self.server = self.start_server()
+        topo.server.wait_tcp_listening(TCP_PORT)
+        topo.server.wait_udp_bound(UDP_PORT)
+
+    def start_server(self) -> MasqueServer:
+        # The targets are the server namespace's own addresses, refused by default.
+        server = MasqueServer([
+            "--listen", f"{PROXY4}:{QUIC_PORT}", "--cert", str(self.cert), "--key", str(self.key),
+            "--token", TOKEN, "--allow", f"{SERVER4}/32", "--allow", f"{SERVER6}/128",
+        ], ns=self.topo.server)
+        self.servers.append(server)
+        server.wait_ready()
+        return server
+
+    def start(self, **kwargs: object) -> Tunproxy:
+        kwargs.setdefault("ca", self.ca)
+        return self.topo.start_tunproxy(quic_config(**kwargs))  # type: ignore[arg-type]
+
+    def connect(self, host: str = SERVER4, port: int = TCP_PORT, timeout: float = 20.0
+                ) -> socket.socket:
+        return self.topo.client.connect(host, port, timeout=timeout)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[QuicLab]:
+    with topology(tmp_path) as topo:
+        quic_lab = QuicLab(topo)
+        try:
+            yield quic_lab
+        finally:
+            quic_lab.close()
+            print("---- tunproxy server log ----\n" + "\n".join(
+                quic_lab.server.log.splitlines()[-100:]))
+
+
+def test_tcp_both_ways(lab: QuicLab) -> None:
+    tp = lab.start()
+    upload(lab, SERVER4, BULK)  # type: ignore[arg-type]
+    download(lab, SERVER4, BULK)  # type: ignore[arg-type]
+    upload(lab, SERVER6, 1024 * 1024)  # type: ignore[arg-type]
+    tp.wait_for_log(r"end #\d+ tcp .* via quic: closed")
+    lab.server.wait_for_log(rf"tcp .* -> {re.escape(SERVER4)}:{TCP_PORT}: closed, up \d+ B")
+
+
+@pytest.mark.slow
+def test_tcp_100_mb_both_ways(lab: QuicLab) -> None:
+    lab.start()
+    upload(lab, SERVER4, 100 * 1024 * 1024)  # type: ignore[arg-type]
+    download(lab, SERVER4, 100 * 1024 * 1024)  # type: ignore[arg-type]
+
+
+def test_many_concurrent_flows_share_one_connection(lab: QuicLab) -> None:
+    tp = lab.start()
+
+    def one(i: int) -> None:
+        echo_after_half_close(lab, b"".join(payload_chunks(i, 64 * 1024)))  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        list(pool.map(one, range(120)))
+    assert tp.log.count("QUIC connection to") == 1, tp.log[-3000:]
+    tp.stop()
+    assert tp.log.count("closed-by-client") >= 120
+
+
+def test_half_close_both_orders(lab: QuicLab) -> None:
+    lab.start()
+    echo_after_half_close(lab, b"".join(payload_chunks(3, 2 * 1024 * 1024)))  # type: ignore[arg-type]
+    with lab.connect() as sock:
+        sock.sendall(b"SOURCE 100000 5\n")
+        received = bytearray()
+        while chunk := sock.recv(65536):
+            received += chunk
+        sock.sendall(b"still here after your FIN\n")  # half-open: allowed
+    assert len(received) == 100000
+
+
+@pytest.mark.parametrize("host", [SERVER4, SERVER6])
+def test_udp_echo_every_size(lab: QuicLab, host: str) -> None:
+    tp = lab.start()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sizes = [1, 2, 100, 500, 1000, 1100, 1150, 1200, 1250, 1300, 1350, 1400, 1, 7, 1400, 64]
+    with lab.topo.client.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.connect((host, UDP_PORT))
+        for size in sizes:
+            message = bytes([size % 256]) * size
+            sock.send(message)
+            assert sock.recv(65535) == message, size
+    tp.wait_for_log(r"open #\d+ udp .* via quic")
+    authority = f"[{host}]:{UDP_PORT}" if ":" in host else f"{host}:{UDP_PORT}"
+    lab.server.wait_for_log(rf"udp .* -> {re.escape(authority)}: open")
+
+
+def test_wrong_token_refuses_flows_with_one_log_line(lab: QuicLab) -> None:
+    tp = lab.start(token="not-the-token")
+    for _ in range(5):
+        start = time.monotonic()
+        with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+            lab.connect(timeout=10).recv(1)
+        assert time.monotonic() - start < 3
+    tp.wait_for_log(r"refused the token \(407\)")
+    lab.server.wait_for_log(r"refused \(407\)")
+    assert len(re.findall(r"ERROR .*refused the token", tp.log)) == 1, tp.log[-3000:]
+
+
+def test_untrusted_certificate_refuses_flows(lab: QuicLab) -> None:
+    other, _, _ = make_cert(lab.topo.workdir, "other.test")
+    tp = lab.start(ca=other)
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+        lab.connect(timeout=10).recv(1)
+    tp.wait_for_log(r"handshake failed: .*certificate")
+
+
+def test_server_killed_resets_flows_then_recovers(lab: QuicLab) -> None:
+    tp = lab.start()
+    sock = lab.connect()
+    sock.settimeout(10)
+    sock.sendall(b"ECHO\n" + b"x" * 65536)
+    assert sock.recv(65536)
+    lab.server.kill()
+    killed = time.monotonic()
+    with pytest.raises((ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        while time.monotonic() - killed < 10:
+            sock.sendall(b"y" * 65536)
+            try:
+                if not sock.recv(1 << 20):
+                    break
+            except TimeoutError:
+                pass
+    assert time.monotonic() - killed < 2.5, "the flow was not reset promptly"
+    sock.close()
+    tp.wait_for_log(r"QUIC connection to .* closed")
+    lab.server = lab.start_server()
+    download(lab, SERVER4, 1024 * 1024)  # type: ignore[arg-type]
+    assert tp.log.count("QUIC connection to") >= 3  # up, closed, up again
