@@ -201,3 +201,44 @@ def test_server_killed_resets_flows_then_recovers(lab: QuicLab) -> None:
     lab.server = lab.start_server()
     download(lab, SERVER4, 1024 * 1024)  # type: ignore[arg-type]
     assert tp.log.count("QUIC connection to") >= 3  # up, closed, up again
+
+
+def test_fake_ip_flow_reaches_the_proxy_by_name(tmp_path: Path) -> None:
+    """dig and curl by name: tunproxy answers with a fake address, the CONNECT names the
+    domain, and only the MASQUE server's namespace (its hosts file) can resolve it."""
+    import yaml
+
+    from tests.test_dns_e2e import WEB_PORT, DnsLab, resolver
+
+    with topology(tmp_path) as topo:
+        dns_lab = DnsLab(topo, tmp_path)
+        try:
+            ca, cert, key = make_cert(tmp_path, "proxy.test", [PROXY4])
+            server = MasqueServer([
+                "--listen", f"{PROXY4}:{QUIC_PORT}", "--cert", str(cert), "--key", str(key),
+                "--token", TOKEN, "--allow", f"{SERVER4}/32",
+            ], ns=topo.server)
+            try:
+                server.wait_ready()
+                config = {
+                    "tun": {"name": "tp0"},
+                    "upstreams": {"quic": {
+                        "type": "quic", "server": f"{PROXY4}:{QUIC_PORT}", "token": TOKEN,
+                        "sni": "proxy.test", "ca": str(ca)}},
+                    "dns": resolver(),
+                    "relay": {"connect-timeout": 5},
+                    "rules": ["DOMAIN-SUFFIX,name.test,quic", "MATCH,DIRECT"],
+                }
+                tp = topo.start_tunproxy(yaml.safe_dump(config, sort_keys=False))
+                answer = dns_lab.dig("web.name.test", "A")
+                assert answer.status == "NOERROR" and answer.addresses, answer.output
+                assert answer.addresses[0].startswith("198.1"), answer.output  # fake-ip
+                assert dns_lab.curl(f"http://web.name.test:{WEB_PORT}/") == dns_lab.page
+                tp.wait_for_log(rf"open #\d+ tcp .* -> web\.name\.test:{WEB_PORT} via quic")
+                server.wait_for_log(
+                    rf"tcp .* -> web\.name\.test:{WEB_PORT} \({re.escape(SERVER4)}\): open")
+                assert "web.name.test" not in dns_lab.dnsmasq.log.lower()
+            finally:
+                server.kill()
+        finally:
+            dns_lab.close()
