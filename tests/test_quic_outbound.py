@@ -211,3 +211,100 @@ def test_sigterm_stops_cleanly(server: tuple[MasqueServer, int, Path]) -> None:
     proc, _, _ = server
     assert proc.stop(signal.SIGTERM) == 0
     assert "stopped after" in proc.log
+
+
+class _Answers:
+    """An H3Handler that records each stream's response status and end."""
+
+    def __init__(self) -> None:
+        self.status: dict[int, int] = {}
+        self.ended: set[int] = set()
+        self.closed: str | None = None
+
+    def h3_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self.status[stream_id] = int(dict(headers)[b":status"])
+        if ended:
+            self.ended.add(stream_id)
+
+    def h3_data(self, stream_id: int, data: bytes, ended: bool) -> None:
+        if ended:
+            self.ended.add(stream_id)
+
+    def h3_datagram(self, stream_id: int, data: bytes) -> None:
+        pass
+
+    def h3_reset(self, stream_id: int) -> None:
+        self.ended.add(stream_id)
+
+    def h3_writable(self, stream_id: int) -> None:
+        pass
+
+    def h3_closed(self, reason: str) -> None:
+        self.closed = reason
+
+
+def test_hostile_requests_get_error_responses(server: tuple[MasqueServer, int, Path]) -> None:
+    """Requests no MASQUE client sends, and garbage capsules: each gets an error status or
+    a reset, and the server goes on serving."""
+    import socket as socket_module
+
+    from tunproxy.h3link import ClientTLS, LinkSettings, dial
+    from tunproxy.masque.capsule import emit_varint
+
+    proc, port, ca = server
+    auth = (b"proxy-authorization", b"Bearer " + TOKEN.encode())
+    bad_requests = {
+        "GET": ([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x:1"),
+                 (b":path", b"/"), auth], 405),
+        "no port": ([(b":method", b"CONNECT"), (b":authority", b"example.com"), auth], 400),
+        "bad host": ([(b":method", b"CONNECT"), (b":authority", b"bad host!:80"), auth], 400),
+        "websocket": ([(b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                       (b":scheme", b"https"), (b":authority", b"x:1"), (b":path", b"/"),
+                       auth], 501),
+        "other path": ([(b":method", b"CONNECT"), (b":protocol", b"connect-udp"),
+                        (b":scheme", b"https"), (b":authority", b"x:1"),
+                        (b":path", b"/nope/1.2.3.4/53/"), auth], 404),
+        "loopback denied": ([(b":method", b"CONNECT"), (b":authority", b"[::1]:22"), auth], 403),
+        # (An oversized header, 431, is in test_masque_codec: qh3's encoder refuses to send one.)
+    }
+
+    async def main() -> None:
+        answers = _Answers()
+
+        def make_socket(address: str) -> socket_module.socket:
+            sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+            sock.setblocking(False)
+            return sock
+
+        link = await dial(make_socket, "127.0.0.1", port, ClientTLS("proxy.test", str(ca)),
+                          LinkSettings(), lambda _: answers, lambda _: None, 1 << 20)
+        expected: dict[int, int] = {}
+        for headers, status in bad_requests.values():
+            stream_id = link.new_stream_id()
+            link.send_headers(stream_id, headers)
+            expected[stream_id] = status
+        # A CONNECT-UDP that then sends a DATAGRAM capsule longer than any UDP payload.
+        udp = link.new_stream_id()
+        link.send_headers(udp, [
+            (b":method", b"CONNECT"), (b":protocol", b"connect-udp"), (b":scheme", b"https"),
+            (b":authority", b"x:1"), (b":path", b"/.well-known/masque/udp/127.0.0.1/9/"),
+            (b"capsule-protocol", b"?1"), auth])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while not (set(expected) <= answers.ended and udp in answers.status):
+            assert loop.time() < deadline, (answers.status, expected)
+            await asyncio.sleep(0.02)
+        assert {sid: answers.status.get(sid) for sid in expected} == expected
+        assert answers.status[udp] == 200
+        link.send_data(udp, emit_varint(0) + emit_varint(1 << 20) + b"\0" * 100)
+        while udp not in answers.ended:
+            assert loop.time() < deadline, "the bad capsule did not end the stream"
+            await asyncio.sleep(0.02)
+        assert answers.closed is None  # one stream's fault ended only that stream
+        link.shutdown()
+        link.close_transport()
+
+    asyncio.run(main())
+    proc.wait_for_log(r"bad capsule")
+    # Still serving: a good flow after all that.
+    assert proc.proc.poll() is None
