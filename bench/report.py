@@ -50,7 +50,7 @@ METRICS: tuple[Metric, ...] = (
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 TESTS = ("tcp", "cps", "latency", "mem", "udp", "dns")
-PATHS = ("baseline", "direct", "socks5", "hev", "redsocks", "socks5-only")
+PATHS = ("baseline", "direct", "socks5", "hev", "redsocks", "socks5-only", "quic", "quic-h2o")
 # Peers (bench/peers.py): other proxies through the same SOCKS5 server, measured in the same run.
 PEER_LABELS = {"hev": "hev > SOCKS5", "redsocks": "redsocks > SOCKS5"}
 
@@ -82,6 +82,7 @@ class Cell:
 @dataclass
 class Column:
     # baseline | direct | socks5 | hev | redsocks | socks5-only (the SOCKS5 server alone)
+    # | quic (through tunproxy server) | quic-h2o (through h2o)
     path: str
     offload: bool = True
     tests: tuple[str, ...] = TESTS
@@ -95,7 +96,8 @@ class Column:
             return "SOCKS5 only"
         if self.path in PEER_LABELS:
             return PEER_LABELS[self.path]
-        name = {"direct": "DIRECT", "socks5": "SOCKS5"}[self.path]
+        name = {"direct": "DIRECT", "socks5": "SOCKS5", "quic": "QUIC",
+                "quic-h2o": "QUIC h2o"}[self.path]
         return name if self.offload else f"{name} no-offload"
 
     def cell(self, key: str) -> Cell:
@@ -351,7 +353,8 @@ def sections_as_dict(sections: list[Section]) -> list[dict[str, Any]]:
                 }
             columns.append({
                 "label": column.label, "path": column.path,
-                "offload": column.offload if column.path in ("direct", "socks5") else None,
+                "offload": (column.offload if column.path not in ("baseline", "socks5-only")
+                            else None),
                 "tests": list(column.tests), "figures": figures,
             })
         out.append({"mtu": section.mtu, "columns": columns})

@@ -20,6 +20,8 @@ server, microsocks, dante, dnsmasq), and measures each column in turn:
 * the peers (issue 17, ``bench/peers.py``): hev-socks5-tunnel and redsocks through the same
   dante; every column with a proxy process also gets that process's CPU per connection and
   per GB (user + system from /proc);
+* ``QUIC``: tunproxy with ``MATCH,quic`` to ``tunproxy server`` (MASQUE over HTTP/3);
+  ``QUIC h2o``: the same to h2o as the MASQUE server (when built, see tests/test_quic_h2o.py);
 * ``SOCKS5 only``: a control without tunproxy: the client programs themselves use the SOCKS5
   server (iperf3 under proxychains4, the Python clients speak SOCKS5). It shows how much of
   the SOCKS5 column's loss is the SOCKS5 server's own.
@@ -76,7 +78,10 @@ from bench.services import (  # noqa: E402
     DNS_PORT,
     DNS_ZONE,
     ECHO_PORT,
+    H2O_PORT,
     MICROSOCKS_PORT,
+    QUIC_PORT,
+    QUIC_TOKEN,
     SOCKS4,
     Services,
     prepare_namespaces,
@@ -128,13 +133,19 @@ def progress(message: str) -> None:
 
 
 def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: bool,
-                    pipeline: bool = False) -> str:
+                    pipeline: bool = False, quic: tuple[int, Path] | None = None) -> str:
     lines = [
         "tun:",
         f"  name: {TUN_NAME}",
         f"  mtu: {mtu}",
         f"  offload: {'true' if offload else 'false'}",
     ]
+    if quic is not None:
+        port, ca = quic
+        lines += ["upstreams:", "  quic:", "    type: quic", f'    server: "{SOCKS4}:{port}"',
+                  f"    token: {QUIC_TOKEN}", "    sni: proxy.test", f'    ca: "{ca}"',
+                  "rules:", "  - MATCH,quic", "dns:", "  enable: false"]
+        return "\n".join(lines) + "\n"
     if upstream_port is not None:
         lines += ["upstreams:", "  socks:", "    type: socks5",
                   f'    server: "{SOCKS4}:{upstream_port}"']
@@ -159,13 +170,18 @@ class Group:
     upstream_port: int | None
     dns: bool
     probe_tcp: bool
+    quic_port: int | None = None
 
 
 def groups_for(column: Column, socks_port: int) -> list[Group]:
     def pick(*wanted: str) -> tuple[str, ...]:
         return tuple(t for t in TESTS if t in wanted and t in column.tests)
 
-    if column.path == "direct":
+    if column.path in ("quic", "quic-h2o"):
+        port = QUIC_PORT if column.path == "quic" else H2O_PORT
+        groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True,
+                        port)]
+    elif column.path == "direct":
         groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True),
                   Group("dns", pick("dns"), None, True, False)]
     elif socks_port == DANTE_PORT:
@@ -509,8 +525,16 @@ class Runner:
         broken = self.broken.get((f"{section.mtu} {column.label}", group.name))
         if broken is not None:
             return  # the reason is already in every cell of the group
+        quic = None
+        if group.quic_port is not None:
+            assert self.services is not None
+            if column.path == "quic-h2o" and not self.services.h2o():
+                self.fail_tests(column, group.tests,
+                                "h2o is not built (see tests/test_quic_h2o.py)")
+                return
+            quic = (group.quic_port, self.services.masque_ca())
         config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns,
-                                 self.socks_pipeline)
+                                 self.socks_pipeline, quic)
         name = (f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
                 f"-round{self.round + 1}")
         self.step(column, f"starting tunproxy ({group.name}: {', '.join(group.tests)})")
@@ -577,6 +601,8 @@ class Runner:
                     self.services.dante()
                     if self.socks_port == MICROSOCKS_PORT:
                         self.services.microsocks()
+                if "quic" in paths:
+                    self.services.masque_server()
                 if "dns" in tests:
                     self.services.dnsmasq()
                 for round_index in range(self.settings.rounds):
@@ -681,11 +707,11 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
             # The baseline has no tunproxy process to weigh.
             columns.append(Column("baseline", True, tuple(t for t in tests if t != "mem")))
         for offload in offloads_at(mtu):
-            for path in ("direct", "socks5"):
+            for path in ("direct", "socks5", "quic", "quic-h2o"):
                 if path not in paths:
                     continue
                 # Fake-ip DNS is answered inside tunproxy whatever the outbound: once is enough.
-                wanted = [t for t in tests if not (path == "socks5" and t == "dns")]
+                wanted = [t for t in tests if not (path != "direct" and t == "dns")]
                 if not offload and not args.full and explicit_offloads is None:
                     wanted = [t for t in wanted if t == "tcp"]
                 if wanted:

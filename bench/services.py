@@ -1,4 +1,5 @@
-"""The server side of a benchmark topology: iperf3, echo, SOCKS5 (dante, microsocks), dnsmasq.
+"""The server side of a benchmark topology: iperf3, echo, SOCKS5 (dante, microsocks), MASQUE
+(``tunproxy server``, h2o), dnsmasq.
 
 Everything runs in the server namespace of a ``tests.netns.Topology`` and is started with
 ``Netns.spawn``, so ``Topology.close()`` ends it by pid. Readiness is observed (``ss`` shows
@@ -7,12 +8,14 @@ the port), never assumed after a sleep.
 Addresses: the services listen on ``SERVER4`` (10.232.0.1). The SOCKS5 servers listen on a
 separate address, ``SOCKS4`` (10.233.0.1), also on the server's loopback: tunproxy routes its
 upstream servers' own addresses around the TUN, so a SOCKS5 server sharing an address with
-iperf3 would silently turn the SOCKS5 measurements into baseline ones.
+iperf3 would silently turn the SOCKS5 measurements into baseline ones. The MASQUE servers
+listen on ``SOCKS4`` too, on UDP.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +28,10 @@ ECHO_PORT = 7007
 MICROSOCKS_PORT = 1080
 DANTE_PORT = 1081
 DNS_PORT = 53
+QUIC_PORT = 4443  # tunproxy server
+H2O_PORT = 4444  # h2o
+QUIC_TOKEN = "bench"
+H2O_BIN = Path(os.environ.get("TUNPROXY_H2O_BIN", "/var/cache/tunproxy-peers/h2o/bin"))
 # dnsmasq answers every name under this zone locally: the DNS baseline.
 DNS_ZONE = "bench.test"
 DNS_ZONE_ANSWER = "10.9.9.9"
@@ -120,6 +127,49 @@ class Services:
         conf = self.workdir / f"proxychains-{port}.conf"
         conf.write_text(f"strict_chain\nquiet_mode\n[ProxyList]\nsocks5 {SOCKS4} {port}\n")
         return conf
+
+    def masque_ca(self) -> Path:
+        """The CA of the certificate both MASQUE servers present (made once per topology)."""
+        from tests.masque_peer import make_cert
+
+        ca = self.workdir / "proxy.test-ca.crt"
+        if not ca.exists():
+            make_cert(self.workdir, "proxy.test", [SOCKS4])
+        return ca
+
+    def masque_server(self) -> None:
+        """``tunproxy server`` on SOCKS4:QUIC_PORT, allowed to reach SERVER4 (its own address)."""
+        if not self._once("masque"):
+            return
+        self.masque_ca()
+        log = (self.workdir / "tunproxy-server.log").open("ab")
+        self.server.spawn(
+            sys.executable, "-m", "tunproxy", "--log-level", "warning", "server",
+            "--listen", f"{SOCKS4}:{QUIC_PORT}", "--cert", str(self.workdir / "proxy.test.crt"),
+            "--key", str(self.workdir / "proxy.test.key"), "--token", QUIC_TOKEN,
+            "--allow", f"{SERVER4}/32", stderr=log, cwd=str(BENCH.parent),
+        )
+        self.server.wait_udp_bound(QUIC_PORT)
+
+    def h2o(self) -> bool:
+        """h2o as a MASQUE server on SOCKS4:H2O_PORT; False when it is not built."""
+        if not (H2O_BIN / "h2o").exists():
+            return False
+        if not self._once("h2o"):
+            return True
+        self.masque_ca()
+        conf = self.workdir / "h2o.conf"
+        conf.write_text(
+            f"listen:\n  host: {SOCKS4}\n  port: {H2O_PORT}\n  type: quic\n  ssl:\n"
+            f"    key-file: {self.workdir / 'proxy.test.key'}\n"
+            f"    certificate-file: {self.workdir / 'proxy.test.crt'}\n"
+            "hosts:\n  default:\n    paths:\n      \"/\":\n        proxy.connect:\n"
+            "          - \"+*\"\n      \"/.well-known/masque/udp\":\n"
+            "        proxy.connect-udp:\n          - \"+*\"\n"
+        )
+        self.server.spawn(str(H2O_BIN / "h2o"), "-c", str(conf))
+        self.server.wait_udp_bound(H2O_PORT)
+        return True
 
     def dnsmasq(self) -> None:
         if self._once("dnsmasq"):
