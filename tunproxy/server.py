@@ -553,5 +553,12 @@ async def serve(config: ServerConfig, own: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # pyroute2 runs its own event loop: ask it before ours starts.
-    asyncio.run(serve(config, own_addresses()))
+    own = own_addresses()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config, own))
+    else:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config, own))
     return 0
