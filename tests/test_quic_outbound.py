@@ -308,3 +308,30 @@ def test_hostile_requests_get_error_responses(server: tuple[MasqueServer, int, P
     proc.wait_for_log(r"bad capsule")
     # Still serving: a good flow after all that.
     assert proc.proc.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("body", "line", "words"),
+    [
+        ("    token: '12'\n    udp-template: /udp/{target_host}/\n", 8,
+         "upstreams.q.udp-template: must contain {target_port} once"),
+        ("    ca: /nonexistent/ca.pem\n", 7, "upstreams.q.ca: no such file"),
+        ("    username: u\n    password: p\n", 7, "is not a quic setting"),
+        ("    keepalive: soon\n", 7, "upstreams.q.keepalive: expected a number"),
+        ("    max-datagram-size: 900\n", 7, "out of range 1200..65527"),
+        ("    congestion: bbr\n", 7, "is not supported for quic"),
+    ],
+)
+def test_quic_config_errors_name_file_and_line(tmp_path: Path, body: str, line: int,
+                                               words: str) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - MATCH,q\nupstreams:\n  q:\n    type: quic\n"
+                    "    server: a:1\n" + body)
+    done = subprocess.run([sys.executable, "-m", "tunproxy", "check", str(path)],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.startswith(f"tunproxy: {path}:{line}: "), done.stderr
+    assert words in done.stderr
