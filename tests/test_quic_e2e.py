@@ -281,3 +281,28 @@ def test_stalled_reader_keeps_memory_bounded(lab: QuicLab) -> None:
             received += len(chunk)
     assert received == size
     assert digest.hexdigest() == payload_sha256(9, size)
+
+
+def test_more_concurrent_flows_than_the_proxys_stream_limit(lab: QuicLab) -> None:
+    """The server allows 100 concurrent streams (MAX_STREAMS): flow 101 waits for a slot
+    instead of failing, and gets one as soon as an earlier flow ends."""
+    tp = lab.start()
+    socks = []
+    try:
+        for i in range(100):
+            sock = lab.connect(timeout=20)
+            socks.append(sock)
+            sock.sendall(b"ECHO\n%d\n" % i)
+            assert sock.recv(100) == b"%d\n" % i
+        waiting = ThreadPoolExecutor(1).submit(lambda: lab.connect(timeout=20))
+        time.sleep(0.5)  # flow 101 is parked on stream credit, not refused
+        assert not waiting.done()
+        socks.pop(0).close()  # a slot frees up
+        extra = waiting.result(timeout=20)
+        socks.append(extra)
+        extra.sendall(b"ECHO\nlate\n")
+        assert extra.recv(100) == b"late\n"
+    finally:
+        for sock in socks:
+            sock.close()
+    assert "internal-error" not in tp.log

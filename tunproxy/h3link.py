@@ -155,10 +155,36 @@ class H3Link(QuicConnectionProtocol):
         self.closed_reason: str | None = None
         self.peer: str = "?"
         self._blocked: set[int] = set()
+        self._credit_waiters: list[asyncio.Future[None]] = []
         self.handler = handler_factory(self)
 
     # -- commands -------------------------------------------------------------------------
+    def has_stream_credit(self) -> bool:
+        """Whether the peer lets us open another request stream now (RFC 9000 section 4.6:
+        MAX_STREAMS counts streams ever opened; client-initiated bidi IDs are 0, 4, 8...)."""
+        quic = self._quic
+        return quic.get_next_available_stream_id() // 4 < quic.max_concurrent_bidi_streams
+
+    async def wait_stream_credit(self) -> None:
+        """Until a request stream may be opened; ConnectionError if the connection ends."""
+        while not self.has_stream_credit():
+            if not self.alive:
+                raise ConnectionError(self.closed_reason)
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._credit_waiters.append(waiter)
+            await waiter
+        if not self.alive:
+            raise ConnectionError(self.closed_reason)
+
+    def _wake_credit_waiters(self) -> None:
+        if self._credit_waiters and (not self.alive or self.has_stream_credit()):
+            waiters, self._credit_waiters = self._credit_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     def new_stream_id(self) -> int:
+        """The next request stream's ID (it opens with its first send_headers)."""
         return self._quic.get_next_available_stream_id()
 
     def send_headers(self, stream_id: int, headers: Headers, end: bool = False) -> None:
@@ -230,6 +256,7 @@ class H3Link(QuicConnectionProtocol):
         if isinstance(exc, ConnectionRefusedError) and self.is_client and self.alive:
             self.closed_reason = "the proxy's UDP port is closed (ICMP port unreachable)"
             self._blocked.clear()
+            self._wake_credit_waiters()
             self.handler.h3_closed(self.closed_reason)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
@@ -261,6 +288,7 @@ class H3Link(QuicConnectionProtocol):
             if self.closed_reason is None:
                 self.closed_reason = event.reason_phrase or f"error 0x{event.error_code:x}"
                 self._blocked.clear()
+                self._wake_credit_waiters()
                 self.handler.h3_closed(self.closed_reason)
             return
         for h3_event in self.h3.handle_event(event):
@@ -285,6 +313,7 @@ class H3Link(QuicConnectionProtocol):
         if self.alive:
             self.closed_reason = f"QUIC library error: {exc}"
             self._blocked.clear()
+            self._wake_credit_waiters()
             self.handler.h3_closed(self.closed_reason)
         waiter = self._connected_waiter
         if waiter is not None and not waiter.done():
@@ -308,6 +337,7 @@ class H3Link(QuicConnectionProtocol):
         except Exception as exc:  # see _fail
             self._fail(exc)
             return
+        self._wake_credit_waiters()
         if self._blocked:
             for stream_id in list(self._blocked):
                 if self._quic.get_send_buffer_size(stream_id) <= self.send_limit // 2:

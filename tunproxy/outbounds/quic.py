@@ -347,12 +347,21 @@ class _Request:
     def __init__(self, connection: _Connection) -> None:
         self.connection = connection
         self.link = connection.link
-        self.stream_id = self.link.new_stream_id()
+        self.stream_id = -1  # allocated in open(), once the peer allows another stream
         self.response: asyncio.Future[tuple[int, Headers]] = (
             asyncio.get_running_loop().create_future())
         self.closed = False
 
     async def open(self, headers: Headers) -> tuple[int, Headers]:
+        try:
+            # The proxy caps concurrent streams (MAX_STREAMS, often 100): wait for a slot.
+            await self.link.wait_stream_credit()
+        except ConnectionError as exc:
+            self.closed = True
+            raise ProxyError(f"QUIC proxy {self.connection.outbound._proxy}: connection "
+                             f"lost: {exc}") from None
+        self.stream_id = self.link.new_stream_id()
+        self.opened()
         self.connection.streams[self.stream_id] = cast(Any, self)
         self.link.send_headers(self.stream_id, headers)
         try:
@@ -361,9 +370,12 @@ class _Request:
             self.forget()
             raise
 
+    def opened(self) -> None:
+        """The stream ID is known."""
+
     def forget(self) -> None:
         """Give up on the request (refused, timed out): reset the stream, drop it."""
-        if not self.closed:
+        if not self.closed and self.stream_id >= 0:
             self.closed = True
             self.connection.streams.pop(self.stream_id, None)
             self.link.release(self.stream_id)
@@ -552,8 +564,11 @@ class _UdpSession(_Request, DatagramSession):
         self.receiver = receiver
         self.target = target
         self.capsules = CapsuleParser()
-        self.quarter = emit_varint(self.stream_id // 4)
+        self.quarter = b""
         self.dropped = 0
+
+    def opened(self) -> None:
+        self.quarter = emit_varint(self.stream_id // 4)
 
     def __repr__(self) -> str:
         return f"quic-udp {self.connection.outbound._proxy} -> {self.target}"
