@@ -315,6 +315,9 @@ class H3Link(QuicConnectionProtocol):
             self._blocked.clear()
             self._wake_credit_waiters()
             self.handler.h3_closed(self.closed_reason)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         waiter = self._connected_waiter
         if waiter is not None and not waiter.done():
             self._connected_waiter = None
