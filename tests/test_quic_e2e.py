@@ -21,7 +21,17 @@ import pytest
 
 from tests.e2e_peer import payload_chunks
 from tests.masque_peer import MasqueServer, make_cert
-from tests.netns import PROXY4, REPO, SERVER4, SERVER6, Topology, Tunproxy, topology
+from tests.netns import (
+    CLIENT6,
+    PROXY4,
+    PROXY6,
+    REPO,
+    SERVER4,
+    SERVER6,
+    Topology,
+    Tunproxy,
+    topology,
+)
 from tests.test_relay_e2e import download, echo_after_half_close, upload
 
 pytestmark = pytest.mark.netns
@@ -33,14 +43,15 @@ QUIC_PORT = 4443
 TOKEN = "e2e-token"
 
 
-def quic_config(token: str = TOKEN, ca: Path | None = None, extra: str = "") -> str:
+def quic_config(token: str = TOKEN, ca: Path | None = None, extra: str = "",
+                server: str = f"{PROXY4}:{QUIC_PORT}") -> str:
     return f"""\
 tun:
   name: tp0
 upstreams:
   quic:
     type: quic
-    server: "{PROXY4}:{QUIC_PORT}"
+    server: "{server}"
     token: "{token}"
     sni: proxy.test
     ca: "{ca}"
@@ -66,10 +77,10 @@ class QuicLab:
         topo.server.wait_tcp_listening(TCP_PORT)
         topo.server.wait_udp_bound(UDP_PORT)
 
-    def start_server(self) -> MasqueServer:
+    def start_server(self, listen: str = f"{PROXY4}:{QUIC_PORT}") -> MasqueServer:
         # The targets are the server namespace's own addresses, refused by default.
         server = MasqueServer([
-            "--listen", f"{PROXY4}:{QUIC_PORT}", "--cert", str(self.cert), "--key", str(self.key),
+            "--listen", listen, "--cert", str(self.cert), "--key", str(self.key),
             "--token", TOKEN, "--allow", f"{SERVER4}/32", "--allow", f"{SERVER6}/128",
         ], ns=self.topo.server)
         self.servers.append(server)
@@ -320,3 +331,16 @@ def test_tcp_both_ways_under_2_percent_loss(lab: QuicLab) -> None:
     download(lab, SERVER4, size)  # type: ignore[arg-type]
     drops = _nft_drops(lab.topo.client)
     assert all(d > 0 for d in drops), f"the loss rules dropped nothing: {drops}"
+
+
+def test_proxy_over_ipv6(lab: QuicLab) -> None:
+    """The upstream is an IPv6 literal; it carries IPv4 and IPv6 destinations."""
+    lab.server.kill()
+    # A specific address: on a wildcard socket the kernel would answer from the address of
+    # the route back (the veth's), which the client's connected socket does not accept.
+    lab.server = lab.start_server(listen=f"[{PROXY6}]:{QUIC_PORT}")
+    tp = lab.start(server=f"[{PROXY6}]:{QUIC_PORT}")
+    download(lab, SERVER4, 1024 * 1024)  # type: ignore[arg-type]
+    upload(lab, SERVER6, 1024 * 1024)  # type: ignore[arg-type]
+    tp.wait_for_log(rf"QUIC connection to \[{re.escape(PROXY6)}\]:{QUIC_PORT} is up")
+    lab.server.wait_for_log(rf"tcp \[{re.escape(CLIENT6)}\]:\d+ -> ")

@@ -405,7 +405,9 @@ async def dial(
     )
     link = cast(H3Link, protocol)
     link.peer = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    link.connect((address, port))
+    # The address as the socket reports senders, so qh3 sees replies on the same path:
+    # IPv6 addresses come back as (host, port, flowinfo, scope_id).
+    link.connect((address, port, 0, 0) if sock.family == socket.AF_INET6 else (address, port))
     try:
         await link.wait_connected()
     except BaseException:
