@@ -335,3 +335,29 @@ def test_quic_config_errors_name_file_and_line(tmp_path: Path, body: str, line: 
     assert done.returncode == 2, done.stdout
     assert done.stderr.startswith(f"tunproxy: {path}:{line}: "), done.stderr
     assert words in done.stderr
+
+
+def test_reconnect_resumes_the_tls_session(server: tuple[MasqueServer, int, Path]) -> None:
+    """The connection closes; the next flow dials again with the session ticket."""
+    _, port, ca = server
+
+    async def main() -> None:
+        tcp, _ = await _sink_server()
+        tcp_port = tcp.sockets[0].getsockname()[1]
+        outbound = _outbound(port, ca)
+        resumed = []
+        for _ in range(2):
+            flow = Collector()
+            transport = await outbound.open_stream(Target(tcp_port, "127.0.0.1"), flow,
+                                                   timeout=10)
+            assert outbound._connection is not None
+            resumed.append(outbound._connection.link.resumed)
+            transport.write(b"x")
+            transport.write_eof()
+            await asyncio.wait_for(flow.eof, 10)
+            await outbound.aclose()  # the QUIC connection closes
+            assert outbound._connection is None
+        assert resumed == [False, True]
+        tcp.close()
+
+    asyncio.run(main())

@@ -44,7 +44,7 @@ from qh3.h3.events import (
 )
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
-from qh3.quic.events import ConnectionTerminated, QuicEvent
+from qh3.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
 from qh3.tls import SessionTicket
 
 from tunproxy.masque.request import H3_CONNECT_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
@@ -153,6 +153,7 @@ class H3Link(QuicConnectionProtocol):
         self.send_limit = send_limit
         self.max_datagram_size = quic.configuration.max_datagram_size
         self.closed_reason: str | None = None
+        self.resumed = False  # the handshake resumed a TLS session (a ticket was accepted)
         self.peer: str = "?"
         self._blocked: set[int] = set()
         self._credit_waiters: list[asyncio.Future[None]] = []
@@ -284,6 +285,9 @@ class H3Link(QuicConnectionProtocol):
             self.gate.transport = transport
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self.resumed = event.session_resumed
+            return
         if isinstance(event, ConnectionTerminated):
             if self.closed_reason is None:
                 self.closed_reason = event.reason_phrase or f"error 0x{event.error_code:x}"

@@ -179,7 +179,8 @@ class QuicOutbound(Outbound):
             raise ProxyError(f"QUIC proxy {self._proxy}: {exc}") from exc
         connection = holder[0]
         connection.start_keepalive()
-        log.info("upstream %s: QUIC connection to %s is up", self.name, self._proxy)
+        log.info("upstream %s: QUIC connection to %s is up%s", self.name, self._proxy,
+                 " (TLS session resumed)" if connection.link.resumed else "")
         return connection
 
     def _store_ticket(self, ticket: SessionTicket) -> None:
