@@ -178,6 +178,10 @@ class _Connection:
         try:
             request = parse_request(headers, config.udp_template, config.token)
         except RequestRefused as exc:
+            if len(self.refused) >= 4096:
+                # Only there to ignore trailers: a client refused this often forgets nothing
+                # it needs, and a hostile one cannot grow the set.
+                self.refused.clear()
             self.refused.add(stream_id)
             level = logging.WARNING if exc.status == 407 else logging.INFO
             log.log(level, "%s: refused (%d): %s", self.link.peer, exc.status, exc.reason)
