@@ -536,8 +536,9 @@ async def serve(config: ServerConfig, own: list[str]) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {_authority(config.host, config.port)}: "
                           f"{exc.strerror or exc}") from None
-    except Exception as exc:  # the QUIC library's refusal of the certificate or key
-        raise ConfigError(f"cannot load {config.certfile} / {config.keyfile}: {exc}") from None
+    except Exception as exc:  # the QUIC library's refusal (most likely of the certificate or key)
+        raise ConfigError(f"cannot start serving (certificate {config.certfile}, key "
+                          f"{config.keyfile}): {exc}") from None
     assert server.server is not None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
