@@ -236,6 +236,9 @@ class _Answers:
     def h3_reset(self, stream_id: int) -> None:
         self.ended.add(stream_id)
 
+    def h3_stop_sending(self, stream_id: int) -> None:
+        pass
+
     def h3_writable(self, stream_id: int) -> None:
         pass
 

@@ -96,7 +96,10 @@ class H3Handler(Protocol):
     def h3_datagram(self, stream_id: int, data: bytes) -> None: ...
 
     def h3_reset(self, stream_id: int) -> None:
-        """The peer reset its side of the stream or asked us to stop sending."""
+        """The peer reset its side of the stream (RESET_STREAM)."""
+
+    def h3_stop_sending(self, stream_id: int) -> None:
+        """The peer will read no more of our side (STOP_SENDING); its own side goes on."""
 
     def h3_writable(self, stream_id: int) -> None:
         """A stream that ``send_data`` reported as over its limit has drained."""
@@ -306,9 +309,12 @@ class H3Link(QuicConnectionProtocol):
             handler.h3_datagram(event.flow_id * 4, event.data)
         elif isinstance(event, HeadersReceived):
             handler.h3_headers(event.stream_id, event.headers, event.stream_ended)
-        elif isinstance(event, StreamReset | StopSending):
+        elif isinstance(event, StreamReset):
             self._blocked.discard(event.stream_id)
             handler.h3_reset(event.stream_id)
+        elif isinstance(event, StopSending):
+            self._blocked.discard(event.stream_id)
+            handler.h3_stop_sending(event.stream_id)
 
     # The library's entry points. Whatever it raises (a protocol state it cannot handle)
     # ends this connection, never the event loop.

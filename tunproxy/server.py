@@ -211,6 +211,9 @@ class _Connection:
         if flow is not None:
             flow.end("reset-by-client", reset=False)
 
+    def h3_stop_sending(self, stream_id: int) -> None:
+        self.h3_reset(stream_id)  # a client that stops reading is done with the flow
+
     def h3_writable(self, stream_id: int) -> None:
         flow = self.flows.get(stream_id)
         if isinstance(flow, _TcpFlow) and flow.transport is not None:

@@ -321,6 +321,18 @@ class _Connection:
         if stream is not None:
             stream.lost(ConnectionResetError("the proxy reset the stream"))
 
+    def h3_stop_sending(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if isinstance(stream, _Stream) and stream.ready:
+            # The proxy reads no more from us (h2o says so once the target has closed):
+            # our side is over, what it still sends is not.
+            stream.fin_sent = True
+            if stream.write_paused:
+                stream.writable()
+            stream._maybe_finished()
+        elif stream is not None:
+            stream.lost(ConnectionResetError("the proxy stopped reading the stream"))
+
     def h3_writable(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if isinstance(stream, _Stream):
