@@ -91,8 +91,8 @@ from tests.netns import SERVER4, Topology, Tunproxy, topology  # noqa: E402
 TUN_NAME = "tpbench0"
 # Set in the child of --commit: the snapshot's commit (the snapshot has no .git).
 SNAPSHOT_ENV = "TUNPROXY_BENCH_SNAPSHOT"
-FAKE_IP_PREFIX = "198.18.", "198.19."
-QUIC_IDLE_FLOWS = 90  # tunproxy's default fake-ip range 198.18.0.0/15
+FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18.0.0/15
+QUIC_IDLE_FLOWS = 90  # one QUIC connection carries at most 100 streams at once
 
 
 PROFILE_LEGEND = (
