@@ -95,6 +95,8 @@ class ProcessResolver:
         self._fds: dict[int, set[str]] = {}  # pid -> fd names at its last scan
         self._next_scan: dict[int, float] = {}  # uid -> earliest time of the next full scan
         self.stats = {"lookups": 0, "found": 0, "no-socket": 0, "no-owner": 0, "scans": 0}
+        #: Why the last ``lookup`` answered None: "no-socket", "no-owner" or "gone".
+        self.last_failure: str | None = None
 
     def close(self) -> None:
         if self._diag is not None:
@@ -262,14 +264,17 @@ class ProcessResolver:
         """The process owning the local socket of this flow, or None (no such socket, its
         owner cannot be found or changed while we looked)."""
         self.stats["lookups"] += 1
+        self.last_failure = None
         sock = self.socket_of(network, src, sport, dst, dport)
         if sock is None:
             self.stats["no-socket"] += 1
+            self.last_failure = "no-socket"
             return None
         uid, inode = sock
         owner = self._owner(inode, uid)
         if owner is None:
             self.stats["no-owner"] += 1
+            self.last_failure = "no-owner"
             return None
         pid, fd = owner
         base = f"{self._proc}/{pid}"
@@ -277,6 +282,7 @@ class ProcessResolver:
             with open(f"{base}/comm", encoding="utf-8", errors="replace") as f:
                 comm = f.read().rstrip("\n")
         except OSError:
+            self.last_failure = "gone"
             return None
         try:
             path = os.readlink(f"{base}/exe")
@@ -288,6 +294,7 @@ class ProcessResolver:
         # the process that owns it (a pid is not reused while its fds are open).
         if not self._holds(pid, fd, inode):
             self._inodes.pop(inode, None)
+            self.last_failure = "gone"
             return None
         self._hot[pid] = None
         self._hot.move_to_end(pid)

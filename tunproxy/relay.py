@@ -44,7 +44,7 @@ from stack import (
 )
 from tunproxy.config import RelayConfig
 from tunproxy.errors import OutboundError, Unreachable
-from tunproxy.flows import FlowLog, FlowRecord
+from tunproxy.flows import CLOSING, HALF_CLOSED, OPEN, FlowLog, FlowRecord
 from tunproxy.outbounds.base import (
     DatagramReceiver,
     DatagramSession,
@@ -76,7 +76,7 @@ class Decision:
     """What to do with a new flow: carry it (``outbound``), or refuse it (``refusal``)."""
 
     target_name: str
-    rule: str | None
+    rule: rules.Verdict | None  # None: decided before any rule (reason says why)
     outbound: Outbound | None = None
     target: Target | None = None
     refusal: str | None = None  # Refusal.RESET / UNREACHABLE / DROP
@@ -106,7 +106,9 @@ class Router:
             record.domain = record.domain or dns.domain_for(dst_ip)
             fake = dns.is_fake(dst_ip)
         process = None
-        if self.processes is not None and self.ruleset.needs_process:
+        if self.ruleset.needs_process and (
+            self.processes is not None or record.attribution is not None
+        ):
             process = self._process_lookup(key, record)
         return rules.FlowMeta(
             network=key.network, src_ip=key.src_ip, src_port=key.src_port,
@@ -118,14 +120,15 @@ class Router:
         self, key: FlowKey, record: FlowRecord
     ) -> Callable[[], rules.ProcessInfo | None]:
         processes = self.processes
-        assert processes is not None
 
         def lookup() -> rules.ProcessInfo | None:
+            if record.attribution is not None or processes is None:
+                return record.process_info  # attributed when it opened; never guessed twice
             info: rules.ProcessInfo | None = processes.lookup(
                 key.network, key.src_ip, key.src_port, key.dst_ip, key.dst_port
             )
             if info is not None:
-                record.process, record.pid, record.uid = info.name, info.pid, info.uid
+                record.set_process(info)
             return info
 
         return lookup
@@ -146,19 +149,18 @@ class Router:
                 resolved = []
             meta.resolved_ips = lambda: resolved
         verdict = self.ruleset.match(meta)
-        rule = verdict.explain() if verdict.rule is not None else "default (no MATCH rule)"
         name = verdict.target
         upper = name.upper()
         if upper == "REJECT":
             how = Refusal.RESET if key.protocol == TCP else Refusal.UNREACHABLE
-            return Decision(name, rule, refusal=how, reason="rejected")
+            return Decision(name, verdict, refusal=how, reason="rejected")
         if upper in ("DROP", "REJECT-DROP"):
-            return Decision(name, rule, refusal=Refusal.DROP, reason="dropped")
+            return Decision(name, verdict, refusal=Refusal.DROP, reason="dropped")
         outbound = self.outbounds["DIRECT" if upper == "DIRECT" else name]
         target = Target(
             port=key.dst_port, address=None if fake else key.dst_ip, domain=record.domain
         )
-        return Decision(name, rule, outbound=outbound, target=target)
+        return Decision(name, verdict, outbound=outbound, target=target)
 
 
 class _Flow:
@@ -218,6 +220,7 @@ class TcpFlow(_Flow, StreamReceiver):
     def eof_received(self) -> bool:
         self.upstream_eof = True
         self.first_fin = self.first_fin or "server"
+        self.record.state = CLOSING if self.app_fin else HALF_CLOSED
         self.relay.stack.shutdown_write(self.id, self.relay.now())
         self.relay.flush_soon()
         return True  # keep our write side open: the app may still be sending
@@ -253,6 +256,7 @@ class TcpFlow(_Flow, StreamReceiver):
     def on_half_closed(self) -> None:
         self.app_fin = True
         self.first_fin = self.first_fin or "client"
+        self.record.state = CLOSING if self.upstream_eof else HALF_CLOSED
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
         elif self.sniffed is not None:
@@ -429,6 +433,7 @@ class Relay:
         self.flow_log = flow_log
         self.flush_soon = flush_soon
         self.flows: dict[int, Any] = {}
+        flow_log.closer = self.close_flow
         # Anonymous memory: a page becomes resident only once a read reaches it.
         self.read_buffer = memoryview(mmap.mmap(-1, UPSTREAM_READ_SIZE))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -522,10 +527,12 @@ class Relay:
             id=flow_id, network=key.network, src=key.src_ip, src_port=key.src_port,
             dst=key.dst_ip, dst_port=key.dst_port,
         )
+        self.flow_log.track(record)
         dns = self.dns
         if dns is not None and dns.hijacks(record.dst, key.dst_port, key.network):
             record.outbound = "dns"
-            record.rule = "dns.hijack"
+            record.rule_note = "dns-hijack"
+            record.state = OPEN
             if key.protocol == TCP:
                 self.flows[flow_id] = DnsTcpFlow(self, flow_id, record)
                 self.stack.accept(flow_id, self.now())
@@ -601,7 +608,9 @@ class Relay:
         except Exception:
             log.exception("bug: deciding %s failed", record.describe())
             decision = Decision("REJECT", None, refusal=Refusal.RESET, reason="internal-error")
-        record.rule = decision.rule
+        record.verdict = decision.rule
+        if decision.rule is None:
+            record.rule_note = decision.reason
         record.outbound = decision.target_name
         self.flow_log.opened(record)
         if flow.closed:
@@ -658,6 +667,7 @@ class Relay:
             elif isinstance(flow, UdpFlow) and flow.session is not None:
                 flow.session.close()
             return
+        record.state = OPEN
         if isinstance(flow, TcpFlow):
             if already_accepted:
                 flow.upstream_ready()
@@ -682,17 +692,27 @@ class Relay:
             flow.task.cancel()
         self.flow_log.ended(flow.record, reason)
 
+    def close_flow(self, flow_id: int, reason: str) -> bool:
+        """End a flow from outside (API, shutdown): RST to the app, upstream aborted."""
+        flow = self.flows.get(flow_id)
+        if flow is None:
+            return False
+        if isinstance(flow, TcpFlow) and flow.transport is not None:
+            flow.transport.abort()
+        elif isinstance(flow, UdpFlow) and flow.session is not None:
+            flow.session.close()
+            flow.session = None
+        self.stack.abort(flow.id, self.now())
+        self.end(flow, reason)
+        self.flush_soon()
+        return True
+
     async def aclose(self) -> None:
         """Abort every flow (shutdown)."""
         if self._idle_sweep is not None:
             self._idle_sweep.cancel()
-        for flow in list(self.flows.values()):
-            if isinstance(flow, TcpFlow) and flow.transport is not None:
-                flow.transport.abort()
-            elif isinstance(flow, UdpFlow) and flow.session is not None:
-                flow.session.close()
-            self.stack.abort(flow.id, self.now())
-            self.end(flow, "shutdown")
+        for flow_id in list(self.flows):
+            self.close_flow(flow_id, "shutdown")
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
