@@ -797,6 +797,15 @@ class RuleSet:
         self.needs_process = self.needs_process or udp.needs_process
         self.needs_resolve = self.needs_resolve or udp.needs_resolve
 
+    @property
+    def rule_sets(self) -> list[RuleSetData]:
+        """The rule sets the rules reference, each once, in rule order."""
+        seen: dict[str, RuleSetData] = {}
+        for data in self._sets:
+            if data is not None and data.name not in seen:
+                seen[data.name] = data
+        return list(seen.values())
+
     def match(self, flow: FlowMeta) -> Verdict:
         if self._udp is not None and flow.network.lower() == "udp":
             return self._udp.match(flow)

@@ -25,7 +25,7 @@ from stack import Stack, StackConfig
 from tunproxy.config import Config, UpstreamConfig, load_config
 from tunproxy.driver import TunDriver
 from tunproxy.errors import SetupError, TunproxyError
-from tunproxy.flows import FlowLog
+from tunproxy.flows import FlowTable, configure_flow_table
 from tunproxy.journal import Journal
 from tunproxy.outbounds.base import Outbound, Target
 from tunproxy.relay import Relay, Router
@@ -145,7 +145,7 @@ class Proxy:
         self.config = config
         self.stopping = asyncio.Event()
         self.router: Router | None = None
-        self.flow_log = FlowLog()
+        self.flow_log: FlowTable = FlowTable()
 
     def reload(self) -> None:
         """SIGHUP: new rules for new flows; existing flows keep their verdict."""
@@ -156,13 +156,14 @@ class Proxy:
             return
         if self.router is not None:
             self.router.ruleset = fresh.ruleset
+        self.flow_log.reopen_sinks()  # the flow log, for logrotate
         gc.freeze()
         log.info("reloaded %s: %d rules", fresh.path, fresh.rule_count)
 
     async def serve(self, tun: TunDevice) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        driver = relay = dns = refresher = None
+        driver = relay = dns = refresher = controller = None
         outbounds: dict[str, Outbound] = {}
         try:
             dns = self._make_dns()
@@ -170,6 +171,7 @@ class Proxy:
             outbounds = build_outbounds(config, dns.resolve if dns is not None else None)
             self.router = Router(config.ruleset, outbounds, dns, self._processes())
             refresher = _start_refresher(config, self._resolver_outbound, self.reload)
+            configure_flow_table(self.flow_log, config.log, self.router.processes)
             driver_ref: list[TunDriver] = []
             relay = Relay(loop, stack, self.router, config.relay, self.flow_log,
                           lambda: driver_ref[0].flush_soon())
@@ -183,6 +185,10 @@ class Proxy:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             # SIGUSR1: the exit summary, now (bench/stress.py reads it under load).
             loop.add_signal_handler(signal.SIGUSR1, _log_live, relay, driver, dns)
+            if config.controller is not None:
+                from tunproxy.controller import start_controller
+
+                controller = await start_controller(config.controller, self)
             log.info(
                 "tunproxy ready: %s mtu %d, offloads %s, writes %s, %d rules, dns %s",
                 tun.name, config.tun.mtu, " ".join(sorted(tun.offloads)) or "off",
@@ -193,6 +199,9 @@ class Proxy:
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
+            if controller is not None:
+                with _logged("closing the controller"):
+                    await controller.aclose()
             if relay is not None:
                 with _logged("closing flows"):
                     await relay.aclose()
@@ -211,6 +220,7 @@ class Proxy:
                     await dns.aclose()
             if self.router is not None and self.router.processes is not None:
                 self.router.processes.close()
+            self.flow_log.close_sinks()
 
     def started(self, relay: Relay, driver: TunDriver) -> None:
         """Called once the data path runs (``tunproxy run`` starts its command here)."""
@@ -247,7 +257,7 @@ class Proxy:
         return self.router.outbounds[name]
 
     def _processes(self) -> Any | None:
-        if not self.config.ruleset.needs_process:
+        if not self.config.ruleset.needs_process and not self.config.log.attribution:
             return None
         from tunproxy.procinfo import ProcessResolver
 

@@ -21,6 +21,8 @@ from tunproxy.errors import ConfigError
 
 __all__ = [
     "Config",
+    "ControllerConfig",
+    "LogConfig",
     "RelayConfig",
     "TunConfig",
     "UpstreamConfig",
@@ -88,6 +90,22 @@ class RelayConfig:
 
 
 @dataclass(slots=True)
+class LogConfig:
+    flows: str | None = None  # JSON flow log path
+    attribution: bool = True  # look up every flow's process when it opens
+    history: int = 1000  # ended flows kept in the flow table
+
+
+@dataclass(slots=True)
+class ControllerConfig:
+    host: str = "127.0.0.1"
+    port: int = 9090
+    secret: str | None = None
+    ui: str | None = None  # static files served at /ui/
+    line: int = 0
+
+
+@dataclass(slots=True)
 class Config:
     path: Path
     tun: TunConfig
@@ -104,6 +122,8 @@ class Config:
     groups: dict[str, Any] = field(default_factory=dict)
     # The rule-sets: settings as loaded (tunproxy.ruleremote refreshes the http ones).
     rule_set_settings: dict[str, Any] = field(default_factory=dict)
+    log: LogConfig = field(default_factory=LogConfig)
+    controller: ControllerConfig | None = None
 
 
 # -- YAML with line numbers ---------------------------------------------------
@@ -507,8 +527,43 @@ def _parse_faults(node: _Node | None, file: str) -> dict[str, Any] | None:
     return faults
 
 
+def _parse_log(node: _Node | None, file: str) -> LogConfig:
+    s = _Section(node, file, "log", ("flows", "attribution", "history"))
+    out = LogConfig()
+    flows = s.string("flows", None)
+    if flows is not None:
+        path = Path(flows)
+        out.flows = str(path if path.is_absolute() else Path(file).parent / path)
+    out.attribution = s.boolean("attribution", out.attribution)
+    out.history = s.integer("history", out.history, 0, 1_000_000)
+    return out
+
+
+def _parse_controller(node: _Node | None, file: str) -> ControllerConfig | None:
+    if node is None:
+        return None
+    s = _Section(node, file, "controller", ("listen", "secret", "ui"))
+    out = ControllerConfig(line=s.line)
+    listen = s.string("listen", f"{out.host}:{out.port}") or ""
+    try:
+        out.host, out.port = split_host_port(listen)
+        ipaddress.ip_address(out.host)
+    except ValueError:
+        raise s.error("listen", f"{listen!r} is not an IP address and port like "
+                      "127.0.0.1:9090") from None
+    out.secret = s.string("secret", None) or None
+    if out.secret is None and not ipaddress.ip_address(out.host).is_loopback:
+        raise s.error("listen", f"{out.host} is not a loopback address: a controller that "
+                      "others can reach needs a secret")
+    ui = s.string("ui", None)
+    if ui is not None:
+        path = Path(ui)
+        out.ui = str(path if path.is_absolute() else Path(file).parent / path)
+    return out
+
+
 TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-faults", "log",
-             "sub-rules", "geodata")
+             "sub-rules", "geodata", "controller")
 
 
 def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config:
@@ -572,6 +627,8 @@ def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config
         path=path, tun=tun, upstreams=upstreams, relay=relay, dns=dns, ruleset=ruleset,
         rule_count=len(lines), fault_injection=faults, warnings=warnings, groups=mihomo.groups,
         rule_set_settings=rule_sets,
+        log=_parse_log(sections.get("log"), file),
+        controller=_parse_controller(sections.get("controller"), file),
     )
 
 

@@ -41,7 +41,7 @@ __all__ = [
     "FlowTable",
     "JsonFlowLog",
     "RuleRef",
-    "make_flow_table",
+    "configure_flow_table",
     "rule_ref",
     "source_ref",
 ]
@@ -448,15 +448,15 @@ class JsonFlowLog:
 
 
 
-def make_flow_table(config: Any, processes: Any | None) -> FlowTable:
-    """The table for a ``log:`` section (``tunproxy.config.LogConfig``): attribution on
-    when asked for and a process resolver exists, the JSON flow log when a path is set."""
-    attribute = None
+def configure_flow_table(table: FlowTable, config: Any, processes: Any | None) -> None:
+    """Set ``table`` up for a ``log:`` section (``tunproxy.config.LogConfig``): attribution
+    on when asked for and a process resolver exists, the history's length, and the JSON flow
+    log when a path is set. (The table itself may be a subclass made earlier, as
+    ``tunproxy run``'s is.)"""
     if config.attribution and processes is not None:
         from tunproxy.attribution import Attributor
 
-        attribute = Attributor(processes)
-    table = FlowTable(history=config.history, attribute=attribute)
+        table.attribute = Attributor(processes)
+    table.history = deque(table.history, maxlen=config.history)
     if config.flows is not None:
         table.add_sink(JsonFlowLog(config.flows))
-    return table

@@ -1,0 +1,212 @@
+"""The controller's JSON bodies, in the Clash/mihomo API's shapes.
+
+Pure functions from the flow table, the rules and the outbounds to dicts, so each shape is
+tested without a server. Field names and types are mihomo's (``tunnel/statistic/tracker.go``
+``TrackerInfo``, ``constant/metadata.go`` ``Metadata``, ``hub/route/*.go``); what mihomo's
+shape has no room for (state, end reason, the rule's file:line, the process's pid, unit and
+container, rates) is under each connection's ``tunproxy`` key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from tunproxy import __version__
+from tunproxy.flows import FlowRecord, FlowTable, RuleRef, source_ref
+
+__all__ = [
+    "configs",
+    "connection",
+    "proxies",
+    "rule_providers",
+    "rules_list",
+    "snapshot",
+    "version",
+]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    """This process's resident memory in bytes (mihomo's ``memory``/``inuse``)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def version() -> dict[str, Any]:
+    # "meta": dashboards made for mihomo (Clash.Meta) turn on their connection views with it.
+    return {"version": f"tunproxy {__version__}", "meta": True}
+
+
+def _rule_fields(rule: RuleRef | None) -> tuple[str, str]:
+    if rule is None:
+        return "", ""
+    return rule.clash_type, rule.payload
+
+
+def connection(r: FlowRecord, *, fake_ip: bool = False) -> dict[str, Any]:
+    """One ``TrackerInfo``: mihomo's connection object, plus ``tunproxy``."""
+    rule = r.rule
+    rule_type, payload = _rule_fields(rule)
+    return {
+        "id": str(r.id),
+        "metadata": {
+            "network": r.network,
+            "type": "Tun",
+            "sourceIP": r.src,
+            "destinationIP": "" if fake_ip and r.domain else r.dst,
+            "sourceGeoIP": None,
+            "destinationGeoIP": None,
+            "sourceIPASN": "",
+            "destinationIPASN": "",
+            "sourcePort": str(r.src_port),  # mihomo: `json:"sourcePort,string"`
+            "destinationPort": str(r.dst_port),
+            "inboundIP": "",
+            "inboundPort": "0",
+            "inboundName": "tun",
+            "inboundUser": "",
+            "host": r.domain or "",
+            "dnsMode": "fake-ip" if fake_ip else "normal",
+            "uid": r.uid if r.uid is not None else 0,
+            "process": r.who if r.attribution == "remote" else (r.process or ""),
+            "processPath": r.exe or "",
+            "specialProxy": "",
+            "specialRules": "",
+            "remoteDestination": r.dst,
+            "dscp": 0,
+            "sniffHost": "",
+        },
+        "upload": r.bytes_up,
+        "download": r.bytes_down,
+        "start": rfc3339(r.started),
+        "chains": [r.outbound] if r.outbound else [],
+        "rule": rule_type,
+        "rulePayload": payload,
+        "tunproxy": {
+            "state": r.state,
+            "attribution": r.attribution,
+            "pid": r.pid,
+            "unit": r.unit,
+            "container": r.container,
+            "rule": rule.to_json() if rule is not None else None,
+            "uploadRate": r.rate_up,
+            "downloadRate": r.rate_down,
+            "ended": rfc3339(r.ended) if r.ended is not None else None,
+            "endReason": r.end_reason,
+        },
+    }
+
+
+def snapshot(table: FlowTable, *, closed: bool = False, is_fake: Any = None) -> dict[str, Any]:
+    """``GET /connections``: mihomo's ``Snapshot`` (plus ``closed`` when asked for)."""
+    table.sample()
+    up, down = table.totals()
+
+    def conv(r: FlowRecord) -> dict[str, Any]:
+        return connection(r, fake_ip=bool(is_fake is not None and is_fake(r.dst)))
+
+    body: dict[str, Any] = {
+        "downloadTotal": down,
+        "uploadTotal": up,
+        "connections": [conv(r) for r in table.records()],
+        "memory": rss(),
+    }
+    if closed:
+        body["closed"] = [conv(r) for r in list(table.history)]
+    return body
+
+
+def rules_list(ruleset: Any) -> dict[str, Any]:
+    """``GET /rules``: ``{"rules": [{type, payload, proxy, size}]}`` (+ file, line)."""
+    out = []
+    for src in ruleset.rules:
+        ref = source_ref(src)
+        size = -1
+        if ref.type == "RULE-SET":
+            size = next((len(d) for d in ruleset.rule_sets if d.name == ref.payload), -1)
+        out.append({"type": ref.clash_type, "payload": ref.payload, "proxy": ref.target,
+                    "size": size, "file": src.file, "line": src.line})
+    return {"rules": out}
+
+
+def _proxy(name: str, kind: str, udp: bool = True) -> dict[str, Any]:
+    return {"name": name, "type": kind, "udp": udp, "uot": False, "xudp": False,
+            "tfo": False, "mptcp": False, "smux": False, "interface": "",
+            "dialer-proxy": "", "routing-mark": 0, "alive": True, "history": [],
+            "extra": {}, "id": name}
+
+
+def proxies(outbounds: Mapping[str, Any], upstreams: Mapping[str, Any]) -> dict[str, Any]:
+    """``GET /proxies``: DIRECT, REJECT and each upstream as a proxy, and mihomo's GLOBAL
+    selector listing them (dashboards look for it)."""
+    out: dict[str, Any] = {
+        "DIRECT": _proxy("DIRECT", "Direct"),
+        "REJECT": _proxy("REJECT", "Reject"),
+    }
+    for name in outbounds:
+        if name in ("DIRECT", "REJECT"):
+            continue
+        up = upstreams.get(name)
+        kind = {"socks5": "Socks5", "quic": "Masque"}.get(getattr(up, "type", ""), "Unknown")
+        out[name] = _proxy(name, kind, bool(getattr(up, "udp", True)))
+    names = list(out)
+    out["GLOBAL"] = {**_proxy("GLOBAL", "Selector"), "now": "DIRECT", "all": names,
+                     "hidden": False, "icon": "", "fixed": ""}
+    return {"proxies": out}
+
+
+def proxy_providers(outbounds: Mapping[str, Any], upstreams: Mapping[str, Any]) -> dict[str, Any]:
+    """``GET /providers/proxies``: mihomo's built-in "default" provider holding them all."""
+    items = [p for name, p in proxies(outbounds, upstreams)["proxies"].items()
+             if name != "GLOBAL"]
+    return {"providers": {"default": {
+        "name": "default", "type": "Proxy", "vehicleType": "Compatible", "proxies": items,
+        "testUrl": "", "expectedStatus": "*",
+    }}}
+
+
+def rule_providers(ruleset: Any, loaded_at: float) -> dict[str, Any]:
+    """``GET /providers/rules``: the rule sets (``rule-sets:``) the rules use."""
+    out = {}
+    for data in ruleset.rule_sets:
+        out[data.name] = {
+            "name": data.name, "type": "Rule", "vehicleType": "File",
+            "behavior": data.behavior.capitalize() if data.behavior != "ipcidr" else "IPCIDR",
+            "format": "YamlRule" if data.format == "yaml" else "TextRule",
+            "ruleCount": len(data), "updatedAt": rfc3339(loaded_at), "file": data.file,
+        }
+    return {"providers": out}
+
+
+def configs(config: Any, log_level: str) -> dict[str, Any]:
+    """``GET /configs``: what of mihomo's general config has a meaning here."""
+    tun = config.tun
+    dns = config.dns
+    dns_on = dns is not None and bool(getattr(dns, "enable", True))
+    return {
+        "port": 0, "socks-port": 0, "redir-port": 0, "tproxy-port": 0, "mixed-port": 0,
+        "allow-lan": False, "bind-address": "*", "mode": "rule", "log-level": log_level,
+        "ipv6": any(a.version == 6 for a in tun.addresses),
+        "sniffing": bool(config.relay.sniff),
+        "tun": {
+            "enable": True, "device": tun.name, "stack": "tunproxy", "mtu": tun.mtu,
+            "auto-route": tun.auto_route, "dns-hijack": ["any:53"] if dns_on else [],
+            "auto-detect-interface": False,
+        },
+        "tunproxy": {"rules-file": str(config.path), "rules": config.rule_count},
+    }
+
+
+def records_json(records: Iterable[FlowRecord]) -> list[dict[str, Any]]:
+    return [connection(r) for r in records]
