@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -308,6 +310,17 @@ def test_malformed_http_gets_400_and_the_server_goes_on(tmp_path: Path) -> None:
         assert (await get_json(session, "/version"))["meta"] is True
 
     run(tmp_path, body)
+
+
+def test_a_reachable_controller_without_secret_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "open.yaml"
+    path.write_text("controller: {listen: 0.0.0.0:9090}\nrules: [MATCH,DIRECT]\n")
+    done = subprocess.run([sys.executable, "-m", "tunproxy", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert "open.yaml:1: controller.listen: 0.0.0.0 is not a loopback address" in done.stderr
+    assert "needs a secret" in done.stderr
 
 
 @pytest.fixture(autouse=True)
