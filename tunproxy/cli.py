@@ -9,6 +9,7 @@
                                    one command, in a network namespace of its own
     tunproxy server --listen [::]:443 --cert FILE --key FILE --token SECRET
                                    a MASQUE proxy (HTTP/3 CONNECT, CONNECT-UDP)
+    tunproxy top [--config FILE]   live view of the flows, over the controller API
 
 Every error the user can cause or fix is one sentence on stderr and a
 non-zero exit; tracebacks are for our own bugs.
@@ -39,6 +40,7 @@ examples:
   tunproxy explain --rules examples/socks5.yaml tcp 93.184.216.34:443 --domain example.com
   sudo tunproxy cleanup
   sudo tunproxy run --summary --capture curl.pcapng -- curl https://example.com
+  tunproxy top --config examples/socks5.yaml
 """
 
 
@@ -100,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     from tunproxy import server as server_module
 
     server_module.add_arguments(server)
+
+    top = sub.add_parser("top", help="live view of the flows by process (controller API)")
+    from tunproxy import top as top_module
+
+    top_module.add_arguments(top)
     return parser
 
 
@@ -168,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tunproxy import server as server_module
 
             return server_module.run(args)
+        if args.command == "top":
+            from tunproxy import top as top_module
+
+            return top_module.main(args)
         if args.rules is None:
             parser.print_usage(sys.stderr)
             print("tunproxy: give a rules file with --rules FILE (or a command: check, explain, "
