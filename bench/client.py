@@ -16,6 +16,10 @@ timings exclude interpreter start-up. Modes:
            COUNT answers or MAX_SECONDS: answers per second and one sample answer (to check
            it is a fake IP).
 
+``poll``   a dashboard: GET ``/connections`` from the controller at HOST:PORT every
+           ``--interval`` seconds until stdin closes; polls, p50/p99 of a poll, bytes and
+           connections per answer.
+
 ``--socks HOST:PORT`` makes the TCP modes go through a SOCKS5 server themselves (RFC 1928
 CONNECT, no authentication): the "SOCKS5 only" control, the SOCKS5 server without tunproxy.
 On failure the object holds ``"error"`` and the exit status is 1.
@@ -291,12 +295,46 @@ def run_dns(args: argparse.Namespace) -> dict[str, Any]:
             "per_s": answered / elapsed, "sample_answer": sample}
 
 
+def run_poll(args: argparse.Namespace) -> dict[str, Any]:
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=wait_stdin, daemon=True).start()
+    url = f"http://{args.host}:{args.port}/connections"
+    samples: list[int] = []
+    sizes: list[int] = []
+    counts: list[int] = []
+    failures = 0
+    print(json.dumps({"ready": True}), flush=True)
+    while not stop.is_set():
+        began = time.perf_counter_ns()
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+                body = resp.read()
+            samples.append(time.perf_counter_ns() - began)
+            sizes.append(len(body))
+            counts.append(len(json.loads(body)["connections"]))
+        except OSError:
+            failures += 1
+        stop.wait(args.interval)
+    return {"polls": len(samples), "failures": failures,
+            "bytes_avg": sum(sizes) / max(1, len(sizes)),
+            "connections_avg": sum(counts) / max(1, len(counts)), **percentiles(samples)}
+
+
 def parse_socks(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
 
 
-MODES = {"cps": run_cps, "rr": run_rr, "hold": run_hold, "udp": run_udp, "dns": run_dns}
+MODES = {"cps": run_cps, "rr": run_rr, "hold": run_hold, "udp": run_udp, "dns": run_dns,
+         "poll": run_poll}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zone", default="bench.test", help="DNS names are q<N>.<tag>.<zone>")
     parser.add_argument("--timeout", type=float, default=5.0, help="per operation, seconds")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="udp/dns run length limit")
+    parser.add_argument("--interval", type=float, default=1.0, help="poll: seconds between GETs")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

@@ -110,6 +110,31 @@ def idle_flows(
             proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def api_poller(ns: Netns, port: int, interval: float = 1.0) -> Iterator[list[dict[str, Any]]]:
+    """A dashboard polling tunproxy's ``/connections`` every ``interval`` s in ``ns`` for the
+    body of the block; the list it yields gets the poller's summary at the end."""
+    proc = subprocess.Popen(
+        ns.cmd(sys.executable, str(CLIENT), "poll", "--host", "127.0.0.1", "--port",
+               str(port), "--interval", str(interval)),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    summary: list[dict[str, Any]] = []
+    try:
+        proc.stdout.readline()  # {"ready": true}
+        yield summary
+    finally:
+        try:
+            out, _ = proc.communicate(input=b"", timeout=30)  # stdin closes: the poller ends
+            lines = out.decode().strip().splitlines()
+            if lines:
+                summary.append(json.loads(lines[-1]))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def tun_counters(ns: Netns, device: str) -> dict[str, int] | None:
     """``device``'s byte and packet counters, or None when it does not exist.
 

@@ -50,9 +50,13 @@ METRICS: tuple[Metric, ...] = (
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
 TESTS = ("tcp", "cps", "latency", "mem", "udp", "dns")
-PATHS = ("baseline", "direct", "socks5", "hev", "redsocks", "socks5-only", "quic", "quic-h2o")
+PATHS = ("baseline", "direct", "socks5", "hev", "redsocks", "socks5-only", "quic", "quic-h2o",
+         "direct-api")
 # Peers (bench/peers.py): other proxies through the same SOCKS5 server, measured in the same run.
 PEER_LABELS = {"hev": "hev > SOCKS5", "redsocks": "redsocks > SOCKS5"}
+# Measured only when asked for (--paths): DIRECT with a dashboard polling the controller API
+# every second while 1,000 idle flows are open (issue 13's cost of the flow table and API).
+OPT_IN_PATHS = ("direct-api",)
 
 
 # -- results ------------------------------------------------------------------
@@ -97,7 +101,7 @@ class Column:
         if self.path in PEER_LABELS:
             return PEER_LABELS[self.path]
         name = {"direct": "DIRECT", "socks5": "SOCKS5", "quic": "QUIC",
-                "quic-h2o": "QUIC h2o"}[self.path]
+                "quic-h2o": "QUIC h2o", "direct-api": "DIRECT +API"}[self.path]
         return name if self.offload else f"{name} no-offload"
 
     def cell(self, key: str) -> Cell:

@@ -63,6 +63,7 @@ from bench import measure, peers, profiling  # noqa: E402
 from bench.measure import MeasureError  # noqa: E402
 from bench.report import (  # noqa: E402
     METRICS,
+    OPT_IN_PATHS,
     PATHS,
     PEER_LABELS,
     TESTS,
@@ -91,6 +92,7 @@ from tests.netns import SERVER4, Topology, Tunproxy, topology  # noqa: E402
 TUN_NAME = "tpbench0"
 # Set in the child of --commit: the snapshot's commit (the snapshot has no .git).
 SNAPSHOT_ENV = "TUNPROXY_BENCH_SNAPSHOT"
+API_PORT = 9090  # the controller, in the client namespace (DIRECT +API)
 FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18.0.0/15
 QUIC_IDLE_FLOWS = 90  # one QUIC connection carries at most 100 streams at once
 
@@ -134,7 +136,8 @@ def progress(message: str) -> None:
 
 
 def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: bool,
-                    pipeline: bool = False, quic: tuple[int, Path] | None = None) -> str:
+                    pipeline: bool = False, quic: tuple[int, Path] | None = None,
+                    controller: bool = False, attribution: bool = True) -> str:
     lines = [
         "tun:",
         f"  name: {TUN_NAME}",
@@ -159,6 +162,10 @@ def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: boo
                   f'    - "udp://{SERVER4}:{DNS_PORT}"']
     else:
         lines += ["dns:", "  enable: false"]
+    if controller:
+        lines += ["controller:", f"  listen: 127.0.0.1:{API_PORT}"]
+    if not attribution:
+        lines += ["log:", "  attribution: false"]
     return "\n".join(lines) + "\n"
 
 
@@ -172,12 +179,16 @@ class Group:
     dns: bool
     probe_tcp: bool
     quic_port: int | None = None
+    dashboard: bool = False  # a client polls the controller API while 1,000 flows are open
 
 
 def groups_for(column: Column, socks_port: int) -> list[Group]:
     def pick(*wanted: str) -> tuple[str, ...]:
         return tuple(t for t in TESTS if t in wanted and t in column.tests)
 
+    if column.path == "direct-api":
+        return [Group("main", pick("tcp", "cps", "latency", "udp"), None, False, True,
+                      dashboard=True)]
     if column.path in ("quic", "quic-h2o"):
         port = QUIC_PORT if column.path == "quic" else H2O_PORT
         groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True,
@@ -210,11 +221,12 @@ def log_reason(log: str) -> str:
 class Runner:
     def __init__(
         self, settings: Settings, workdir: Path, profile_dir: Path | None, log_level: str,
-        socks_port: int, socks_pipeline: bool = False,
+        socks_port: int, socks_pipeline: bool = False, attribution: bool = True,
     ) -> None:
         self.settings = settings
         self.socks_port = socks_port
         self.socks_pipeline = socks_pipeline
+        self.attribution = attribution
         self.workdir = workdir
         self.profile_dir = profile_dir
         self.log_level = log_level
@@ -539,7 +551,8 @@ class Runner:
                 return
             quic = (group.quic_port, self.services.masque_ca())
         config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns,
-                                 self.socks_pipeline, quic)
+                                 self.socks_pipeline, quic, controller=group.dashboard,
+                                 attribution=self.attribution)
         name = (f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
                 f"-round{self.round + 1}")
         self.step(column, f"starting tunproxy ({group.name}: {', '.join(group.tests)})")
@@ -570,9 +583,32 @@ class Runner:
                     progress(f"    {reason}")
                     self.fail_tests(column, group.tests, reason)
                     return
-            self.run_tests(column, group.tests, section.mtu)
+            if group.dashboard:
+                self.run_with_dashboard(column, group.tests, section.mtu)
+            else:
+                self.run_tests(column, group.tests, section.mtu)
         finally:
             self.stop_tunproxy(name)
+
+    def run_with_dashboard(self, column: Column, tests: tuple[str, ...], mtu: int) -> None:
+        """The tests while 1,000 idle flows are open and a dashboard polls /connections
+        every second (issue 13: the flow table and API must not slow the data path)."""
+        assert self.topo is not None
+        count = self.settings.hold_count
+        self.step(column, f"opening {count} idle flows; a client polls /connections each second")
+        try:
+            with measure.idle_flows(self.topo.client, SERVER4, ECHO_PORT, count), \
+                    measure.api_poller(self.topo.client, API_PORT) as summary:
+                self.run_tests(column, tests, mtu)
+        except MeasureError as exc:
+            self.fail_tests(column, tests, f"dashboard load: {exc}")
+            return
+        if summary:
+            p = summary[0]
+            progress(f"    dashboard: {p.get('polls', 0)} polls ({p.get('failures', 0)} failed), "
+                     f"{p.get('connections_avg', 0):.0f} connections and "
+                     f"{p.get('bytes_avg', 0) / 1024:.0f} KiB per answer, p50 "
+                     f"{p.get('p50_us', 0) / 1000:.1f} ms, p99 {p.get('p99_us', 0) / 1000:.1f} ms")
 
     def stop_tunproxy(self, name: str) -> None:
         tp, self.tp = self.tp, None
@@ -686,7 +722,8 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
     if args.time is not None:
         settings = replace(settings, iperf_seconds=args.time)
     tests = parse_list(args.only, TESTS, "test") if args.only else list(TESTS)
-    paths = parse_list(args.paths, PATHS, "path") if args.paths else list(PATHS)
+    paths = parse_list(args.paths, PATHS, "path") if args.paths else [
+        p for p in PATHS if p not in OPT_IN_PATHS]
     if args.mtu:
         mtus = [int(m) for m in args.mtu.split(",") if m.strip()]
     else:
@@ -712,11 +749,12 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
             # The baseline has no tunproxy process to weigh.
             columns.append(Column("baseline", True, tuple(t for t in tests if t != "mem")))
         for offload in offloads_at(mtu):
-            for path in ("direct", "socks5", "quic", "quic-h2o"):
-                if path not in paths:
+            for path in ("direct", "socks5", "quic", "quic-h2o", "direct-api"):
+                if path not in paths or (path == "direct-api" and not offload):
                     continue
                 # Fake-ip DNS is answered inside tunproxy whatever the outbound: once is enough.
-                wanted = [t for t in tests if not (path != "direct" and t == "dns")]
+                wanted = [t for t in tests if not (path != "direct" and t == "dns")
+                          and not (path == "direct-api" and t == "mem")]
                 if not offload and not args.full and explicit_offloads is None:
                     wanted = [t for t in wanted if t == "tcp"]
                 if wanted:
@@ -778,7 +816,8 @@ def render_header(meta: dict[str, Any], settings: Settings, sections: list[Secti
         f"MTU {mtus}; iperf3 -t {settings.iperf_seconds:g}; medians of {settings.rounds} rounds "
         f"(-P 4: {settings.p4_rounds}, RSS: {settings.mem_rounds}); {settings.cps_count} "
         f"connections per connections/s run; {settings.hold_count} idle flows for RSS; "
-        f"SOCKS5 server {meta['socks_server']}\n"
+        f"SOCKS5 server {meta['socks_server']}"
+        f"{'; attribution off' if meta.get('attribution') == 'off' else ''}\n"
         "cells: median (median ratio to the same round's baseline[, latency added in us])"
     )
 
@@ -847,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--build-peers", action="store_true",
                         help="build hev-socks5-tunnel into its cache first if it is not there "
                              "(bench/peers.py; about a minute, once)")
+    parser.add_argument("--no-attribution", action="store_true",
+                        help="tunproxy with log.attribution: false (no process lookup for "
+                             "flows the rules do not need it for): attribution's cost")
     parser.add_argument("--commit", metavar="REV",
                         help="measure the code of commit REV (git archive into a temp dir), "
                              "not the working tree, which others may be editing")
@@ -918,8 +960,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     meta["socks_server"] = args.socks_server + (" (pipelined)" if args.socks_pipeline else "")
+    if args.no_attribution:
+        meta["attribution"] = "off"
     runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level, socks_port,
-                    args.socks_pipeline)
+                    args.socks_pipeline, attribution=not args.no_attribution)
     interrupted = False
     started = time.monotonic()
     try:

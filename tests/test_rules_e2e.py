@@ -62,12 +62,15 @@ def test_bad_reload_keeps_the_old_rules(lab: Lab) -> None:
     assert tp.proc.poll() is None
 
 
-def test_process_name_rule_matches_the_app(lab: Lab) -> None:
+@pytest.mark.parametrize("attribution", ["true", "false"])
+def test_process_name_rule_matches_the_app(lab: Lab, attribution: str) -> None:
+    """With every flow attributed at open (log.attribution, the default) and without."""
     topo = lab.topo
     topo.server.spawn(sys.executable, "-m", "http.server", "--bind", SERVER4, str(HTTP_PORT),
                       cwd=str(topo.workdir))
     topo.server.wait_tcp_listening(HTTP_PORT)
-    tp = topo.start_tunproxy(config("DIRECT", extra_rules="  - PROCESS-NAME,curl,REJECT\n"))
+    tp = topo.start_tunproxy(config("DIRECT", extra_rules="  - PROCESS-NAME,curl,REJECT\n",
+                                    relay_extra=f"log:\n  attribution: {attribution}\n"))
     url = f"http://{SERVER4}:{HTTP_PORT}/"
     result = topo.client.run("curl", "-sS", "-o", "/dev/null", "--max-time", "5", url,
                              check=False)

@@ -45,6 +45,7 @@ from stack import (
 from tunproxy.config import RelayConfig
 from tunproxy.errors import OutboundError, Unreachable
 from tunproxy.flows import CLOSING, HALF_CLOSED, OPEN, FlowLog, FlowRecord
+from tunproxy.flows import OFF as ATTRIBUTION_OFF
 from tunproxy.outbounds.base import (
     DatagramReceiver,
     DatagramSession,
@@ -122,7 +123,7 @@ class Router:
         processes = self.processes
 
         def lookup() -> rules.ProcessInfo | None:
-            if record.attribution is not None or processes is None:
+            if processes is None or record.attribution not in (None, ATTRIBUTION_OFF):
                 return record.process_info  # attributed when it opened; never guessed twice
             info: rules.ProcessInfo | None = processes.lookup(
                 key.network, key.src_ip, key.src_port, key.dst_ip, key.dst_port
