@@ -328,3 +328,32 @@ def _no_leaked_handlers() -> AsyncIterator[None]:  # type: ignore[misc]
     before = list(logging.getLogger().handlers)
     yield
     assert logging.getLogger().handlers == before
+
+
+def test_the_fast_encoder_says_what_snapshot_says(tmp_path: Path) -> None:
+    """The cached encoder (what the server sends) decodes to the plain snapshot, also after
+    the fields it caches change."""
+    from tunproxy.controller.views import SnapshotEncoder, snapshot
+
+    setup = Setup(tmp_path)
+    table = setup.table
+    encoder = SnapshotEncoder()
+    records = [setup.add(i, domain=f'q"uote{i}.example.com') for i in range(5)]
+    ended = records.pop()
+    ended.bytes_down = 99
+    table.ended(ended, 'reset "by" client')
+
+    def same() -> None:
+        got = json.loads(encoder.encode(table, closed=True))
+        want = snapshot(table, closed=True)
+        got["memory"] = want["memory"] = 0
+        assert got == want
+
+    same()
+    records[0].bytes_up, records[0].state = 1234, "half-closed"
+    records[1].domain = "changed.example.org"
+    records[2].outbound, records[2].rule_note, records[2].verdict = "dns", "dns-hijack", None
+    records[3].rate_down = 1.5e6
+    same()
+    assert json.loads(encoder.encode(table))["connections"][1]["metadata"]["host"] == (
+        "changed.example.org")

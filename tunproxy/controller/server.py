@@ -108,6 +108,7 @@ class Controller:
         self._runner: web.AppRunner | None = None
         self._hub: LogHub | None = None
         self.dropped_clients = 0
+        self._encoder = views.SnapshotEncoder()
         self.app = self._make_app()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -225,7 +226,7 @@ class Controller:
 
     # -- connections --------------------------------------------------------------------------
     def _snapshot(self, closed: bool) -> str:
-        return json.dumps(views.snapshot(self.table, closed=closed, is_fake=self._is_fake))
+        return self._encoder.encode(self.table, closed=closed, is_fake=self._is_fake)
 
     async def connections(self, request: web.Request) -> web.StreamResponse:
         closed = request.query.get("closed", "") in ("1", "true")

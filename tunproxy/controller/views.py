@@ -9,6 +9,7 @@ container, rates) is under each connection's ``tunproxy`` key.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from tunproxy import __version__
 from tunproxy.flows import FlowRecord, FlowTable, RuleRef, source_ref
 
 __all__ = [
+    "SnapshotEncoder",
     "configs",
     "connection",
     "proxies",
@@ -125,6 +127,64 @@ def snapshot(table: FlowTable, *, closed: bool = False, is_fake: Any = None) -> 
     if closed:
         body["closed"] = [conv(r) for r in list(table.history)]
     return body
+
+
+class SnapshotEncoder:
+    """``GET /connections`` as JSON text, fast enough to poll with thousands of flows open.
+
+    A connection's fields are mostly fixed once it is routed; only its counters, rates and
+    state move. So each record's fixed part is encoded once (and again only when one of
+    the fields it holds changes: domain, process, rule, outbound) and each snapshot formats
+    just the moving numbers around it: for 1,000 flows this takes a few milliseconds of the
+    event loop where ``json.dumps(snapshot(...))`` took tens. The text decodes to exactly
+    ``snapshot(...)`` (tests/test_controller.py checks it)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[tuple[Any, ...], str, str]] = {}
+
+    def encode(self, table: FlowTable, *, closed: bool = False, is_fake: Any = None) -> str:
+        table.sample()
+        up, down = table.totals()
+        cache = self._cache
+        fresh: dict[int, tuple[tuple[Any, ...], str, str]] = {}
+        parts = []
+        for r in table.records():
+            parts.append(self._one(r, cache, fresh, is_fake))
+        self._cache = fresh
+        text = (f'{{"downloadTotal":{down},"uploadTotal":{up},"connections":['
+                f'{",".join(parts)}],"memory":{rss()}')
+        if closed:
+            old: dict[int, tuple[tuple[Any, ...], str, str]] = {}
+            ended = [self._one(r, {}, old, is_fake) for r in list(table.history)]
+            text += f',"closed":[{",".join(ended)}]'
+        return text + "}"
+
+    @staticmethod
+    def _one(
+        r: FlowRecord, cache: dict[int, tuple[tuple[Any, ...], str, str]],
+        fresh: dict[int, tuple[tuple[Any, ...], str, str]], is_fake: Any,
+    ) -> str:
+        fake = bool(is_fake is not None and is_fake(r.dst))
+        key = (r.domain, r.process, r.attribution, r.verdict, r.rule_note, r.outbound, fake)
+        hit = cache.get(r.id)
+        if hit is None or hit[0] != key:
+            full = connection(r, fake_ip=fake)
+            extra = full.pop("tunproxy")
+            for moving in ("upload", "download"):
+                full.pop(moving)
+            for moving in ("state", "uploadRate", "downloadRate", "ended", "endReason"):
+                extra.pop(moving)
+            head = json.dumps({"id": full.pop("id"), "metadata": full.pop("metadata")},
+                              separators=(",", ":"))[:-1]
+            rest = json.dumps(full, separators=(",", ":"))[1:-1]
+            fixed = json.dumps(extra, separators=(",", ":"))[1:-1]
+            hit = (key, f"{head},{rest}", fixed)
+        fresh[r.id] = hit
+        ended = "null" if r.ended is None else f'"{rfc3339(r.ended)}"'
+        reason = "null" if r.end_reason is None else json.dumps(r.end_reason)
+        return (f'{hit[1]},"upload":{r.bytes_up},"download":{r.bytes_down},"tunproxy":{{'
+                f'{hit[2]},"state":"{r.state}","uploadRate":{r.rate_up!r},'
+                f'"downloadRate":{r.rate_down!r},"ended":{ended},"endReason":{reason}}}}}')
 
 
 def rules_list(ruleset: Any) -> dict[str, Any]:
