@@ -6,8 +6,11 @@ adds when a flow opens, measured on real loopback sockets of this process.
 
 Prints the median and p99, in microseconds, of: the sock_diag lookup alone
 (``ProcessResolver.socket_of``), the whole process lookup (``lookup``: sock_diag, the
-inode's owner, comm/exe reads, validation), and the whole attribution (``Attributor``: the
-lookup plus the cgroup read), and of a failed one (no such socket; a remote source).
+inode's owner, the exe link, validation), and the whole attribution (``Attributor``: the
+lookup plus the cgroup read), of a failed one (no such socket; a remote source), and of the
+common case in a proxy: a socket just made by another process that keeps connecting
+(``new_socket``: the inode is not in the resolver's map yet, so that process's fds are
+read again; its fd numbers are reused, as Linux hands out the lowest free one).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -76,6 +80,28 @@ def main() -> int:
         far = FlowRecord(id=3, network="tcp", src="192.0.2.1", src_port=1, dst="127.0.0.1",
                          dst_port=1)
         timed(remote, attributor, far)
+    # Another process connects anew each time, keeping its last 20 connections open.
+    child = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import socket, sys\nkeep = []\nfor _ in sys.stdin:\n"
+            f"    c = socket.create_connection(('127.0.0.1', {port}))\n"
+            "    keep.append(c)\n    print(c.getsockname()[1], flush=True)\n"
+            "    if len(keep) > 20:\n        keep.pop(0).close()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    fresh: list[float] = []
+    for i in range(min(args.count, 1000)):
+        child.stdin.write("\n")
+        child.stdin.flush()
+        sport = int(child.stdout.readline())
+        server, _ = listener.accept()
+        record = FlowRecord(id=i, network="tcp", src="127.0.0.1", src_port=sport,
+                            dst="127.0.0.1", dst_port=port)
+        timed(fresh, attributor, record)
+        assert record.attribution == "process", record.attribution
+        server.close()
+    child.stdin.close()
+    child.wait()
     print(json.dumps({
         "count": args.count,
         "sock_diag": summary(diag),
@@ -83,6 +109,7 @@ def main() -> int:
         "attribution": summary(whole),
         "failed_no_socket": summary(failed),
         "remote_source": summary(remote),
+        "new_socket": summary(fresh),
         "resolver_stats": resolver.stats,
     }, indent=2))
     for c, s in pairs:

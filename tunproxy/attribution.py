@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import socket
 
-from tunproxy.flows import ATTRIBUTED, REMOTE, FlowRecord
+from tunproxy.flows import REMOTE, FlowRecord
 from tunproxy.procinfo import ProcessResolver
 
 __all__ = ["Attributor", "parse_cgroup"]
@@ -77,6 +77,11 @@ class Attributor:
         self._local: dict[str, bool] = {}
 
     def __call__(self, record: FlowRecord) -> None:
+        if not self.is_local(record.src):
+            # A routed host's flow (a VM, the LAN): no local socket to look for. Asked first,
+            # as the answer is cached: such flows cost a dict lookup, not two sock_diag calls.
+            record.attribution = REMOTE
+            return
         info = self.resolver.lookup(record.network, record.src, record.src_port, record.dst,
                                     record.dst_port)
         if info is not None:
@@ -88,11 +93,7 @@ class Attributor:
             except OSError:
                 pass  # exited since: the process is known, its cgroup not
             return
-        if not self.is_local(record.src):
-            record.attribution = REMOTE
-        else:
-            record.attribution = f"failed: {self.resolver.last_failure or 'unknown'}"
-        assert record.attribution != ATTRIBUTED
+        record.attribution = f"failed: {self.resolver.last_failure or 'unknown'}"
 
     def is_local(self, address: str) -> bool:
         """Is ``address`` one of this host's (this namespace's) own? Binding to it tells

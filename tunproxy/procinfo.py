@@ -279,17 +279,19 @@ class ProcessResolver:
         pid, fd = owner
         base = f"{self._proc}/{pid}"
         try:
-            with open(f"{base}/comm", encoding="utf-8", errors="replace") as f:
-                comm = f.read().rstrip("\n")
-        except OSError:
-            self.last_failure = "gone"
-            return None
-        try:
             path = os.readlink(f"{base}/exe")
         except OSError:
             path = ""  # a kernel thread, or another user's process without privileges
         if path.endswith(" (deleted)"):
             path = path[: -len(" (deleted)")]
+        comm = ""
+        if not path:  # the name comes from the path; comm only when there is none (~8 us)
+            try:
+                with open(f"{base}/comm", encoding="utf-8", errors="replace") as f:
+                    comm = f.read().rstrip("\n")
+            except OSError:
+                self.last_failure = "gone"
+                return None
         # Validate last: if the pid still holds the socket now, name and path were read from
         # the process that owns it (a pid is not reused while its fds are open).
         if not self._holds(pid, fd, inode):
