@@ -294,7 +294,8 @@ def test_fake_ip_flow_reaches_socks5_by_name(lab: DnsLab) -> None:
     for family in ("-4", "-6"):
         assert lab.curl(family, f"http://web.name.test:{WEB_PORT}/") == lab.page, family
     for src in (r"172\.19\.0\.1", r"fdfe:[0-9a-f:]+"):  # the TUN's own addresses, v4 and v6
-        tp.wait_for_log(rf"open #\d+ tcp {src}:\d+ -> web\.name\.test:{WEB_PORT} via socks")
+        tp.wait_for_log(
+            rf"open #\d+ tcp (?:\S+\(\d+\) )?{src}:\d+ -> web\.name\.test:{WEB_PORT} via socks")
     assert re.search(
         rf"tcp/connect .* -> .* {re.escape(SERVER4)}\.{WEB_PORT}\b", lab.dante_log.read_text()
     ), lab.dante_log.read_text()

@@ -153,8 +153,13 @@ def test_the_rule_is_kept_structured() -> None:
     assert r.to_json()["rule"] == {"type": "DOMAIN-SUFFIX", "payload": "example.com",
                                    "target": "proxy", "file": "rules.yaml", "line": 10,
                                    "entry": None}
-    hijack = record(2, rule_note="dns-hijack", outbound="dns")
+    hijack = record(2, rule_note="dns.hijack", outbound="dns")
     assert hijack.rule is not None and hijack.rule.type == "DNS-HIJACK"
+    # Log lines say the rule as they always did.
+    assert hijack.rule_text == "dns.hijack"
+    assert r.rule_text == "proxy by rules.yaml:10: DOMAIN-SUFFIX,example.com,proxy"
+    assert record(3, verdict=_ruleset("DOMAIN,x.org,proxy").match(meta)).rule_text == (
+        "default (no MATCH rule)")
 
 
 def test_json_flow_log_one_line_per_flow_and_reopen(tmp_path: Path) -> None:

@@ -143,3 +143,39 @@ def test_new_socket_of_a_recent_owner_needs_no_full_scan(resolver: ProcessResolv
                 _expect_self(info)
             # Found among the fds of the pid that owned the last socket, not by a /proc walk.
             assert resolver.stats["scans"] == scans
+
+
+def test_a_program_started_just_after_a_full_scan_is_found() -> None:
+    """curl after curl: the second program's socket is found among the processes started
+    since the last scan, although the full scan's rate limit says not yet."""
+    import subprocess
+    import sys
+
+    now = [100.0]
+    r = ProcessResolver(clock=lambda: now[0])
+    code = ("import socket, sys\n"
+            "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+            "print(c.getsockname()[1], flush=True)\nsys.stdin.read()\n")
+    try:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            for round_ in range(2):
+                child = subprocess.Popen([sys.executable, "-c", code, str(port)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)
+                try:
+                    assert child.stdout is not None
+                    sport = int(child.stdout.readline())
+                    server, _ = listener.accept()
+                    info = r.lookup("tcp", "127.0.0.1", sport, "127.0.0.1", port)
+                    server.close()
+                    assert info is not None and info.pid == child.pid, (round_, r.stats)
+                finally:
+                    child.kill()
+                    child.wait()
+                now[0] += 0.001  # far less than the full scan's rate limit allows
+            assert r.stats["scans"] <= 1
+    finally:
+        r.close()

@@ -166,7 +166,7 @@ class FlowRecord:
     unit: str | None = None  # systemd unit (nginx.service, session-2.scope)
     container: str | None = None  # docker:0123456789ab, podman:..., lxc:name
     verdict: Verdict | None = None
-    rule_note: str | None = None  # a decision that is no rule line: dns-hijack, unknown-fake-ip
+    rule_note: str | None = None  # a decision that is no rule line: dns.hijack, unknown-fake-ip
     outbound: str | None = None
     state: str = CONNECTING
     bytes_up: int = 0  # from the local application towards the destination
@@ -182,8 +182,17 @@ class FlowRecord:
         if self.verdict is not None:
             return rule_ref(self.verdict)
         if self.rule_note is not None:
-            return RuleRef(self.rule_note.upper(), "", self.outbound or "")
+            return RuleRef(self.rule_note.upper().replace(".", "-"), "", self.outbound or "")
         return None
+
+    @property
+    def rule_text(self) -> str | None:
+        """The rule for a log line, as the log has always said it."""
+        if self.verdict is not None:
+            if self.verdict.rule is None:
+                return "default (no MATCH rule)"
+            return self.verdict.explain()
+        return self.rule_note
 
     @property
     def process_info(self) -> ProcessInfo | None:
@@ -289,7 +298,8 @@ class FlowTable:
     def opened(self, record: FlowRecord) -> None:
         """The flow is routed (its verdict and outbound are set)."""
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("open %s via %s (%s)", record.describe(), record.outbound, record.rule)
+            log.debug("open %s via %s (%s)", record.describe(), record.outbound,
+                      record.rule_text)
 
     def ended(self, record: FlowRecord, reason: str) -> None:
         if record.ended is not None:

@@ -12,6 +12,7 @@ namespace: its local end is the flow's source, its remote end the flow's destina
    finds unconnected sockets bound to the port.
 2. The inode is mapped to a pid through ``/proc/PID/fd`` links (``socket:[INODE]``). The
    map is cached; on a miss, the pids that recently owned sockets are scanned first, then
+   the processes started since the last scan (a new program's first connection), then
    every process of the socket's uid. Full scans are rate-limited by their own cost, so a
    burst of short-lived processes cannot make lookups eat the event loop.
 3. The answer is validated after reading the process's name and path: the pid's fd must
@@ -94,6 +95,7 @@ class ProcessResolver:
         self._hot: OrderedDict[int, None] = OrderedDict()  # recently matched pids
         self._fds: dict[int, set[str]] = {}  # pid -> fd names at its last scan
         self._next_scan: dict[int, float] = {}  # uid -> earliest time of the next full scan
+        self._next_new_scan = float("-inf")  # earliest time of the next scan for new pids
         self.stats = {"lookups": 0, "found": 0, "no-socket": 0, "no-owner": 0, "scans": 0}
         #: Why the last ``lookup`` answered None: "no-socket", "no-owner" or "gone".
         self.last_failure: str | None = None
@@ -240,12 +242,38 @@ class ProcessResolver:
         self._next_scan[uid] = now + took / self._scan_budget
         return True
 
+    def _scan_new(self, uid: int) -> bool:
+        """Scan the processes of ``uid`` not seen at any scan yet: a program started since
+        (curl after curl) whose first socket this is. Listing /proc costs milliseconds on a
+        busy host, so this is rate-limited by its own cost like the full scan."""
+        now = self._clock()
+        if now < self._next_new_scan:
+            return False
+        start = time.monotonic()
+        try:
+            entries = list(os.scandir(self._proc))
+        except OSError:
+            return False
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) in self._fds:
+                continue
+            try:
+                if entry.stat().st_uid != uid:
+                    continue
+            except OSError:
+                continue
+            self._remember(int(entry.name))
+        self._next_new_scan = now + (time.monotonic() - start) / self._scan_budget
+        return True
+
     def _owner(self, inode: int, uid: int) -> tuple[int, int] | None:
         hit = self._inodes.get(inode)
         if hit is not None and self._holds(hit[0], hit[1], inode):
             return hit
         self._inodes.pop(inode, None)
         hit = self._scan_hot(inode)
+        if hit is None and self._scan_new(uid):
+            hit = self._inodes.get(inode)
         if hit is None and self._scan_uid(uid):
             hit = self._inodes.get(inode)
         return hit

@@ -532,7 +532,7 @@ class Relay:
         dns = self.dns
         if dns is not None and dns.hijacks(record.dst, key.dst_port, key.network):
             record.outbound = "dns"
-            record.rule_note = "dns-hijack"
+            record.rule_note = "dns.hijack"
             record.state = OPEN
             if key.protocol == TCP:
                 self.flows[flow_id] = DnsTcpFlow(self, flow_id, record)
