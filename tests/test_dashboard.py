@@ -105,29 +105,45 @@ def test_zashboard_shows_curl_live_and_closes_it(lab: Lab, tmp_path: Path) -> No
                                   "config/connection-table-columns", json.dumps(COLUMNS))
             driver.get(f"{base}#/connections")
 
-            def curl_row() -> Any:
+            # The table is re-rendered at every push: an element found may be gone (stale)
+            # by the time it is read, so each read looks the row up afresh.
+            def curl_row_text() -> str | None:
                 try:
                     rows = driver.find_elements(
                         By.XPATH, "//tbody/tr[td[normalize-space()='curl']]")
+                    text = rows[0].text if rows else ""
                 except WebDriverException:
                     return None
-                return rows[0] if rows and f":{HTTP_PORT}" in rows[0].text else None
+                return text if f":{HTTP_PORT}" in text else None
 
-            row = wait_until(curl_row, "curl's connection in the dashboard's table")
-            text = row.text
+            def click_close() -> bool:
+                try:
+                    driver.find_element(
+                        By.XPATH, "//tbody/tr[td[normalize-space()='curl']]/td[1]//button"
+                    ).click()
+                    return True
+                except WebDriverException:
+                    return False
+
+            text = wait_until(curl_row_text, "curl's connection in the dashboard's table")
             assert "DstPort" in text and str(HTTP_PORT) in text and "DIRECT" in text, text
             # Live: the downloaded amount in the row moves.
-            first = text
-            wait_until(lambda: (r := curl_row()) is not None and r.text != first,
+            wait_until(lambda: (t := curl_row_text()) is not None and t != text,
                        "the row to update")
             target = os.environ.get("TUNPROXY_DASHBOARD_SCREENSHOT")
             shot = Path(target) if target else tmp_path / "dashboard.png"
             assert driver.save_screenshot(str(shot))
             assert shot.stat().st_size > 10_000
             # Close it from the dashboard: the row's close button.
-            row = curl_row()
-            row.find_element(By.XPATH, "./td[1]//button").click()
-            wait_until(lambda: curl_row() is None, "the row to go")
+            wait_until(click_close, "a click on the row's close button")
+            def curl_row_gone() -> bool:
+                try:
+                    return not driver.find_elements(
+                        By.XPATH, "//tbody/tr[td[normalize-space()='curl']]")
+                except WebDriverException:
+                    return False
+
+            wait_until(curl_row_gone, "the row to go")
     finally:
         with client.entered():
             driver.quit()
