@@ -203,12 +203,14 @@ class ProcessResolver:
         self._fds[pid] = fds
 
     def _scan_hot(self, inode: int) -> tuple[int, int] | None:
-        """Look for ``inode`` among the fds of the recent owners: first the fds they did
-        not have at their last scan, then (a closed fd's number is reused by the next
-        socket) all of them."""
+        """Look for ``inode`` among the fds of the recent owners, most recent first: for
+        each, first the fds it did not have at its last scan, then (a closed fd's number
+        is reused by the next socket) all of them. One owner at a time: a process holding
+        a thousand sockets that was the owner before last is not listed at all while the
+        last owner keeps connecting (it cost ~1.7 ms per connection)."""
         recent = list(self._hot)[-_HOT_SCAN:]
-        for only_new in (True, False):
-            for pid in reversed(recent):
+        for pid in reversed(recent):
+            for only_new in (True, False):
                 self._remember(pid, only_new=only_new)
                 hit = self._inodes.get(inode)
                 if hit is not None:
