@@ -154,11 +154,11 @@ def test_the_rule_is_kept_structured() -> None:
                                    "target": "proxy", "file": "rules.yaml", "line": 10,
                                    "entry": None}
     hijack = record(2, rule_note="dns.hijack", outbound="dns")
-    assert hijack.rule is not None and hijack.rule.type == "DNS-HIJACK"
+    assert hijack.rule_ref is not None and hijack.rule_ref.type == "DNS-HIJACK"
     # Log lines say the rule as they always did.
-    assert hijack.rule_text == "dns.hijack"
-    assert r.rule_text == "proxy by rules.yaml:10: DOMAIN-SUFFIX,example.com,proxy"
-    assert record(3, verdict=_ruleset("DOMAIN,x.org,proxy").match(meta)).rule_text == (
+    assert hijack.rule == "dns.hijack"
+    assert r.rule == "proxy by rules.yaml:10: DOMAIN-SUFFIX,example.com,proxy"
+    assert record(3, verdict=_ruleset("DOMAIN,x.org,proxy").match(meta)).rule == (
         "default (no MATCH rule)")
 
 

@@ -77,11 +77,6 @@ class Attributor:
         self._local: dict[str, bool] = {}
 
     def __call__(self, record: FlowRecord) -> None:
-        if not self.is_local(record.src):
-            # A routed host's flow (a VM, the LAN): no local socket to look for. Asked first,
-            # as the answer is cached: such flows cost a dict lookup, not two sock_diag calls.
-            record.attribution = REMOTE
-            return
         info = self.resolver.lookup(record.network, record.src, record.src_port, record.dst,
                                     record.dst_port)
         if info is not None:
@@ -93,7 +88,13 @@ class Attributor:
             except OSError:
                 pass  # exited since: the process is known, its cgroup not
             return
-        record.attribution = f"failed: {self.resolver.last_failure or 'unknown'}"
+        # Only now ask whether the source is ours: the resolver's sock_diag socket may live
+        # in another namespace than this process (tunproxy run), where this check would
+        # wrongly call every flow remote before looking.
+        if not self.is_local(record.src):
+            record.attribution = REMOTE  # a routed host's flow (a VM, the LAN)
+        else:
+            record.attribution = f"failed: {self.resolver.last_failure or 'unknown'}"
 
     def is_local(self, address: str) -> bool:
         """Is ``address`` one of this host's (this namespace's) own? Binding to it tells

@@ -178,7 +178,8 @@ class FlowRecord:
     _sample: tuple[float, int, int] | None = None  # (time, bytes_up, bytes_down)
 
     @property
-    def rule(self) -> RuleRef | None:
+    def rule_ref(self) -> RuleRef | None:
+        """The rule that decided, structured (type, payload, target, file, line)."""
         if self.verdict is not None:
             return rule_ref(self.verdict)
         if self.rule_note is not None:
@@ -186,8 +187,9 @@ class FlowRecord:
         return None
 
     @property
-    def rule_text(self) -> str | None:
-        """The rule for a log line, as the log has always said it."""
+    def rule(self) -> str | None:
+        """The rule as one line of text, as logs and ``tunproxy run`` have always said it
+        (``rule_ref`` is the structured form)."""
         if self.verdict is not None:
             if self.verdict.rule is None:
                 return "default (no MATCH rule)"
@@ -223,7 +225,7 @@ class FlowRecord:
 
     def to_json(self) -> dict[str, Any]:
         """The flow log's line (README, "Flow log"): one flat object, stable keys."""
-        rule = self.rule
+        rule = self.rule_ref
         return {
             "id": self.id, "network": self.network, "src": self.src, "src_port": self.src_port,
             "dst": self.dst, "dst_port": self.dst_port, "domain": self.domain,
@@ -298,8 +300,7 @@ class FlowTable:
     def opened(self, record: FlowRecord) -> None:
         """The flow is routed (its verdict and outbound are set)."""
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("open %s via %s (%s)", record.describe(), record.outbound,
-                      record.rule_text)
+            log.debug("open %s via %s (%s)", record.describe(), record.outbound, record.rule)
 
     def ended(self, record: FlowRecord, reason: str) -> None:
         if record.ended is not None:
@@ -334,20 +335,20 @@ class FlowTable:
                 return old
         return None
 
-    def records(self, *, ended: bool = False) -> Iterator[FlowRecord]:
+    def iter_records(self, *, ended: bool = False) -> Iterator[FlowRecord]:
         """Live records (then, with ``ended``, the history, newest last)."""
         yield from list(self.live.values())
         if ended:
             yield from list(self.history)
 
     def by_process(self, name: str, *, ended: bool = False) -> list[FlowRecord]:
-        return [r for r in self.records(ended=ended) if r.process == name]
+        return [r for r in self.iter_records(ended=ended) if r.process == name]
 
     def by_domain(self, domain: str, *, ended: bool = False) -> list[FlowRecord]:
         """Flows to ``domain`` or to a subdomain of it."""
         domain = domain.lower().rstrip(".")
         suffix = "." + domain
-        return [r for r in self.records(ended=ended)
+        return [r for r in self.iter_records(ended=ended)
                 if r.domain is not None and (r.domain == domain or r.domain.endswith(suffix))]
 
     def totals(self) -> tuple[int, int]:

@@ -59,7 +59,7 @@ def _rule_fields(rule: RuleRef | None) -> tuple[str, str]:
 
 def connection(r: FlowRecord, *, fake_ip: bool = False) -> dict[str, Any]:
     """One ``TrackerInfo``: mihomo's connection object, plus ``tunproxy``."""
-    rule = r.rule
+    rule = r.rule_ref
     rule_type, payload = _rule_fields(rule)
     return {
         "id": str(r.id),
@@ -121,7 +121,7 @@ def snapshot(table: FlowTable, *, closed: bool = False, is_fake: Any = None) -> 
     body: dict[str, Any] = {
         "downloadTotal": down,
         "uploadTotal": up,
-        "connections": [conv(r) for r in table.records()],
+        "connections": [conv(r) for r in table.iter_records()],
         "memory": rss(),
     }
     if closed:
@@ -148,7 +148,7 @@ class SnapshotEncoder:
         cache = self._cache
         fresh: dict[int, tuple[tuple[Any, ...], str, str]] = {}
         parts = []
-        for r in table.records():
+        for r in table.iter_records():
             parts.append(self._one(r, cache, fresh, is_fake))
         self._cache = fresh
         text = (f'{{"downloadTotal":{down},"uploadTotal":{up},"connections":['
