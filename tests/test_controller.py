@@ -73,7 +73,7 @@ class Setup:
                        pid=1234, uid=1000, exe="/usr/bin/curl", unit="session-2.scope")
         self.table.track(r)
         r.attribution = "process"
-        r.verdict = self.config.ruleset.match(meta)
+        r.set_verdict(self.config.ruleset.match(meta))
         r.outbound = r.verdict.target
         return r
 
@@ -352,7 +352,7 @@ def test_the_fast_encoder_says_what_snapshot_says(tmp_path: Path) -> None:
     same()
     records[0].bytes_up, records[0].state = 1234, "half-closed"
     records[1].domain = "changed.example.org"
-    records[2].outbound, records[2].rule_note, records[2].verdict = "dns", "dns.hijack", None
+    records[2].outbound, records[2].rule, records[2].verdict = "dns", "dns.hijack", None
     records[3].rate_down = 1.5e6
     same()
     assert json.loads(encoder.encode(table))["connections"][1]["metadata"]["host"] == (

@@ -149,17 +149,19 @@ def test_the_rule_is_kept_structured() -> None:
     assert (match.type, match.clash_type, match.payload, match.line) == ("MATCH", "Match", "", 12)
     default = rule_ref(_ruleset("DOMAIN,x.org,proxy").match(meta))
     assert (default.type, default.target, default.file) == ("DEFAULT", "DIRECT", None)
-    r = record(1, verdict=rs.match(meta), outbound="proxy")
+    r = record(1, outbound="proxy")
+    r.set_verdict(rs.match(meta))
     assert r.to_json()["rule"] == {"type": "DOMAIN-SUFFIX", "payload": "example.com",
                                    "target": "proxy", "file": "rules.yaml", "line": 10,
                                    "entry": None}
-    hijack = record(2, rule_note="dns.hijack", outbound="dns")
+    hijack = record(2, rule="dns.hijack", outbound="dns")
     assert hijack.rule_ref is not None and hijack.rule_ref.type == "DNS-HIJACK"
     # Log lines say the rule as they always did.
     assert hijack.rule == "dns.hijack"
     assert r.rule == "proxy by rules.yaml:10: DOMAIN-SUFFIX,example.com,proxy"
-    assert record(3, verdict=_ruleset("DOMAIN,x.org,proxy").match(meta)).rule == (
-        "default (no MATCH rule)")
+    default_flow = record(3)
+    default_flow.set_verdict(_ruleset("DOMAIN,x.org,proxy").match(meta))
+    assert default_flow.rule == "default (no MATCH rule)"
 
 
 def test_json_flow_log_one_line_per_flow_and_reopen(tmp_path: Path) -> None:

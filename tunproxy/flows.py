@@ -44,6 +44,7 @@ __all__ = [
     "configure_flow_table",
     "rule_ref",
     "source_ref",
+    "verdict_text",
 ]
 
 log = logging.getLogger("tunproxy.flow")
@@ -133,6 +134,19 @@ def source_ref(src: RuleSource, target: str | None = None, entry: str | None = N
                    src.line, entry)
 
 
+_verdict_texts: dict[Verdict, str] = {}
+
+
+def verdict_text(verdict: Verdict) -> str:
+    """The one-line form of a verdict the log has always printed (cached per rule)."""
+    text = _verdict_texts.get(verdict)
+    if text is None:
+        text = "default (no MATCH rule)" if verdict.rule is None else verdict.explain()
+        if len(_verdict_texts) < 65536:
+            _verdict_texts[verdict] = text
+    return text
+
+
 def rule_ref(verdict: Verdict) -> RuleRef:
     """The structured form of a verdict (cached: the engine hands out one Verdict per rule)."""
     ref = _rule_refs.get(verdict)
@@ -166,7 +180,10 @@ class FlowRecord:
     unit: str | None = None  # systemd unit (nginx.service, session-2.scope)
     container: str | None = None  # docker:0123456789ab, podman:..., lxc:name
     verdict: Verdict | None = None
-    rule_note: str | None = None  # a decision that is no rule line: dns.hijack, unknown-fake-ip
+    # The rule as one line, as logs and ``tunproxy run`` read it ("proxy by file:line: RULE"),
+    # or what decided when no rule did (dns.hijack, unknown-fake-ip); ``rule_ref`` is the
+    # structured form.
+    rule: str | None = None
     outbound: str | None = None
     state: str = CONNECTING
     bytes_up: int = 0  # from the local application towards the destination
@@ -182,19 +199,13 @@ class FlowRecord:
         """The rule that decided, structured (type, payload, target, file, line)."""
         if self.verdict is not None:
             return rule_ref(self.verdict)
-        if self.rule_note is not None:
-            return RuleRef(self.rule_note.upper().replace(".", "-"), "", self.outbound or "")
+        if self.rule is not None:
+            return RuleRef(self.rule.upper().replace(".", "-"), "", self.outbound or "")
         return None
 
-    @property
-    def rule(self) -> str | None:
-        """The rule as one line of text, as logs and ``tunproxy run`` have always said it
-        (``rule_ref`` is the structured form)."""
-        if self.verdict is not None:
-            if self.verdict.rule is None:
-                return "default (no MATCH rule)"
-            return self.verdict.explain()
-        return self.rule_note
+    def set_verdict(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+        self.rule = verdict_text(verdict)
 
     @property
     def process_info(self) -> ProcessInfo | None:

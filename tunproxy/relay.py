@@ -532,7 +532,7 @@ class Relay:
         dns = self.dns
         if dns is not None and dns.hijacks(record.dst, key.dst_port, key.network):
             record.outbound = "dns"
-            record.rule_note = "dns.hijack"
+            record.rule = "dns.hijack"
             record.state = OPEN
             if key.protocol == TCP:
                 self.flows[flow_id] = DnsTcpFlow(self, flow_id, record)
@@ -609,9 +609,10 @@ class Relay:
         except Exception:
             log.exception("bug: deciding %s failed", record.describe())
             decision = Decision("REJECT", None, refusal=Refusal.RESET, reason="internal-error")
-        record.verdict = decision.rule
-        if decision.rule is None:
-            record.rule_note = decision.reason
+        if decision.rule is not None:
+            record.set_verdict(decision.rule)
+        else:
+            record.rule = decision.reason
         record.outbound = decision.target_name
         self.flow_log.opened(record)
         if flow.closed:

@@ -165,7 +165,7 @@ class SnapshotEncoder:
         fresh: dict[int, tuple[tuple[Any, ...], str, str]], is_fake: Any,
     ) -> str:
         fake = bool(is_fake is not None and is_fake(r.dst))
-        key = (r.domain, r.process, r.attribution, r.verdict, r.rule_note, r.outbound, fake)
+        key = (r.domain, r.process, r.attribution, r.verdict, r.rule, r.outbound, fake)
         hit = cache.get(r.id)
         if hit is None or hit[0] != key:
             full = connection(r, fake_ip=fake)
