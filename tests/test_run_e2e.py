@@ -479,9 +479,11 @@ def test_run_beside_a_system_wide_instance(lab: Lab) -> None:
     assert set(rows) == {(SERVER4, f"tcp/{HTTP_PORT}")}
     # The system-wide instance carried the curl outside the run, and the run's upstream
     # connection (an ordinary socket of the run's tunproxy), every byte of it.
-    system.wait_for_log(rf"end #\d+ tcp [\d.:]+ -> {SERVER4}:{HTTP_PORT_B} via DIRECT")
+    # (The system-wide instance names each flow's process when it knows it.)
+    who = r"(?:\S+\(\d+\) )?"
+    system.wait_for_log(rf"end #\d+ tcp {who}[\d.:]+ -> {SERVER4}:{HTTP_PORT_B} via DIRECT")
     received = rows[(SERVER4, f"tcp/{HTTP_PORT}")][4]
-    system.wait_for_log(rf"end #\d+ tcp [\d.:]+ -> {SERVER4}:{HTTP_PORT} via DIRECT: "
+    system.wait_for_log(rf"end #\d+ tcp {who}[\d.:]+ -> {SERVER4}:{HTTP_PORT} via DIRECT: "
                         rf"closed-by-\w+, up \d+ B, down {received} B")
     assert system.stop() == 0
 

@@ -136,7 +136,7 @@ def test_top_in_tmux_shows_curl_and_k_closes_it(tmp_path: Path, tmux: Tmux) -> N
     with topology(tmp_path) as topo:
         lab = Lab(topo, tmp_path)
         lab.start()
-        curl = lab.curl("big.bin", "--limit-rate", "500K")
+        curl = lab.curl("big.bin", "--limit-rate", "1M")
         command = " ".join([
             "ip", "netns", "exec", topo.client.name, sys.executable, "-m", "tunproxy", "top",
             "--controller", f"127.0.0.1:{API_PORT}", "--secret", SECRET, "--interval", "0.5",
@@ -152,7 +152,7 @@ def test_top_in_tmux_shows_curl_and_k_closes_it(tmp_path: Path, tmux: Tmux) -> N
         assert "open" in screen and "-> DIRECT" in screen
         tmux("send-keys", "-t", "top", "Down", "k")
         tmux.wait_for(lambda s: "closed 1 flow" in s, "the close confirmation")
-        _out, err = curl.communicate(timeout=30)
+        _out, err = curl.communicate(timeout=60)
         assert curl.returncode == 56, err  # reset by the close
         tmux.wait_for(lambda s: group not in s, "curl's line gone")
         tmux("send-keys", "-t", "top", "q")
