@@ -84,7 +84,7 @@ def test_zashboard_shows_curl_live_and_closes_it(lab: Lab, tmp_path: Path) -> No
     ui = tmp_path / "zashboard" / "dist"
     assert (ui / "index.html").is_file()
     tp = lab.start(ui=ui)
-    curl = lab.curl("big.bin", "--limit-rate", "1M")
+    curl = lab.curl("slow")
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

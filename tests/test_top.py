@@ -136,7 +136,7 @@ def test_top_in_tmux_shows_curl_and_k_closes_it(tmp_path: Path, tmux: Tmux) -> N
     with topology(tmp_path) as topo:
         lab = Lab(topo, tmp_path)
         lab.start()
-        curl = lab.curl("big.bin", "--limit-rate", "1M")
+        curl = lab.curl("slow")
         command = " ".join([
             "ip", "netns", "exec", topo.client.name, sys.executable, "-m", "tunproxy", "top",
             "--controller", f"127.0.0.1:{API_PORT}", "--secret", SECRET, "--interval", "0.5",
