@@ -34,7 +34,6 @@ from tunproxy.outbounds.base import (
     DatagramSession,
     Outbound,
     StreamProtocol,
-    StreamReceiver,
     Target,
 )
 from tunproxy.policy import Policy
@@ -249,6 +248,7 @@ class Lab:
     relay: Relay
     flow_log: FlowLog
     out: list[Out] = field(default_factory=list)
+    _flush_scheduled: bool = False
 
     @classmethod
     def make(
@@ -260,7 +260,7 @@ class Lab:
         stack = Stack(StackConfig(seed=1, **stack_changes))
         flow_log = FlowLog()
         holder: list[Lab] = []
-        relay = Relay(loop, stack, policy, cfg.relay, flow_log, lambda: holder[0].process())
+        relay = Relay(loop, stack, policy, cfg.relay, flow_log, lambda: holder[0].flush_soon())
         lab = cls(loop, stack, relay, flow_log)
         holder.append(lab)
         return lab
@@ -269,8 +269,15 @@ class Lab:
     def now(self) -> float:
         return self.loop.clock
 
+    def flush_soon(self) -> None:
+        """As the driver's: process on a later loop iteration, once."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.process)
+
     def process(self) -> None:
         """What the driver does after every read, timer or flush_soon."""
+        self._flush_scheduled = False
         stack = self.stack
         while (event := stack.next_event()) is not None:
             self.relay.handle_event(event)

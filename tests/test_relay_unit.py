@@ -190,6 +190,7 @@ async def test_tcp_upstream_dies_after_accept(cfg_text: str) -> None:
     upstream = direct.attempts[0].transport
     assert upstream is not None
     upstream.feed(b"partial")
+    await lab.settle()
     upstream.die()
     await lab.settle()
     outs = lab.take()
