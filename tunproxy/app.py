@@ -89,6 +89,8 @@ def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
         vnet_hdr=vnet_hdr,
         gso=gso,
         udp_idle_timeout=config.relay.udp_idle_timeout,
+        answer_ping=config.relay.ping == "local",
+        echo_events=config.relay.ping == "forward",
         tcp_receive_window=max(config.relay.buffer_size, 64 * 1024),
         tcp_delayed_ack=config.tun.delayed_ack,
     )
@@ -178,7 +180,7 @@ class Proxy:
     async def serve(self, tun: TunDevice) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        driver = relay = refresher = None
+        driver = relay = refresher = pinger = None
         try:
             stack = Stack(_stack_config(config, tun.vnet_hdr, tun.tso))
             self.policy = self.build_policy(config)
@@ -186,6 +188,12 @@ class Proxy:
             driver_ref: list[TunDriver] = []
             relay = self.relay = Relay(loop, stack, self.policy, config.relay, self.flow_log,
                                        lambda: driver_ref[0].flush_soon())  # fmt: skip
+            if config.relay.ping == "forward":
+                from tunproxy.icmp import Pinger
+
+                pinger = Pinger(loop, stack, lambda: relay.policy, relay.flush_soon,
+                                config.tun.fwmark)  # fmt: skip
+                relay.on_echo = pinger.handle
             driver = TunDriver(loop, tun, stack, relay.handle_event,
                                faults=config.fault_injection)  # fmt: skip
             driver_ref.append(driver)
@@ -210,6 +218,8 @@ class Proxy:
             if relay is not None:
                 with _logged("closing flows"):
                     await relay.aclose()
+            if pinger is not None:
+                await pinger.aclose()
             if driver is not None:
                 driver.stop()
                 if relay is not None:

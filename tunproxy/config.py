@@ -85,6 +85,9 @@ class RelayConfig:
     # Answer the app's SYN at once and hold its bytes while the upstream connects (a failed
     # upstream then resets the app) instead of connecting before accepting.
     accept_early: bool = False
+    # Echo requests: "forward" (per the rules: a real ping, unreachable or nothing) or
+    # "local" (tunproxy answers every address itself).
+    ping: str = "forward"
 
 
 @dataclass(slots=True)
@@ -380,7 +383,7 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
 def _parse_relay(node: _Node | None, file: str) -> RelayConfig:
     s = _Section(node, file, "relay", (
         "connect-timeout", "udp-idle-timeout", "dns-idle-timeout", "tcp-idle-timeout",
-        "buffer-size", "sniff", "sniff-timeout", "accept-early",
+        "buffer-size", "sniff", "sniff-timeout", "accept-early", "ping",
     ))
     r = RelayConfig()
     r.connect_timeout = s.number("connect-timeout", r.connect_timeout, 0.1, 300)
@@ -391,6 +394,9 @@ def _parse_relay(node: _Node | None, file: str) -> RelayConfig:
     r.sniff = s.boolean("sniff", r.sniff)
     r.sniff_timeout = s.number("sniff-timeout", r.sniff_timeout, 0.01, 10)
     r.accept_early = s.boolean("accept-early", r.accept_early)
+    r.ping = s.string("ping", r.ping) or r.ping
+    if r.ping not in ("forward", "local"):
+        raise s.error("ping", f"{r.ping!r}: use forward or local")
     return r
 
 

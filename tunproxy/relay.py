@@ -41,6 +41,7 @@ from stack import (
     TCP,
     DatagramReceived,
     DataReceived,
+    EchoRequest,
     Event,
     FlowClosed,
     FlowHalfClosed,
@@ -435,6 +436,8 @@ class Relay:
         # to be closed when their last flow ends.
         self._users: dict[int, int] = {}
         self._retiring: dict[int, Outbound] = {}
+        # Echo requests (StackConfig.echo_events) go here: tunproxy.icmp.Pinger.handle.
+        self.on_echo: Callable[[EchoRequest], None] | None = None
         if config.tcp_idle_timeout > 0:
             self._arm_idle_sweep()
         if config.sniff:
@@ -532,6 +535,10 @@ class Relay:
     def handle_event(self, event: Event) -> None:
         if isinstance(event, FlowOpened):
             self._open(event.flow, event.key)
+            return
+        if isinstance(event, EchoRequest):
+            if self.on_echo is not None:
+                self.on_echo(event)
             return
         flow = self.flows.get(event.flow)
         if flow is None:
