@@ -73,6 +73,8 @@ class _Socket:
             raise
         self.sock = sock
         self.ident = os.getpid() & 0xFFFF if self.raw else 0  # datagram: the kernel's
+        log.info("pings to %s leave through an ICMP %s socket", family.name,
+                 "raw" if self.raw else "datagram")  # fmt: skip
         self.loop = loop
         self.on_reply = on_reply
         loop.add_reader(sock.fileno(), self._readable)
