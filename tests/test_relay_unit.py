@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, DNSRecord
 
+from stack import EchoRequest
 from stack.wire import icmpv4, tcp
-from tests.ippeer import A4, B4, Out, TcpPeer, ip_packet, udp_l4
+from tests.ippeer import A4, B4, Out, TcpPeer, icmp4_echo, ip_packet, udp_l4
 from tests.relay_lab import Lab, ScriptedOutbound, config, run
 from tunproxy.config import Config
 from tunproxy.outbounds.reject import RejectOutbound
@@ -612,3 +613,15 @@ async def test_set_policy_keeps_running_flows_and_closes_a_removed_outbound_afte
     assert direct.closed == 0 and second.closed == 0
     await lab.relay.aclose()
     assert lab.relay.flows == {}
+
+
+@lab_test
+async def test_echo_requests_go_to_on_echo_not_to_flows() -> None:
+    cfg = config()
+    lab = Lab.make(policy_for(cfg, ScriptedOutbound()), cfg, echo_events=True)
+    lab.receive(ip_packet(A4, B4, 1, icmp4_echo(7, 1, b"x")))  # nobody listening: ignored
+    seen: list[EchoRequest] = []
+    lab.relay.on_echo = seen.append
+    lab.receive(ip_packet(A4, B4, 1, icmp4_echo(7, 2, b"x")))
+    assert [e.seq for e in seen] == [2]
+    assert lab.relay.flows == {} and lab.take() == []
