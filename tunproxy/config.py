@@ -44,6 +44,8 @@ class TunConfig:
         default_factory=lambda: [ipaddress.ip_interface(a) for a in DEFAULT_ADDRESSES]
     )
     auto_route: bool = True
+    # A family the TUN has no address in is refused (unreachable), not routed around it.
+    strict_route: bool = True
     route_exclude: list[IPNetwork] = field(default_factory=list)
     include_uid: list[tuple[int, int]] = field(default_factory=list)
     exclude_uid: list[tuple[int, int]] = field(default_factory=list)
@@ -283,6 +285,7 @@ def _parse_tun(node: _Node | None, file: str) -> TunConfig:
     s = _Section(node, file, "tun", (
         "name", "mtu", "address", "auto-route", "route-exclude", "include-uid", "exclude-uid",
         "fwmark", "table", "rule-priority", "offload", "queues", "txqueuelen", "delayed-ack",
+        "strict-route",
     ))
     tun = TunConfig()
     name = s.string("name", tun.name) or tun.name
@@ -303,6 +306,7 @@ def _parse_tun(node: _Node | None, file: str) -> TunConfig:
             raise s.error("address", "needs at least one address")
         tun.addresses = addresses
     tun.auto_route = s.boolean("auto-route", tun.auto_route)
+    tun.strict_route = s.boolean("strict-route", tun.strict_route)
     for text, line in s.string_list("route-exclude"):
         try:
             tun.route_exclude.append(ipaddress.ip_network(text, strict=False))
