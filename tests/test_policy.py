@@ -225,3 +225,17 @@ def test_reload_under_the_relay_swaps_its_policy(tmp_path: Path) -> None:
         await lab.relay.aclose()
 
     run(body)
+
+
+def test_tun_and_relay_changes_are_applied_at_the_next_start_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy, path = started(tmp_path, BASE)
+    path.write_text("relay: {connect-timeout: 2}\ntun: {mtu: 1400}\n" + BASE)
+    with caplog.at_level(logging.WARNING, logger="tunproxy"):
+        proxy.reload()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "tun section take effect at the next start" in warned
+    assert "relay section take effect at the next start" in warned
+    assert proxy.policy is not None and proxy.policy.config is not None
+    assert proxy.policy.config.relay.connect_timeout == 2  # the policy has the new file

@@ -168,8 +168,11 @@ class Proxy:
         except TunproxyError as exc:
             log.error("reload failed, keeping the old policy: %s", exc)
             return
-        if fresh.tun != self.config.tun:
-            log.warning("reload: changes to the tun section take effect at the next start")
+        for section, old, new in (("tun", self.config.tun, fresh.tun),
+                                  ("relay", self.config.relay, fresh.relay)):  # fmt: skip
+            if old != new:
+                log.warning("reload: changes to the %s section take effect at the next start",
+                            section)  # fmt: skip
         self.policy = policy
         if self.relay is not None:
             self.relay.set_policy(policy)
