@@ -127,10 +127,11 @@ def test_process_rules_added_by_a_reload_get_a_process_resolver(tmp_path: Path) 
     path.write_text(BASE.replace("  - MATCH", "  - PROCESS-NAME,wget,REJECT\n  - MATCH"))
     proxy.reload()
     assert proxy.policy is not None and proxy.policy.processes is first.processes  # kept
+    # Rules without process conditions: the resolver stays for a later reload, unused.
     path.write_text(BASE)
     proxy.reload()
-    assert proxy.policy is not None and proxy.policy.processes is None
-    assert first.retired_by(proxy.policy).processes is first.processes
+    assert proxy.policy is not None and proxy.policy.processes is first.processes
+    assert first.retired_by(proxy.policy).processes is None
     first.processes.close()
 
 

@@ -10,7 +10,7 @@ PROCESS-NAME rule added by a reload finds a process resolver.
 
 What a reload keeps from the previous policy, so that nothing in use is rebuilt:
 an outbound whose settings did not change (the same object: flows running on it
-are not disturbed), the process resolver, and the DNS service when the ``dns``
+are not disturbed), the process resolver (once made), and the DNS service when the ``dns``
 section did not change. A DNS service that did change is rebuilt but inherits the
 fake-ip table and the real-ip memory when the fake-ip ranges stay the same, so
 addresses already handed out keep their meaning. What the new policy no longer
@@ -223,7 +223,7 @@ def _process_lookup(
 OutboundBuilder = Callable[["Config", Callable[[str], Awaitable[list[str]]] | None],
                            dict[str, Outbound]]  # fmt: skip
 DnsBuilder = Callable[["Config"], DnsPolicy | None]
-ProcessBuilder = Callable[[], ProcessLookup]
+ProcessBuilder = Callable[[], ProcessLookup | None]
 
 
 def _same_upstream(a: UpstreamConfig | None, b: UpstreamConfig | None) -> bool:
@@ -262,11 +262,12 @@ def build_policy(
             if same:
                 outbound = old
         outbounds[name] = outbound
-    processes: ProcessLookup | None = None
-    if config.ruleset.needs_process:
-        processes = previous.processes if previous is not None else None
-        if processes is None:
-            processes = make_processes()
+    # Made when a rule first needs it, then kept across reloads (even ones that drop the
+    # process rules): a resolver may be tied to where it was made (``tunproxy run`` opens
+    # its sock_diag socket in the command's namespace), so it is never rebuilt here.
+    processes = previous.processes if previous is not None else None
+    if processes is None and config.ruleset.needs_process:
+        processes = make_processes()
     dns: DnsPolicy | None
     if previous is not None and old_config is not None and old_config.dns == config.dns:
         dns = previous.dns
