@@ -252,7 +252,10 @@ def build_policy(
     fresh = build_outbounds(config, resolve)
     outbounds: dict[str, Outbound] = {}
     old_config = previous.config if previous is not None else None
+    groups = config.groups
     for name, outbound in fresh.items():
+        if name in groups:
+            continue  # built again below, over the members this policy really uses
         old = previous.outbounds.get(name) if previous is not None else None
         if old is not None and old_config is not None:
             if name in ("DIRECT", "REJECT"):
@@ -262,6 +265,10 @@ def build_policy(
             if same:
                 outbound = old
         outbounds[name] = outbound
+    if groups:
+        from tunproxy.outbounds.group import build_groups
+
+        build_groups(groups, outbounds)
     # Made when a rule first needs it, then kept across reloads (even ones that drop the
     # process rules): a resolver may be tied to where it was made (``tunproxy run`` opens
     # its sock_diag socket in the command's namespace), so it is never rebuilt here.
