@@ -7,6 +7,7 @@ out packets to write back, and events describing the flows it rebuilt.
 from stack.events import (
     DatagramReceived,
     DataReceived,
+    EchoRequest,
     Event,
     FlowClosed,
     FlowHalfClosed,
@@ -22,6 +23,7 @@ __all__ = [
     "UDP",
     "DataReceived",
     "DatagramReceived",
+    "EchoRequest",
     "Event",
     "FlowClosed",
     "FlowHalfClosed",

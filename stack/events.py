@@ -15,6 +15,7 @@ from stack.flow import FlowKey
 __all__ = [
     "DataReceived",
     "DatagramReceived",
+    "EchoRequest",
     "Event",
     "FlowClosed",
     "FlowHalfClosed",
@@ -92,6 +93,28 @@ class FlowReset:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class EchoRequest:
+    """An ICMP/ICMPv6 echo request to a unicast address (``StackConfig.echo_events``).
+
+    ``src`` is the application's address, ``dst`` the address it pinged (packed bytes).
+    The application answers with ``Stack.send_echo_reply`` or ``Stack.refuse_echo``,
+    or not at all (the ping is lost). ``quote`` is the start of the request packet, for
+    an ICMP error about it.
+    """
+
+    src: bytes
+    dst: bytes
+    ident: int
+    seq: int
+    data: bytes
+    quote: bytes
+
+    @property
+    def version(self) -> int:
+        return 4 if len(self.dst) == 4 else 6
+
+
 Event = (
     FlowOpened
     | DataReceived
@@ -100,4 +123,5 @@ Event = (
     | FlowWritable
     | FlowClosed
     | FlowReset
+    | EchoRequest
 )

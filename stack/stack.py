@@ -48,7 +48,7 @@ import random
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
-from stack.events import DatagramReceived, Event, FlowClosed, FlowOpened
+from stack.events import DatagramReceived, EchoRequest, Event, FlowClosed, FlowOpened
 from stack.flow import TCP, UDP, FlowKey
 from stack.icmp import (
     QUOTE_LIMIT_V4,
@@ -91,6 +91,9 @@ class StackConfig:
     gso_max_size: int = 65535
     # Answer ICMP/ICMPv6 echo requests to any address locally.
     answer_ping: bool = True
+    # Hand echo requests to the application as EchoRequest events instead (it forwards
+    # them and answers with send_echo_reply / refuse_echo); answer_ping is then unused.
+    echo_events: bool = False
     max_flows: int = 65536
     max_half_open: int = 4096  # TCP flows in SYN_RECEIVED / awaiting accept
     # At the limit, a handshake whose SYN-ACK went unanswered this long (the first SYN-ACK
@@ -244,9 +247,9 @@ class Stack:
         elif proto == UDP:
             self._receive_udp(src, dst, l4, trusted, gso, gso_size, packet, now)
         elif proto == PROTO_ICMP and version == 4:
-            self._receive_icmpv4(src, dst, l4, trusted)
+            self._receive_icmpv4(src, dst, l4, trusted, packet)
         elif proto == icmpv6.PROTOCOL and version == 6:
-            self._receive_icmpv6(src, dst, l4, trusted)
+            self._receive_icmpv6(src, dst, l4, trusted, packet)
         else:
             # RFC 1122 3.2.2.1 would have us send protocol unreachable; a TUN catch-all
             # sees such packets only from odd software, so they are just dropped.
@@ -456,13 +459,19 @@ class Stack:
             c["udp.datagrams_in"] += 1
 
     # -- ICMP input ------------------------------------------------------------
-    def _receive_icmpv4(self, src: bytes, dst: bytes, l4: memoryview, trusted: bool) -> None:
+    def _receive_icmpv4(
+        self, src: bytes, dst: bytes, l4: memoryview, trusted: bool, packet: bytes | memoryview
+    ) -> None:
         msg = icmpv4.Icmpv4Packet(l4)
         if not trusted and not msg.verify_checksum():
             raise WireError("icmp-checksum")
         c = self._counters
         if msg.type == icmpv4.ECHO_REQUEST and msg.code == 0:
-            if not self.config.answer_ping:
+            if self.config.echo_events and may_send_error(src, dst):
+                c["icmp.echo_events"] += 1
+                self._events.append(EchoRequest(bytes(src), bytes(dst), msg.ident, msg.seq,
+                                                bytes(msg.data), self._quote(packet, False)))
+            elif not self.config.answer_ping:
                 c["icmp.ignored.echo"] += 1
             elif not may_send_error(src, dst):
                 c["icmp.ignored.echo_broadcast"] += 1
@@ -474,14 +483,20 @@ class Stack:
         else:
             c["icmp.ignored.other"] += 1
 
-    def _receive_icmpv6(self, src: bytes, dst: bytes, l4: memoryview, trusted: bool) -> None:
+    def _receive_icmpv6(
+        self, src: bytes, dst: bytes, l4: memoryview, trusted: bool, packet: bytes | memoryview
+    ) -> None:
         msg = icmpv6.Icmpv6Packet(l4)
         if not trusted and not msg.verify_checksum(src, dst):
             raise WireError("icmp6-checksum")
         c = self._counters
         t = msg.type
         if t == icmpv6.ECHO_REQUEST and msg.code == 0:
-            if not self.config.answer_ping:
+            if self.config.echo_events and may_send_error(src, dst):
+                c["icmp.echo_events"] += 1
+                self._events.append(EchoRequest(bytes(src), bytes(dst), msg.ident, msg.seq,
+                                                bytes(msg.data), self._quote(packet, True)))
+            elif not self.config.answer_ping:
                 c["icmp.ignored.echo"] += 1
             elif not may_send_error(src, dst):
                 c["icmp.ignored.echo_multicast"] += 1
@@ -828,6 +843,38 @@ class Stack:
         self._out.extend(
             self._builder.udp(found.dst, found.src, found.dst_port, found.src_port, data)
         )
+
+    def send_echo_reply(self, request: EchoRequest, data: bytes, now: float) -> None:
+        """Answer ``request`` with an echo reply from the address it pinged, carrying
+        ``data`` (what the real destination echoed)."""
+        self._now = now
+        self._counters["icmp.echo_replies"] += 1
+        if request.version == 4:
+            buf = bytearray(icmpv4.HEADER_LEN + len(data))
+            icmpv4.Icmpv4Repr(icmpv4.ECHO_REPLY, 0, request.ident, request.seq, data).emit(buf)
+            self._out.extend(self._builder.ip(request.dst, request.src, PROTO_ICMP, buf))
+        else:
+            buf = bytearray(icmpv6.HEADER_LEN + len(data))
+            icmpv6.Icmpv6Repr(icmpv6.ECHO_REPLY, 0, request.ident, request.seq, data).emit(
+                buf, 0, request.dst, request.src
+            )
+            self._out.extend(self._builder.ip(request.dst, request.src, icmpv6.PROTOCOL, buf))
+
+    def refuse_echo(self, request: EchoRequest, how: str, now: float) -> None:
+        """Refuse ``request`` (``Refusal.*``): UNREACHABLE/RESET send host unreachable
+        (ICMPv6 address unreachable), PROHIBITED administratively prohibited, DROP nothing.
+        Rate-limited like every ICMP error the stack originates."""
+        self._now = now
+        if how == Refusal.DROP:
+            return
+        proto = PROTO_ICMP if request.version == 4 else icmpv6.PROTOCOL
+        key = FlowKey(proto, request.src, 0, request.dst, 0)
+        if how == Refusal.PROHIBITED:
+            self._send_unreachable(key, request.quote, icmpv4.CODE_ADMIN_PROHIBITED,
+                                   icmpv6.CODE_ADMIN_PROHIBITED)  # fmt: skip
+        else:
+            self._send_unreachable(key, request.quote, icmpv4.CODE_HOST_UNREACHABLE,
+                                   icmpv6.CODE_ADDRESS_UNREACHABLE)  # fmt: skip
 
     def flow_key(self, flow: int) -> FlowKey | None:
         found = self._live(flow)

@@ -5,7 +5,9 @@
            driver -> "tunproxy ready"
     stop (SIGINT, SIGTERM, an error): flows aborted -> driver stopped ->
            outbounds and DNS closed -> TUN closed -> journal undone in reverse
-    SIGHUP: reload the rules file; a bad file is reported and the old rules stay.
+    SIGHUP: reload the file: a new policy (rules, outbounds, process lookup, DNS) is
+           built from it and replaces the old one whole (tunproxy.policy); a bad file
+           is reported (file:line) and the old policy stays.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 from stack import Stack, StackConfig
 from tunproxy.config import Config, UpstreamConfig, load_config
 from tunproxy.driver import TunDriver
-from tunproxy.errors import SetupError, TunproxyError
+from tunproxy.errors import ConfigError, SetupError, TunproxyError
 from tunproxy.flows import FlowTable, configure_flow_table
 from tunproxy.journal import Journal
 from tunproxy.outbounds.base import Outbound, Target
-from tunproxy.relay import Relay, Router
+from tunproxy.policy import DnsPolicy, Policy, ProcessLookup, build_policy
+from tunproxy.relay import Relay
 from tunproxy.routing import check_clashes, setup_link, setup_routing
 from tunproxy.tun import TunDevice, open_tun
 
@@ -91,6 +94,8 @@ def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
         vnet_hdr=vnet_hdr,
         gso=gso,
         udp_idle_timeout=config.relay.udp_idle_timeout,
+        answer_ping=config.relay.ping == "local",
+        echo_events=config.relay.ping == "forward",
         tcp_receive_window=max(config.relay.buffer_size, 64 * 1024),
         tcp_delayed_ack=config.tun.delayed_ack,
     )
@@ -144,39 +149,63 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stopping = asyncio.Event()
-        self.router: Router | None = None
         self.flow_log: FlowTable = FlowTable()
+        self.policy: Policy | None = None
+        self.relay: Relay | None = None
+
+    def build_policy(self, config: Config, previous: Policy | None = None) -> Policy:
+        return build_policy(
+            config, build_outbounds=build_outbounds,
+            resolve=self._resolve if self.dns_enabled() else None,
+            make_dns=self._make_dns, make_processes=self._processes, previous=previous,
+        )  # fmt: skip
 
     def reload(self) -> None:
-        """SIGHUP: new rules for new flows; existing flows keep their verdict."""
+        """SIGHUP: a new policy for new flows; existing flows keep their verdict and outbound."""
         try:
             fresh = load_config(self.config.path)
+            if _dns_enabled(fresh) != self.dns_enabled():
+                raise ConfigError(
+                    "turning DNS interception on or off needs a restart (the routing for "
+                    "port 53 is set up at start)", str(fresh.path),
+                )  # fmt: skip
+            policy = self.build_policy(fresh, previous=self.policy)
         except TunproxyError as exc:
-            log.error("reload failed, keeping the old rules: %s", exc)
+            log.error("reload failed, keeping the old policy: %s", exc)
             return
-        if self.router is not None:
-            self.router.ruleset = fresh.ruleset
+        for section, old, new in (("tun", self.config.tun, fresh.tun),
+                                  ("relay", self.config.relay, fresh.relay)):  # fmt: skip
+            if old != new:
+                log.warning("reload: changes to the %s section take effect at the next start",
+                            section)  # fmt: skip
+        self.policy = policy
+        if self.relay is not None:
+            self.relay.set_policy(policy)
         self.flow_log.reopen_sinks()  # the flow log, for logrotate
         gc.freeze()
-        log.info("reloaded %s: %d rules", fresh.path, fresh.rule_count)
+        log.info("reloaded %s: %d rules, outbounds %s", fresh.path, fresh.rule_count,
+                 " ".join(sorted(policy.outbounds)))  # fmt: skip
 
     async def serve(self, tun: TunDevice) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
-        driver = relay = dns = refresher = controller = None
-        outbounds: dict[str, Outbound] = {}
+        driver = relay = refresher = pinger = controller = None
         try:
-            dns = self._make_dns()
             stack = Stack(_stack_config(config, tun.vnet_hdr, tun.tso))
-            outbounds = build_outbounds(config, dns.resolve if dns is not None else None)
-            self.router = Router(config.ruleset, outbounds, dns, self._processes())
+            self.policy = self.build_policy(config)
             refresher = _start_refresher(config, self._resolver_outbound, self.reload)
-            configure_flow_table(self.flow_log, config.log, self.router.processes)
+            configure_flow_table(self.flow_log, config.log, self.policy.processes)
             driver_ref: list[TunDriver] = []
-            relay = Relay(loop, stack, self.router, config.relay, self.flow_log,
-                          lambda: driver_ref[0].flush_soon())
+            relay = self.relay = Relay(loop, stack, self.policy, config.relay, self.flow_log,
+                                       lambda: driver_ref[0].flush_soon())  # fmt: skip
+            if config.relay.ping == "forward":
+                from tunproxy.icmp import Pinger
+
+                pinger = Pinger(loop, stack, lambda: relay.policy, relay.flush_soon,
+                                config.tun.fwmark)  # fmt: skip
+                relay.on_echo = pinger.handle
             driver = TunDriver(loop, tun, stack, relay.handle_event,
-                               faults=config.fault_injection)
+                               faults=config.fault_injection)  # fmt: skip
             driver_ref.append(driver)
             driver.start()
             self.started(relay, driver)
@@ -184,7 +213,8 @@ class Proxy:
                 loop.add_signal_handler(sig, self._stop, sig)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             # SIGUSR1: the exit summary, now (bench/stress.py reads it under load).
-            loop.add_signal_handler(signal.SIGUSR1, _log_live, relay, driver, dns)
+            loop.add_signal_handler(signal.SIGUSR1, lambda: _log_live(
+                relay, driver, self.policy.dns if self.policy is not None else None))
             if config.controller is not None:
                 from tunproxy.controller import start_controller
 
@@ -192,7 +222,7 @@ class Proxy:
             log.info(
                 "tunproxy ready: %s mtu %d, offloads %s, writes %s, %d rules, dns %s",
                 tun.name, config.tun.mtu, " ".join(sorted(tun.offloads)) or "off",
-                driver.write_method, config.rule_count, "on" if dns is not None else "off",
+                driver.write_method, config.rule_count, "on" if self.dns_enabled() else "off",
             )
             await self.stopping.wait()
             log.info("stopping: %d flows open", len(relay.flows))
@@ -205,21 +235,17 @@ class Proxy:
             if relay is not None:
                 with _logged("closing flows"):
                     await relay.aclose()
+            if pinger is not None:
+                await pinger.aclose()
             if driver is not None:
                 driver.stop()
                 if relay is not None:
                     _log_counters(relay.stack.counters, relay.flow_log.ended_by_reason,
                                   driver.write_errors)
-            for outbound in outbounds.values():
-                with _logged(f"closing outbound {outbound.name}"):
-                    await outbound.aclose()
             if refresher is not None:
                 await refresher.aclose()
-            if dns is not None:
-                with _logged("closing DNS"):
-                    await dns.aclose()
-            if self.router is not None and self.router.processes is not None:
-                self.router.processes.close()
+            if self.policy is not None:
+                await _close_policy(self.policy)
             self.flow_log.close_sinks()
 
     def started(self, relay: Relay, driver: TunDriver) -> None:
@@ -230,35 +256,26 @@ class Proxy:
         self.stopping.set()
 
     def dns_enabled(self) -> bool:
-        dns_config = self.config.dns
-        return dns_config is not None and bool(getattr(dns_config, "enable", True))
+        return _dns_enabled(self.config)
 
-    def _make_dns(self) -> Any | None:
-        if not self.dns_enabled():
+    def _make_dns(self, config: Config) -> DnsPolicy | None:
+        if not _dns_enabled(config):
             return None
         from tunproxy.dns.service import DnsService
 
-        return DnsService(self.config.dns, self._resolver_outbound)
+        return DnsService(config.dns, self._resolver_outbound)
+
+    async def _resolve(self, domain: str) -> list[str]:
+        """DIRECT's resolver for domain-only targets: the current policy's DNS."""
+        dns = self.policy.dns if self.policy is not None else None
+        return await dns.resolve(domain) if dns is not None else []
 
     def _resolver_outbound(self, network: str, target: Target) -> Outbound:
-        """Resolver flows are decided by the rules like any other flow."""
-        import rules
+        """Resolver flows are decided by the current policy like any other flow."""
+        assert self.policy is not None
+        return self.policy.resolver_outbound(network, target)
 
-        assert self.router is not None
-        verdict = self.router.ruleset.match(rules.FlowMeta(
-            network=network, src_ip="0.0.0.0", src_port=0, dst_ip=target.address,
-            dst_port=target.port, domain=target.domain,
-        ))
-        name = verdict.target
-        if name.upper() == "DIRECT":
-            return self.router.outbounds["DIRECT"]
-        if name.upper() in ("REJECT", "DROP", "REJECT-DROP"):
-            return self.router.outbounds["REJECT"]
-        return self.router.outbounds[name]
-
-    def _processes(self) -> Any | None:
-        if not self.config.ruleset.needs_process and not self.config.log.attribution:
-            return None
+    def _processes(self) -> ProcessLookup | None:
         from tunproxy.procinfo import ProcessResolver
 
         return ProcessResolver()
@@ -274,6 +291,21 @@ def _start_refresher(config: Config, outbound_for: Any, reload: Any) -> Any | No
     refresher = Refresher(sets, outbound_for, reload)
     refresher.start()
     return refresher
+
+
+def _dns_enabled(config: Config) -> bool:
+    return config.dns is not None and bool(getattr(config.dns, "enable", True))
+
+
+async def _close_policy(policy: Policy) -> None:
+    for outbound in policy.outbounds.values():
+        with _logged(f"closing outbound {outbound.name}"):
+            await outbound.aclose()
+    if policy.dns is not None:
+        with _logged("closing DNS"):
+            await policy.dns.aclose()
+    if policy.processes is not None:
+        policy.processes.close()
 
 
 def _log_counters(

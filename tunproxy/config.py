@@ -46,6 +46,8 @@ class TunConfig:
         default_factory=lambda: [ipaddress.ip_interface(a) for a in DEFAULT_ADDRESSES]
     )
     auto_route: bool = True
+    # A family the TUN has no address in is refused (unreachable), not routed around it.
+    strict_route: bool = True
     route_exclude: list[IPNetwork] = field(default_factory=list)
     include_uid: list[tuple[int, int]] = field(default_factory=list)
     exclude_uid: list[tuple[int, int]] = field(default_factory=list)
@@ -87,6 +89,9 @@ class RelayConfig:
     # Answer the app's SYN at once and hold its bytes while the upstream connects (a failed
     # upstream then resets the app) instead of connecting before accepting.
     accept_early: bool = False
+    # Echo requests: "forward" (per the rules: a real ping, unreachable or nothing) or
+    # "local" (tunproxy answers every address itself).
+    ping: str = "forward"
 
 
 @dataclass(slots=True)
@@ -300,6 +305,7 @@ def _parse_tun(node: _Node | None, file: str) -> TunConfig:
     s = _Section(node, file, "tun", (
         "name", "mtu", "address", "auto-route", "route-exclude", "include-uid", "exclude-uid",
         "fwmark", "table", "rule-priority", "offload", "queues", "txqueuelen", "delayed-ack",
+        "strict-route",
     ))
     tun = TunConfig()
     name = s.string("name", tun.name) or tun.name
@@ -320,6 +326,7 @@ def _parse_tun(node: _Node | None, file: str) -> TunConfig:
             raise s.error("address", "needs at least one address")
         tun.addresses = addresses
     tun.auto_route = s.boolean("auto-route", tun.auto_route)
+    tun.strict_route = s.boolean("strict-route", tun.strict_route)
     for text, line in s.string_list("route-exclude"):
         try:
             tun.route_exclude.append(ipaddress.ip_network(text, strict=False))
@@ -431,7 +438,7 @@ def _quic_options(s: _Section, base: Path) -> dict[str, Any]:
 def _parse_relay(node: _Node | None, file: str) -> RelayConfig:
     s = _Section(node, file, "relay", (
         "connect-timeout", "udp-idle-timeout", "dns-idle-timeout", "tcp-idle-timeout",
-        "buffer-size", "sniff", "sniff-timeout", "accept-early",
+        "buffer-size", "sniff", "sniff-timeout", "accept-early", "ping",
     ))
     r = RelayConfig()
     r.connect_timeout = s.number("connect-timeout", r.connect_timeout, 0.1, 300)
@@ -442,6 +449,9 @@ def _parse_relay(node: _Node | None, file: str) -> RelayConfig:
     r.sniff = s.boolean("sniff", r.sniff)
     r.sniff_timeout = s.number("sniff-timeout", r.sniff_timeout, 0.01, 10)
     r.accept_early = s.boolean("accept-early", r.accept_early)
+    r.ping = s.string("ping", r.ping) or r.ping
+    if r.ping not in ("forward", "local"):
+        raise s.error("ping", f"{r.ping!r}: use forward or local")
     return r
 
 

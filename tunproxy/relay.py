@@ -1,4 +1,4 @@
-"""The relay: carries each flow the stack rebuilt through the outbound the rules chose.
+"""The relay: carries each flow the stack rebuilt through the outbound the policy chose.
 
 TCP, connect before accept: the local application's SYN is answered only once
 the outbound connected, so a refused upstream looks refused to the app. Then
@@ -15,6 +15,17 @@ and half-close both ways (app FIN -> write_eof; upstream EOF -> FIN to app).
 UDP: one outbound datagram session per local 5-tuple, opened on the first
 datagram (a few datagrams are held while it opens). DNS to a hijacked address
 is answered by the DNS service and never relayed.
+
+Every flow ends in one place, ``Relay.end(flow, reason, how)``: it tells the app
+(``how``: a ``Refusal`` for a flow not yet accepted; an RST/close once accepted; nothing
+when the stack itself ended the flow), lets go of the upstream side, takes the flow
+out of ``Relay.flows`` and logs the reason, once. Each kind of flow is a ``Flow``
+subclass that overrides the event handlers it needs (the base's are no-ops).
+
+The policy (rules, outbounds, DNS, process lookup; ``tunproxy.policy``) is swapped
+whole by ``set_policy``: new flows are decided by the new one, running flows keep
+the outbound they have, and an outbound the new policy dropped is closed when its
+last flow ends.
 """
 
 from __future__ import annotations
@@ -23,15 +34,14 @@ import asyncio
 import logging
 import mmap
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-import rules
 from stack import (
     TCP,
     DatagramReceived,
     DataReceived,
+    EchoRequest,
     Event,
     FlowClosed,
     FlowHalfClosed,
@@ -45,7 +55,6 @@ from stack import (
 from tunproxy.config import RelayConfig
 from tunproxy.errors import OutboundError, Unreachable
 from tunproxy.flows import CLOSING, HALF_CLOSED, OPEN, FlowLog, FlowRecord
-from tunproxy.flows import OFF as ATTRIBUTION_OFF
 from tunproxy.outbounds.base import (
     DatagramReceiver,
     DatagramSession,
@@ -53,11 +62,15 @@ from tunproxy.outbounds.base import (
     StreamReceiver,
     Target,
 )
+from tunproxy.policy import Decision, DnsPolicy, Policy
 from tunproxy.sniff import NEED_MORE, QuicSniffer, load_quic_crypto, sniff_stream
 
-__all__ = ["Decision", "Relay", "Router"]
+__all__ = ["Decision", "Flow", "Relay", "Router"]
 
 log = logging.getLogger("tunproxy.relay")
+
+# The relay's policy was called the Router before policies were swapped whole.
+Router = Policy
 
 MAX_PENDING_DATAGRAMS = 64
 DNS_TCP_MAX_BUFFER = 128 * 1024
@@ -72,121 +85,72 @@ UPSTREAM_READ_SIZE = 1 << 20
 SERVER_SPEAKS_FIRST = frozenset({21, 22, 25, 110, 143, 587, 3306, 5432, 5900})
 
 
-@dataclass(slots=True)
-class Decision:
-    """What to do with a new flow: carry it (``outbound``), or refuse it (``refusal``)."""
+class Flow:
+    """One flow the relay carries. The stack's events arrive as ``on_*`` calls; the
+    base class ignores them all, so each kind overrides only what it uses.
 
-    target_name: str
-    rule: rules.Verdict | None  # None: decided before any rule (reason says why)
-    outbound: Outbound | None = None
-    target: Target | None = None
-    refusal: str | None = None  # Refusal.RESET / UNREACHABLE / DROP
-    reason: str | None = None
+    ``accepted``: the app's side is established (TCP: SYN-ACK sent; UDP: the session
+    is carried), so ending it is an abort (RST), no longer a refusal.
+    """
 
+    __slots__ = ("accepted", "closed", "id", "key", "outbound", "record", "relay", "task")
 
-class Router:
-    """Rules + outbounds + DNS knowledge -> a Decision for each new flow."""
-
-    def __init__(
-        self,
-        ruleset: rules.RuleSet,
-        outbounds: dict[str, Outbound],
-        dns: Any | None = None,
-        processes: Any | None = None,
-    ) -> None:
-        self.ruleset = ruleset
-        self.outbounds = outbounds
-        self.dns = dns
-        self.processes = processes
-
-    def meta(self, key: FlowKey, record: FlowRecord) -> tuple[rules.FlowMeta, bool]:
-        dst_ip = key.dst_ip
-        dns = self.dns
-        fake = False
-        if dns is not None:
-            record.domain = record.domain or dns.domain_for(dst_ip)
-            fake = dns.is_fake(dst_ip)
-        process = None
-        if self.ruleset.needs_process and (
-            self.processes is not None or record.attribution is not None
-        ):
-            process = self._process_lookup(key, record)
-        return rules.FlowMeta(
-            network=key.network, src_ip=key.src_ip, src_port=key.src_port,
-            dst_ip=None if fake else dst_ip, dst_port=key.dst_port, domain=record.domain,
-            process=process,
-        ), fake
-
-    def _process_lookup(
-        self, key: FlowKey, record: FlowRecord
-    ) -> Callable[[], rules.ProcessInfo | None]:
-        processes = self.processes
-
-        def lookup() -> rules.ProcessInfo | None:
-            if processes is None or record.attribution not in (None, ATTRIBUTION_OFF):
-                return record.process_info  # attributed when it opened; never guessed twice
-            info: rules.ProcessInfo | None = processes.lookup(
-                key.network, key.src_ip, key.src_port, key.dst_ip, key.dst_port
-            )
-            if info is not None:
-                record.set_process(info)
-            return info
-
-        return lookup
-
-    async def decide(self, key: FlowKey, record: FlowRecord) -> Decision:
-        meta, fake = self.meta(key, record)
-        if fake and record.domain is None:
-            # A fake address we did not hand out (stale after a restart): refuse, never leak.
-            how = Refusal.RESET if key.protocol == TCP else Refusal.UNREACHABLE
-            return Decision("REJECT", None, refusal=how, reason="unknown-fake-ip")
-        dns = self.dns
-        if fake and dns is not None and record.domain is not None and (
-            self.ruleset.needs_resolve_for(meta)
-        ):
-            try:
-                resolved = await dns.resolve(record.domain)
-            except Exception:  # a failed lookup only means IP rules cannot match
-                resolved = []
-            meta.resolved_ips = lambda: resolved
-        verdict = self.ruleset.match(meta)
-        name = verdict.target
-        upper = name.upper()
-        if upper == "REJECT":
-            how = Refusal.RESET if key.protocol == TCP else Refusal.UNREACHABLE
-            return Decision(name, verdict, refusal=how, reason="rejected")
-        if upper in ("DROP", "REJECT-DROP"):
-            return Decision(name, verdict, refusal=Refusal.DROP, reason="dropped")
-        outbound = self.outbounds["DIRECT" if upper == "DIRECT" else name]
-        target = Target(
-            port=key.dst_port, address=None if fake else key.dst_ip, domain=record.domain
-        )
-        return Decision(name, verdict, outbound=outbound, target=target)
-
-
-class _Flow:
-    __slots__ = ("closed", "id", "record", "task")
-
-    def __init__(self, flow_id: int, record: FlowRecord) -> None:
+    def __init__(self, relay: Relay, flow_id: int, key: FlowKey, record: FlowRecord) -> None:
+        self.relay = relay
         self.id = flow_id
+        self.key = key
         self.record = record
         self.task: asyncio.Task[None] | None = None
+        self.outbound: Outbound | None = None  # the one it uses, once chosen
+        self.accepted = False
         self.closed = False
 
+    # -- the stack's events ---------------------------------------------------------
+    def on_data(self, data: bytes) -> None:
+        pass
 
-class TcpFlow(_Flow, StreamReceiver):
+    def on_datagram(self, data: bytes) -> None:
+        pass
+
+    def on_half_closed(self) -> None:
+        pass
+
+    def on_writable(self) -> None:
+        pass
+
+    def on_closed(self, reason: str) -> None:
+        self.relay.end(self, reason, None)
+
+    def on_reset(self, reason: str) -> None:
+        self.relay.end(self, reason, None)
+
+    # -- the upstream side ----------------------------------------------------------
+    async def open(self, outbound: Outbound, target: Target, timeout: float) -> None:
+        """Connect upstream (raises OutboundError)."""
+        raise NotImplementedError
+
+    def connected(self) -> None:
+        """The upstream is ready: accept the app's side, pass on what waited."""
+
+    def refusal_for(self, exc: OutboundError) -> str:
+        """How the app learns that the upstream failed (before accept)."""
+        return Refusal.UNREACHABLE
+
+    def release(self) -> None:
+        """Let go of the upstream side and timers (called once, by ``Relay.end``)."""
+
+
+class TcpFlow(Flow, StreamReceiver):
     """One TCP flow: the stack side is ``relay.stack``/``id``, the other an upstream transport."""
 
     __slots__ = (
-        "accepted", "app_fin", "first_fin", "last_active", "relay", "sniff_timer", "sniffed",
-        "transport", "upstream_eof",
-    )
+        "app_fin", "first_fin", "last_active", "sniff_timer", "sniffed", "transport",
+        "upstream_eof",
+    )  # fmt: skip
 
-    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
-        super().__init__(flow_id, record)
-        self.relay = relay
+    def __init__(self, relay: Relay, flow_id: int, key: FlowKey, record: FlowRecord) -> None:
+        super().__init__(relay, flow_id, key, record)
         self.transport: asyncio.Transport | None = None
-        self.accepted = False
         self.app_fin = False
         self.upstream_eof = False
         self.first_fin: str | None = None  # "client" or "server": who closed first
@@ -199,6 +163,9 @@ class TcpFlow(_Flow, StreamReceiver):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
+        if self.closed:  # the app gave up while we connected
+            transport.abort()
+            return
         self.transport = transport
         transport.set_write_buffer_limits(high=self.relay.config.buffer_size)
 
@@ -212,8 +179,9 @@ class TcpFlow(_Flow, StreamReceiver):
         relay = self.relay
         stack = relay.stack
         self.record.bytes_down += len(data)
-        self.last_active = relay.loop.time()
-        stack.send(self.id, data, relay.now())
+        now = relay.now()
+        self.last_active = now
+        stack.send(self.id, data, now)
         if stack.send_buffer_free(self.id) <= 0 and self.transport is not None:
             self.transport.pause_reading()
         relay.flush_soon()
@@ -228,13 +196,10 @@ class TcpFlow(_Flow, StreamReceiver):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.closed:
-            return
         if exc is not None or not self.upstream_eof:
             # The upstream went away without an orderly close: reset the app's connection.
-            self.relay.stack.abort(self.id, self.relay.now())
-            self.relay.end(self, "upstream-reset" if exc is not None else "upstream-closed")
-            self.relay.flush_soon()
+            reason = "upstream-reset" if exc is not None else "upstream-closed"
+            self.relay.end(self, reason, Refusal.RESET)
 
     def pause_writing(self) -> None:
         self.relay.stack.pause_receiving(self.id)
@@ -243,10 +208,39 @@ class TcpFlow(_Flow, StreamReceiver):
         self.relay.stack.resume_receiving(self.id, self.relay.now())
         self.relay.flush_soon()
 
+    async def open(self, outbound: Outbound, target: Target, timeout: float) -> None:
+        await outbound.open_stream(target, self, timeout=timeout)
+
+    def refusal_for(self, exc: OutboundError) -> str:
+        return Refusal.UNREACHABLE if isinstance(exc, Unreachable) else Refusal.RESET
+
+    def connected(self) -> None:
+        relay = self.relay
+        if not self.accepted:
+            self.accepted = True
+            relay.stack.accept(self.id, relay.now())
+            return
+        # Accepted earlier for sniffing: pass on what the client already sent.
+        assert self.transport is not None
+        if self.sniffed:
+            self.transport.write(bytes(self.sniffed))
+        self.sniffed = None
+        if self.app_fin and self.transport.can_write_eof():
+            self.transport.write_eof()
+        relay.stack.resume_receiving(self.id, relay.now())
+
+    def release(self) -> None:
+        if self.sniff_timer is not None:
+            self.sniff_timer.cancel()
+            self.sniff_timer = None
+        if self.transport is not None:
+            transport, self.transport = self.transport, None
+            transport.abort()
+
     # -- stack side -----------------------------------------------------------
     def on_data(self, data: bytes) -> None:
         self.record.bytes_up += len(data)
-        self.last_active = self.relay.loop.time()
+        self.last_active = self.relay.now()
         if self.transport is not None:
             self.transport.write(data)
         elif self.sniffed is not None:
@@ -263,39 +257,27 @@ class TcpFlow(_Flow, StreamReceiver):
         elif self.sniffed is not None:
             self.relay.sniff_done(self)
 
-    def upstream_ready(self) -> None:
-        """Connected after sniffing: pass on what the client already sent."""
-        assert self.transport is not None
-        if self.sniffed:
-            self.transport.write(bytes(self.sniffed))
-        self.sniffed = None
-        if self.app_fin and self.transport.can_write_eof():
-            self.transport.write_eof()
-        self.relay.stack.resume_receiving(self.id, self.relay.now())
-
     def on_writable(self) -> None:
         if self.transport is not None:
             self.transport.resume_reading()
 
     def on_closed(self, reason: str) -> None:
         if self.transport is not None:
-            self.transport.close()
+            transport, self.transport = self.transport, None
+            transport.close()  # an orderly end: what we wrote still goes out
         if reason == "closed" and self.first_fin is not None:
             reason = f"closed-by-{self.first_fin}"
-        self.relay.end(self, reason)
+        self.relay.end(self, reason, None)
 
     def on_reset(self, reason: str) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-        self.relay.end(self, "reset-by-client" if reason == "reset-by-peer" else reason)
+        self.relay.end(self, "reset-by-client" if reason == "reset-by-peer" else reason, None)
 
 
-class UdpFlow(_Flow, DatagramReceiver):
-    __slots__ = ("pending", "relay", "session", "sniff_result", "sniffer")
+class UdpFlow(Flow, DatagramReceiver):
+    __slots__ = ("pending", "session", "sniff_result", "sniffer")
 
-    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
-        super().__init__(flow_id, record)
-        self.relay = relay
+    def __init__(self, relay: Relay, flow_id: int, key: FlowKey, record: FlowRecord) -> None:
+        super().__init__(relay, flow_id, key, record)
         self.session: DatagramSession | None = None
         self.pending: list[bytes] | None = []
         self.sniffer: QuicSniffer | None = None
@@ -312,6 +294,17 @@ class UdpFlow(_Flow, DatagramReceiver):
                 if result is not NEED_MORE and not self.sniff_result.done():
                     self.sniff_result.set_result(result if isinstance(result, str) else None)
 
+    async def sniffed_domain(self) -> str | None:
+        """The QUIC Initial's SNI, when this flow is being sniffed (waits up to the timeout)."""
+        if self.sniff_result is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.sniff_result, self.relay.config.sniff_timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self.sniffer = self.sniff_result = None
+
     def datagram_received(self, data: bytes) -> None:
         if self.closed:
             return
@@ -320,28 +313,39 @@ class UdpFlow(_Flow, DatagramReceiver):
         self.relay.flush_soon()
 
     def session_lost(self, exc: Exception | None) -> None:
-        if self.closed:
-            return
         self.session = None
-        self.relay.stack.abort(self.id, self.relay.now())
-        self.relay.end(self, "upstream-closed")
-        self.relay.flush_soon()
+        self.relay.end(self, "upstream-closed", Refusal.UNREACHABLE)
 
-    def on_closed(self, reason: str) -> None:
+    async def open(self, outbound: Outbound, target: Target, timeout: float) -> None:
+        session = await outbound.open_datagram(target, self, timeout=timeout)
+        if self.closed:
+            session.close()
+        else:
+            self.session = session
+
+    def connected(self) -> None:
+        self.accepted = True
+        self.relay.stack.accept(self.id, self.relay.now())  # releases the kept first packet
+        pending, self.pending = self.pending or [], None
+        assert self.session is not None
+        for data in pending:
+            self.session.send(data)
+
+    def release(self) -> None:
+        self.pending = None
         if self.session is not None:
-            self.session.close()
-            self.session = None
-        self.relay.end(self, reason)
+            session, self.session = self.session, None
+            session.close()
 
 
-class DnsUdpFlow(_Flow):
+class DnsUdpFlow(Flow):
     """UDP to a hijacked DNS address: each datagram is a query answered locally."""
 
-    __slots__ = ("idle", "last", "relay")
+    __slots__ = ("idle", "last")
 
-    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
-        super().__init__(flow_id, record)
-        self.relay = relay
+    def __init__(self, relay: Relay, flow_id: int, key: FlowKey, record: FlowRecord) -> None:
+        super().__init__(relay, flow_id, key, record)
+        self.accepted = True
         self.last = relay.now()
         self.idle: asyncio.TimerHandle | None = None
         self._arm()
@@ -352,12 +356,8 @@ class DnsUdpFlow(_Flow):
         )
 
     def _check_idle(self) -> None:
-        if self.closed:
-            return
         if self.relay.now() - self.last >= self.relay.config.dns_idle_timeout:
-            self.relay.stack.abort(self.id, self.relay.now())
-            self.relay.end(self, "idle")
-            self.relay.flush_soon()
+            self.relay.end(self, "idle", Refusal.RESET)
         else:
             self._arm()
 
@@ -372,28 +372,27 @@ class DnsUdpFlow(_Flow):
             self.relay.stack.send_datagram(self.id, answer, self.relay.now())
             self.relay.flush_soon()
 
-    def on_closed(self, reason: str) -> None:
+    def release(self) -> None:
         if self.idle is not None:
             self.idle.cancel()
-        self.relay.end(self, reason)
+            self.idle = None
 
 
-class DnsTcpFlow(_Flow):
+class DnsTcpFlow(Flow):
     """TCP to a hijacked DNS address: 2-byte length-prefixed queries (RFC 1035 4.2.2)."""
 
-    __slots__ = ("buffer", "relay")
+    __slots__ = ("buffer",)
 
-    def __init__(self, relay: Relay, flow_id: int, record: FlowRecord) -> None:
-        super().__init__(flow_id, record)
-        self.relay = relay
+    def __init__(self, relay: Relay, flow_id: int, key: FlowKey, record: FlowRecord) -> None:
+        super().__init__(relay, flow_id, key, record)
+        self.accepted = True
         self.buffer = bytearray()
 
     def on_data(self, data: bytes) -> None:
         self.record.bytes_up += len(data)
         self.buffer += data
         if len(self.buffer) > DNS_TCP_MAX_BUFFER:
-            self.relay.stack.abort(self.id, self.relay.now())
-            self.relay.end(self, "dns-garbage")
+            self.relay.end(self, "dns-garbage", Refusal.RESET)
             return
         while len(self.buffer) >= 2:
             (length,) = struct.unpack_from("!H", self.buffer)
@@ -407,14 +406,11 @@ class DnsTcpFlow(_Flow):
         answer = await self.relay.answer_dns(self, query, "tcp")
         if answer is not None:
             self.relay.stack.send(self.id, struct.pack("!H", len(answer)) + answer,
-                                  self.relay.now())
+                                  self.relay.now())  # fmt: skip
             self.relay.flush_soon()
 
     def on_half_closed(self) -> None:
         self.relay.stack.shutdown_write(self.id, self.relay.now())
-
-    def on_closed(self, reason: str) -> None:
-        self.relay.end(self, reason)
 
 
 class Relay:
@@ -422,28 +418,85 @@ class Relay:
         self,
         loop: asyncio.AbstractEventLoop,
         stack: Stack,
-        router: Router,
+        policy: Policy,
         config: RelayConfig,
         flow_log: FlowLog,
         flush_soon: Callable[[], None],
     ) -> None:
         self.loop = loop
         self.stack = stack
-        self.router = router
+        self.policy = policy
         self.config = config
         self.flow_log = flow_log
         self.flush_soon = flush_soon
-        self.flows: dict[int, Any] = {}
+        self.flows: dict[int, Flow] = {}
         flow_log.closer = self.close_flow
         # Anonymous memory: a page becomes resident only once a read reaches it.
         self.read_buffer = memoryview(mmap.mmap(-1, UPSTREAM_READ_SIZE))
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle_sweep: asyncio.TimerHandle | None = None
+        # Outbounds in use by running flows (by id), and those a policy swap dropped,
+        # to be closed when their last flow ends.
+        self._users: dict[int, int] = {}
+        self._retiring: dict[int, Outbound] = {}
+        # Echo requests (StackConfig.echo_events) go here: tunproxy.icmp.Pinger.handle.
+        self.on_echo: Callable[[EchoRequest], None] | None = None
         if config.tcp_idle_timeout > 0:
             self._arm_idle_sweep()
         if config.sniff:
             load_quic_crypto()  # now, not as a stall of the loop at the first QUIC flow
 
+    @property
+    def router(self) -> Policy:
+        """The current policy (its older name)."""
+        return self.policy
+
+    @property
+    def dns(self) -> DnsPolicy | None:
+        return self.policy.dns
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # -- the policy ---------------------------------------------------------------------
+    def set_policy(self, policy: Policy) -> None:
+        """Decide new flows by ``policy`` from now on. Running flows keep their outbound;
+        one ``policy`` no longer has is closed once no flow uses it. The old policy's
+        DNS service and process resolver, if ``policy`` has others, are closed now."""
+        old, self.policy = self.policy, policy
+        retired = old.retired_by(policy)
+        for outbound in retired.outbounds:
+            if self._users.get(id(outbound)):
+                self._retiring[id(outbound)] = outbound
+                log.info("outbound %s removed by the reload: closed when its %d flows end",
+                         outbound.name, self._users[id(outbound)])  # fmt: skip
+            else:
+                self._close_outbound(outbound)
+        if retired.dns is not None:
+            self.spawn(_closing("the previous DNS service", retired.dns.aclose()))
+        if retired.processes is not None:
+            retired.processes.close()
+
+    def _use(self, flow: Flow, outbound: Outbound) -> None:
+        flow.outbound = outbound
+        self._users[id(outbound)] = self._users.get(id(outbound), 0) + 1
+
+    def _unuse(self, outbound: Outbound) -> None:
+        key = id(outbound)
+        left = self._users.get(key, 0) - 1
+        if left > 0:
+            self._users[key] = left
+            return
+        self._users.pop(key, None)
+        retired = self._retiring.pop(key, None)
+        if retired is not None:
+            self._close_outbound(retired)
+
+    def _close_outbound(self, outbound: Outbound) -> None:
+        log.info("closing outbound %s (no longer in the policy)", outbound.name)
+        self.spawn(_closing(f"outbound {outbound.name}", outbound.aclose()))
+
+    # -- timers -------------------------------------------------------------------------
     def _arm_idle_sweep(self) -> None:
         # One timer for all flows; a flow idles out between 1x and 1.25x the timeout.
         interval = self.config.tcp_idle_timeout / 4
@@ -454,33 +507,23 @@ class Relay:
         idle = [f for f in self.flows.values()
                 if isinstance(f, TcpFlow) and f.transport is not None and f.last_active < deadline]
         for flow in idle:
-            assert flow.transport is not None
-            flow.transport.abort()
-            self.stack.abort(flow.id, self.now())
-            self.end(flow, "idle-timeout")
-        if idle:
-            self.flush_soon()
+            self.end(flow, "idle-timeout", Refusal.RESET)
         self._arm_idle_sweep()
 
-    @property
-    def dns(self) -> Any:
-        return self.router.dns
-
-    def now(self) -> float:
-        return self.loop.time()
-
-    async def answer_dns(self, flow: _Flow, query: bytes, network: str) -> bytes | None:
+    # -- DNS ----------------------------------------------------------------------------
+    async def answer_dns(self, flow: Flow, query: bytes, network: str) -> bytes | None:
         """The DNS service's answer to a hijacked query, or None (no answer, or flow gone)."""
-        key = self.stack.flow_key(flow.id)
-        client = (key.src_ip, key.src_port) if key else ("", 0)
-        answer: bytes | None = await self.dns.handle_query(query, network=network,
-                                                           client=client)
+        dns = self.dns
+        if dns is None:  # DNS turned off while the flow lived; cannot happen by reload today
+            return None
+        key = flow.key
+        answer = await dns.handle_query(query, network=network, client=(key.src_ip, key.src_port))
         if answer is None or flow.closed:
             return None
         flow.record.bytes_down += len(answer)
         return answer
 
-    def spawn(self, coro: Any) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -491,59 +534,49 @@ class Relay:
         if not task.cancelled() and task.exception() is not None:
             log.error("bug: relay task failed", exc_info=task.exception())
 
-    # -- events from the stack -------------------------------------------------
+    # -- events from the stack -------------------------------------------------------------
     def handle_event(self, event: Event) -> None:
-        if isinstance(event, DataReceived):
-            flow = self.flows.get(event.flow)
-            if flow is not None:
-                flow.on_data(event.data)
-        elif isinstance(event, DatagramReceived):
-            flow = self.flows.get(event.flow)
-            if flow is not None:
-                flow.on_datagram(event.data)
-        elif isinstance(event, FlowOpened):
+        if isinstance(event, FlowOpened):
             self._open(event.flow, event.key)
+            return
+        if isinstance(event, EchoRequest):
+            if self.on_echo is not None:
+                self.on_echo(event)
+            return
+        flow = self.flows.get(event.flow)
+        if flow is None:
+            return
+        if isinstance(event, DataReceived):
+            flow.on_data(event.data)
+        elif isinstance(event, DatagramReceived):
+            flow.on_datagram(event.data)
         elif isinstance(event, FlowHalfClosed):
-            flow = self.flows.get(event.flow)
-            if flow is not None:
-                flow.on_half_closed()
+            flow.on_half_closed()
         elif isinstance(event, FlowWritable):
-            flow = self.flows.get(event.flow)
-            if flow is not None and hasattr(flow, "on_writable"):
-                flow.on_writable()
+            flow.on_writable()
         elif isinstance(event, FlowClosed):
-            flow = self.flows.get(event.flow)
-            if flow is not None:
-                flow.on_closed(event.reason)
+            flow.on_closed(event.reason)
         elif isinstance(event, FlowReset):
-            flow = self.flows.get(event.flow)
-            if flow is not None:
-                if hasattr(flow, "on_reset"):
-                    flow.on_reset(event.reason)
-                else:
-                    flow.on_closed(event.reason)
+            flow.on_reset(event.reason)
 
     def _open(self, flow_id: int, key: FlowKey) -> None:
         record = FlowRecord(
             id=flow_id, network=key.network, src=key.src_ip, src_port=key.src_port,
             dst=key.dst_ip, dst_port=key.dst_port,
-        )
+        )  # fmt: skip
         self.flow_log.track(record)
         dns = self.dns
+        tcp = key.protocol == TCP
         if dns is not None and dns.hijacks(record.dst, key.dst_port, key.network):
             record.outbound = "dns"
             record.rule = "dns.hijack"
             record.state = OPEN
-            if key.protocol == TCP:
-                self.flows[flow_id] = DnsTcpFlow(self, flow_id, record)
-                self.stack.accept(flow_id, self.now())
-            else:
-                self.flows[flow_id] = DnsUdpFlow(self, flow_id, record)
+            hijacked = (DnsTcpFlow if tcp else DnsUdpFlow)(self, flow_id, key, record)
+            self.flows[flow_id] = hijacked
+            self.stack.accept(flow_id, self.now())
             self.flow_log.opened(record)
             return
-        flow: TcpFlow | UdpFlow
-        flow = TcpFlow(self, flow_id, record) if key.protocol == TCP else UdpFlow(
-            self, flow_id, record)
+        flow: TcpFlow | UdpFlow = (TcpFlow if tcp else UdpFlow)(self, flow_id, key, record)
         self.flows[flow_id] = flow
         if self._should_sniff(key, record):
             if isinstance(flow, TcpFlow):
@@ -552,18 +585,18 @@ class Relay:
                 flow.accepted = True
                 self.stack.accept(flow_id, self.now())
                 flow.sniff_timer = self.loop.call_later(
-                    self.config.sniff_timeout, self.sniff_done, flow)
+                    self.config.sniff_timeout, self.sniff_done, flow)  # fmt: skip
                 return
             if key.dst_port == 443:
                 flow.sniffer = QuicSniffer()
                 flow.sniff_result = self.loop.create_future()
         elif self.config.accept_early and isinstance(flow, TcpFlow):
             # The handshake overlaps the upstream connect; the app's bytes (and FIN) wait in
-            # the stack, its window closing, until upstream_ready resumes receiving.
+            # the stack, its window closing, until TcpFlow.connected resumes receiving.
             flow.accepted = True
             self.stack.accept(flow_id, self.now())
             self.stack.pause_receiving(flow_id)
-        flow.task = self.spawn(self._connect(flow, key))
+        flow.task = self.spawn(self._connect(flow))
 
     def _should_sniff(self, key: FlowKey, record: FlowRecord) -> bool:
         if not self.config.sniff or key.dst_port in SERVER_SPEAKS_FIRST:
@@ -571,7 +604,7 @@ class Relay:
         dns = self.dns
         return dns is None or (dns.domain_for(record.dst) is None and not dns.is_fake(record.dst))
 
-    # -- sniffing -----------------------------------------------------------------
+    # -- sniffing -------------------------------------------------------------------------
     def sniff_progress(self, flow: TcpFlow) -> None:
         assert flow.sniffed is not None
         result = sniff_stream(bytes(flow.sniffed))
@@ -590,25 +623,23 @@ class Relay:
             flow.sniff_timer = None
         # Hold further client bytes in the stack (its window closes) while we connect.
         self.stack.pause_receiving(flow.id)
-        key = self.stack.flow_key(flow.id)
-        if key is None:
-            return
-        flow.task = self.spawn(self._connect(flow, key))
+        flow.task = self.spawn(self._connect(flow))
 
-    async def _connect(self, flow: TcpFlow | UdpFlow, key: FlowKey) -> None:
-        record = flow.record
-        if isinstance(flow, UdpFlow) and flow.sniff_result is not None:
-            try:
-                domain = await asyncio.wait_for(flow.sniff_result, self.config.sniff_timeout)
-            except TimeoutError:
-                domain = None
-            record.domain = domain or record.domain
-            flow.sniffer = flow.sniff_result = None
+    # -- connecting -------------------------------------------------------------------------
+    async def _connect(self, flow: TcpFlow | UdpFlow) -> None:
         try:
-            decision = await self.router.decide(key, record)
-        except Exception:
-            log.exception("bug: deciding %s failed", record.describe())
-            decision = Decision("REJECT", None, refusal=Refusal.RESET, reason="internal-error")
+            await self._carry(flow)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("bug: carrying %s failed", flow.record.describe())
+            self.end(flow, f"internal-error: {type(exc).__name__}", Refusal.RESET)
+
+    async def _carry(self, flow: TcpFlow | UdpFlow) -> None:
+        record = flow.record
+        if isinstance(flow, UdpFlow):
+            record.domain = await flow.sniffed_domain() or record.domain
+        decision = await self.policy.decide(flow.key, record)
         if decision.rule is not None:
             record.set_verdict(decision.rule)
         else:
@@ -617,105 +648,79 @@ class Relay:
         self.flow_log.opened(record)
         if flow.closed:
             return
-        already_accepted = isinstance(flow, TcpFlow) and flow.accepted
         if decision.refusal is not None:
-            if already_accepted:
-                # Accepted for sniffing: too late for silence; RST ends it cleanly.
-                self.stack.abort(flow.id, self.now())
-            else:
-                self.stack.refuse(flow.id, decision.refusal, self.now())
-            self.end(flow, decision.reason or "refused")
-            self.flush_soon()
+            self.end(flow, decision.reason or "refused", decision.refusal)
             return
         assert decision.outbound is not None and decision.target is not None
-        timeout = self.config.connect_timeout
+        self._use(flow, decision.outbound)
         try:
-            if isinstance(flow, TcpFlow):
-                await decision.outbound.open_stream(decision.target, flow, timeout=timeout)
-            else:
-                flow.session = await decision.outbound.open_datagram(
-                    decision.target, flow, timeout=timeout
-                )
+            await flow.open(decision.outbound, decision.target, self.config.connect_timeout)
         except OutboundError as exc:
-            if flow.closed:
-                return
-            log.info("%s via %s failed: %s", record.describe(), record.outbound, exc)
-            if already_accepted:
-                self.stack.abort(flow.id, self.now())
-            else:
-                how = Refusal.UNREACHABLE
-                if isinstance(flow, TcpFlow) and not isinstance(exc, Unreachable):
-                    how = Refusal.RESET
-                self.stack.refuse(flow.id, how, self.now())
-            self.end(flow, exc.reason)
-            self.flush_soon()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("bug: opening %s failed", record.describe())
             if not flow.closed:
-                if already_accepted:
-                    self.stack.abort(flow.id, self.now())
-                else:
-                    self.stack.refuse(flow.id, Refusal.RESET, self.now())
-                self.end(flow, f"internal-error: {type(exc).__name__}")
-                self.flush_soon()
+                log.info("%s via %s failed: %s", record.describe(), record.outbound, exc)
+            self.end(flow, exc.reason, flow.refusal_for(exc))
             return
         if flow.closed:
-            # The app gave up (RST, accept timeout) while we connected.
-            if isinstance(flow, TcpFlow) and flow.transport is not None:
-                flow.transport.abort()
-            elif isinstance(flow, UdpFlow) and flow.session is not None:
-                flow.session.close()
+            # The app gave up (RST, accept timeout) while we connected, or the upstream
+            # was lost during its handover: whatever opened is let go of.
+            flow.release()
             return
         record.state = OPEN
-        if isinstance(flow, TcpFlow):
-            if already_accepted:
-                flow.upstream_ready()
-            else:
-                flow.accepted = True
-                self.stack.accept(flow.id, self.now())
-        else:
-            pending, flow.pending = flow.pending or [], None
-            assert flow.session is not None
-            for data in pending:
-                flow.session.send(data)
+        flow.connected()
         self.flush_soon()
 
-    def end(self, flow: _Flow, reason: str) -> None:
+    # -- the one exit ----------------------------------------------------------------------
+    def end(self, flow: Flow, reason: str, how: str | None) -> None:
+        """End ``flow`` once, for ``reason``; every failure and every close comes here.
+
+        ``how`` tells the app: None when the stack ended the flow itself (its FlowClosed
+        or FlowReset); otherwise a ``Refusal`` for a flow not yet accepted (RST, ICMP
+        unreachable, or silence), and an abort (TCP RST) for one that was.
+        """
         if flow.closed:
             return
         flow.closed = True
-        if isinstance(flow, TcpFlow) and flow.sniff_timer is not None:
-            flow.sniff_timer.cancel()
         self.flows.pop(flow.id, None)
-        if flow.task is not None and not flow.task.done():
-            flow.task.cancel()
+        if how is not None:
+            if flow.accepted:
+                self.stack.abort(flow.id, self.now())
+            else:
+                self.stack.refuse(flow.id, how, self.now())
+            self.flush_soon()
+        flow.release()
+        task = flow.task
+        if task is not None and not task.done() and task is not asyncio.current_task(self.loop):
+            task.cancel()
+        if flow.outbound is not None:
+            self._unuse(flow.outbound)
         self.flow_log.ended(flow.record, reason)
 
     def close_flow(self, flow_id: int, reason: str) -> bool:
-        """End a flow from outside (API, shutdown): RST to the app, upstream aborted."""
+        """End a flow from outside (API, top, dashboard): RST to the app, upstream aborted."""
         flow = self.flows.get(flow_id)
         if flow is None:
             return False
-        if isinstance(flow, TcpFlow) and flow.transport is not None:
-            flow.transport.abort()
-        elif isinstance(flow, UdpFlow) and flow.session is not None:
-            flow.session.close()
-            flow.session = None
-        self.stack.abort(flow.id, self.now())
-        self.end(flow, reason)
-        self.flush_soon()
+        self.end(flow, reason, Refusal.RESET)
         return True
 
     async def aclose(self) -> None:
-        """Abort every flow (shutdown)."""
+        """Abort every flow (shutdown), and close the outbounds retired by a reload."""
         if self._idle_sweep is not None:
             self._idle_sweep.cancel()
-        for flow_id in list(self.flows):
-            self.close_flow(flow_id, "shutdown")
-        for task in list(self._tasks):
+        running = list(self._tasks)
+        for flow in list(self.flows.values()):
+            self.end(flow, "shutdown", Refusal.RESET)
+        for task in running:
             task.cancel()
-        if self._tasks:
+        for outbound in list(self._retiring.values()):
+            self._close_outbound(outbound)
+        self._retiring.clear()
+        while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _closing(what: str, closing: Coroutine[Any, Any, None]) -> None:
+    try:
+        await closing
+    except Exception:
+        log.exception("error while closing %s", what)

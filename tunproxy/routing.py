@@ -14,8 +14,11 @@ For each address family the TUN has an address in, tunproxy adds, from
                                             the upstream servers' own addresses
     last  lookup T                          everything else (or one per include-uid range)
 
-and table T holds ``default dev <tun>``. Each rule and route goes through the
-journal, so it is undone on exit and after a crash.
+and table T holds ``default dev <tun>``. With ``tun.strict-route`` (the default), a
+family the TUN has no address in gets the same rules, and table T holds
+``unreachable default`` for it: that family's traffic fails at once (ENETUNREACH)
+instead of leaving by the main table's default route around the tunnel. Each rule
+and route goes through the journal, so it is undone on exit and after a crash.
 """
 
 from __future__ import annotations
@@ -63,12 +66,19 @@ async def setup_link(journal: Journal, tun: TunConfig) -> int:
 
 
 def _families(tun: TunConfig) -> list[socket.AddressFamily]:
+    """The families that get policy routing: those the TUN has an address in, and with
+    strict-route the others too (to be refused)."""
     families = []
-    if any(a.version == 4 for a in tun.addresses):
+    if tun.strict_route or any(a.version == 4 for a in tun.addresses):
         families.append(socket.AF_INET)
-    if any(a.version == 6 for a in tun.addresses):
+    if tun.strict_route or any(a.version == 6 for a in tun.addresses):
         families.append(socket.AF_INET6)
     return families
+
+
+def _tunnelled(tun: TunConfig, family: socket.AddressFamily) -> bool:
+    version = 4 if family == socket.AF_INET else 6
+    return any(a.version == version for a in tun.addresses)
 
 
 async def check_clashes(journal: Journal, tun: TunConfig) -> None:
@@ -114,10 +124,15 @@ async def setup_routing(
     for family in _families(tun):
         priority = tun.rule_priority
 
-        await journal.apply(Change("route", {
-            "family": family, "dst": "default" if family == socket.AF_INET else "::/0",
-            "oif": index, "table": tun.table,
-        }))
+        default = "default" if family == socket.AF_INET else "::/0"
+        if _tunnelled(tun, family):
+            await journal.apply(Change("route", {
+                "family": family, "dst": default, "oif": index, "table": tun.table,
+            }))
+        else:  # strict-route: refused, never around the tunnel
+            await journal.apply(Change("route", {
+                "family": family, "dst": default, "type": "unreachable", "table": tun.table,
+            }))
         await _rule(journal, family, priority, MAIN_TABLE, fwmark=tun.fwmark, fwmask=0xFFFFFFFF)
         priority += 1
         for low, high in tun.exclude_uid:
@@ -149,5 +164,6 @@ async def setup_routing(
                 priority += 1
         else:
             await _rule(journal, family, priority, tun.table)
-        log.info("policy routing for IPv%d: rules %d..%d, table %d", version,
-                 tun.rule_priority, priority, tun.table)
+        log.info("policy routing for IPv%d: rules %d..%d, table %d%s", version,
+                 tun.rule_priority, priority, tun.table,
+                 "" if _tunnelled(tun, family) else " (no TUN address: unreachable)")

@@ -19,15 +19,15 @@ async def start_controller(config: Any, proxy: Any) -> Any:
     from tunproxy.controller.server import Controller
 
     def dns_is_fake(address: str) -> bool:
-        dns = proxy.router.dns if proxy.router is not None else None
+        dns = proxy.policy.dns if proxy.policy is not None else None
         return bool(dns is not None and dns.is_fake(address))
 
     controller = Controller(
         proxy.flow_log,
         secret=config.secret,
         ui=config.ui,
-        ruleset=lambda: proxy.router.ruleset,
-        outbounds=lambda: proxy.router.outbounds,
+        ruleset=lambda: proxy.policy.ruleset,
+        outbounds=lambda: proxy.policy.outbounds,
         config=lambda: proxy.config,
         is_fake=dns_is_fake,
     )

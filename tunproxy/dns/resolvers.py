@@ -345,16 +345,16 @@ class HttpsResolver(Resolver):
     async def _exchange(self, query: bytes, timeout: float) -> bytes:
         original_id = _U16.unpack_from(query, 0)[0]
         body = with_id(query, 0)  # RFC 8484 4.1: ID 0 keeps HTTP caches useful
-        while self._idle:
+        answer: bytes | None = None
+        while answer is None and self._idle:
             conn = self._idle.pop()
             if conn.channel.closed:
                 continue
             try:
                 answer = await self._request(conn, body)
-                break
             except ChannelClosed:
                 conn.channel.close()  # stale keep-alive connection: try another
-        else:
+        if answer is None:
             conn = await self._connect(timeout)
             answer = await self._request(conn, body)
         return with_id(answer, original_id)
