@@ -152,6 +152,7 @@ class Proxy:
         self.flow_log: FlowTable = FlowTable()
         self.policy: Policy | None = None
         self.relay: Relay | None = None
+        self.driver: TunDriver | None = None  # the controller's captures tap it
 
     def build_policy(self, config: Config, previous: Policy | None = None) -> Policy:
         return build_policy(
@@ -207,6 +208,7 @@ class Proxy:
             driver = TunDriver(loop, tun, stack, relay.handle_event,
                                faults=config.fault_injection)  # fmt: skip
             driver_ref.append(driver)
+            self.driver = driver
             driver.start()
             self.started(relay, driver)
             for sig in (signal.SIGINT, signal.SIGTERM):

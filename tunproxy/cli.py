@@ -10,6 +10,7 @@
     tunproxy server --listen [::]:443 --cert FILE --key FILE --token SECRET
                                    a MASQUE proxy (HTTP/3 CONNECT, CONNECT-UDP)
     tunproxy top [--config FILE]   live view of the flows, over the controller API
+    tunproxy capture --process NAME -w FILE|-   pcapng of a running tunproxy's flows
 
 Every error the user can cause or fix is one sentence on stderr and a
 non-zero exit; tracebacks are for our own bugs.
@@ -107,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     from tunproxy import top as top_module
 
     top_module.add_arguments(top)
+
+    capture = sub.add_parser("capture", help="pcapng of some flows of a running tunproxy "
+                             "(controller API)")
+    from tunproxy import capturecli
+
+    capturecli.add_arguments(capture)
     return parser
 
 
@@ -179,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tunproxy import top as top_module
 
             return top_module.main(args)
+        if args.command == "capture":
+            from tunproxy import capturecli
+
+            return capturecli.main(args)
         if args.rules is None:
             parser.print_usage(sys.stderr)
             print("tunproxy: give a rules file with --rules FILE (or a command: check, explain, "

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Protocol
 
 from tunproxy import __version__
 from tunproxy.capture import pcapng
@@ -41,13 +41,21 @@ if TYPE_CHECKING:
     from tunproxy.driver import TunDriver
     from tunproxy.relay import Relay
 
-__all__ = ["CaptureFile", "packet_comment"]
+__all__ = ["CaptureFile", "Output", "packet_comment"]
 
 log = logging.getLogger("tunproxy.capture")
 
 FLUSH_INTERVAL = 0.5
 MAX_PENDING_BYTES = 16 * 1024 * 1024
 MAX_INDEX = 65536  # flows the index holds before ended ones are dropped
+
+
+class Output(Protocol):
+    """Where the blocks go: a file, or the controller's stream (``capture.stream``)."""
+
+    def write(self, data: bytes, /) -> int: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def packet_comment(record: FlowRecord) -> str:
@@ -60,16 +68,18 @@ def packet_comment(record: FlowRecord) -> str:
 
 class CaptureFile:
     def __init__(self, path: Path, *, limit: int, interface: str = "tun",
-                 selection: Selection | None = None) -> None:
+                 selection: Selection | None = None, out: Output | None = None) -> None:
         self.path = path
         self.limit = limit
         # With a selection, only the selected flows' packets (and names) are written.
         self.selection = selection
-        try:
-            self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in close()
-        except OSError as exc:
-            raise SetupError(f"cannot write the capture {path}: {exc.strerror}") from None
-        _give_to_invoking_user(path)
+        self._file: Output | None = out  # ``out``: a stream instead of a file (the API)
+        if out is None:
+            try:
+                self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+            except OSError as exc:
+                raise SetupError(f"cannot write the capture {path}: {exc.strerror}") from None
+            _give_to_invoking_user(path)
         self._opened: list[FlowRecord] = []  # flows opened since the last flush
         self._recent: collections.deque[FlowRecord] = collections.deque(maxlen=256)
         self._pending: list[tuple[int, bool, list[bytes]]] = []

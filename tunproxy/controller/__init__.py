@@ -30,6 +30,7 @@ async def start_controller(config: Any, proxy: Any) -> Any:
         outbounds=lambda: proxy.policy.outbounds,
         config=lambda: proxy.config,
         is_fake=dns_is_fake,
+        data_path=lambda: (getattr(proxy, "relay", None), getattr(proxy, "driver", None)),
     )
     try:
         await controller.start(config.host, config.port)

@@ -96,6 +96,7 @@ class Controller:
         outbounds: Callable[[], Mapping[str, Any]],
         config: Callable[[], Any],
         is_fake: Callable[[str], bool] | None = None,
+        data_path: Callable[[], tuple[Any, Any]] | None = None,
     ) -> None:
         self.table = table
         self.secret = secret
@@ -104,6 +105,7 @@ class Controller:
         self._outbounds = outbounds
         self._config = config
         self._is_fake = is_fake
+        self._data_path = data_path  # () -> (relay, driver): what GET /capture taps
         self._loaded_at = time.time()
         self._runner: web.AppRunner | None = None
         self._hub: LogHub | None = None
@@ -151,6 +153,7 @@ class Controller:
         r.add_get("/traffic", self.traffic)
         r.add_get("/memory", self.memory)
         r.add_get("/logs", self.logs)
+        r.add_get("/capture", self.capture)
         if self.ui is not None:
             r.add_get("/ui", self.ui_redirect)
             r.add_get("/ui/", self.ui_index)
@@ -303,6 +306,11 @@ class Controller:
             return response
         finally:
             hub.unsubscribe(queue)
+
+    async def capture(self, request: web.Request) -> web.StreamResponse:
+        from tunproxy.controller.capture import serve_capture
+
+        return await serve_capture(request, self.table, self._data_path)
 
     # -- the plumbing of pushes ----------------------------------------------------------------
     async def _push(
