@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,10 +72,10 @@ def _tshark(path: Path, *fields: str, display: str | None = None) -> list[list[s
     return [line.split("|") for line in out.stdout.splitlines() if line]
 
 
-def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
@@ -85,7 +85,7 @@ def test_capture_of_curl_through_the_controller(topo: Topology, tmp_path: Path) 
     out = tmp_path / "curl.pcapng"
     cap = _capture(topo, "--secret", SECRET, "--process", "curl", "-w", str(out))
     # The section header arrives at once: the tap is installed.
-    _wait(lambda: out.exists() and out.stat().st_size > 0 or cap.poll() is not None,
+    _wait(lambda: (out.exists() and out.stat().st_size > 0) or cap.poll() is not None,
           "the capture to start")
     assert cap.poll() is None, cap.communicate()[1].decode()
 
