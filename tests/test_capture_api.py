@@ -52,11 +52,14 @@ def test_capture_streams_the_selected_flow_and_removes_its_tap() -> None:
     table = FlowTable()
     _flow(table, 1, 40001, "curl")
     _flow(table, 2, 40002, "wget")
-    driver = SimpleNamespace(tap=None)
+    driver: Any = SimpleNamespace(tap=None)
     relay = SimpleNamespace(stack=SimpleNamespace(config=SimpleNamespace(vnet_hdr=False)))
     curl_syn = tcp_packet(APP, 40001, SERVER, 80, 0x02)
     wget_syn = tcp_packet(APP, 40002, SERVER, 80, 0x02)
     curl_synack = tcp_packet(SERVER, 80, APP, 40001, 0x12)
+
+    def send(packets: list[bytes], from_app: bool) -> None:
+        driver.tap(packets, from_app)
 
     async def main() -> None:
         async with TestClient(TestServer(_controller(table, driver, relay).app)) as client:
@@ -72,8 +75,8 @@ def test_capture_streams_the_selected_flow_and_removes_its_tap() -> None:
                 assert driver.tap is not None  # tapped while the stream is open
                 async with client.get("/capture", headers=AUTH) as second:
                     assert second.status == 409
-                driver.tap([curl_syn, wget_syn], True)
-                driver.tap([curl_synack], False)
+                send([curl_syn, wget_syn], True)
+                send([curl_synack], False)
                 blocks = await _read_blocks(resp.content, 2)
             assert blocks[0].type == pcapng.BLOCK_SHB and blocks[1].type == pcapng.BLOCK_IDB
             epbs = [b for b in blocks if b.type == pcapng.BLOCK_EPB]
@@ -88,7 +91,7 @@ def test_capture_streams_the_selected_flow_and_removes_its_tap() -> None:
             async with client.get("/capture?limit=200", headers=AUTH) as resp:
                 assert resp.status == 200
                 for _ in range(5):
-                    driver.tap([curl_syn] * 4, True)
+                    send([curl_syn] * 4, True)
                     await asyncio.sleep(0)
                 body = await asyncio.wait_for(resp.read(), 10)
             assert len(body) <= 200
