@@ -10,7 +10,8 @@ PROCESS-NAME rule added by a reload finds a process resolver.
 
 What a reload keeps from the previous policy, so that nothing in use is rebuilt:
 an outbound whose settings did not change (the same object: flows running on it
-are not disturbed), the process resolver (once made), and the DNS service when the ``dns``
+are not disturbed), a ``select`` group's chosen member (when the group still has it),
+the process resolver (once made), and the DNS service when the ``dns``
 section did not change. A DNS service that did change is rebuilt but inherits the
 fake-ip table and the real-ip memory when the fake-ip ranges stay the same, so
 addresses already handed out keep their meaning. What the new policy no longer
@@ -273,6 +274,8 @@ def build_policy(
         from tunproxy.outbounds.group import build_groups
 
         build_groups(groups, outbounds)
+        if previous is not None:
+            _keep_selections(previous.outbounds, outbounds)
     # Made when a rule or the flow table's attribution first needs it, then kept across
     # reloads (even ones that drop the process rules): a resolver may be tied to where it
     # was made (``tunproxy run`` opens its sock_diag socket in the command's namespace),
@@ -288,6 +291,20 @@ def build_policy(
         if previous is not None and previous.dns is not None and dns is not None:
             _inherit_addresses(previous.dns, dns)
     return Policy(config.ruleset, outbounds, dns, processes, config)
+
+
+def _keep_selections(old: dict[str, Outbound], new: dict[str, Outbound]) -> None:
+    """A ``select`` group keeps the member chosen through the controller across a reload
+    when the new file still has the group, still as ``select``, with that member (as
+    mihomo keeps it); otherwise it starts on its first member again."""
+    from tunproxy.outbounds.group import GroupOutbound
+
+    for name, group in new.items():
+        before = old.get(name)
+        if (isinstance(group, GroupOutbound) and isinstance(before, GroupOutbound)
+                and group.config.kind == before.config.kind == "select"
+                and before.state.selected in group.state.alive):
+            group.select(before.state.selected)
 
 
 def _inherit_addresses(old: DnsPolicy, new: DnsPolicy) -> None:

@@ -1,10 +1,12 @@
 """The controller's HTTP and WebSocket server (aiohttp), on tunproxy's own event loop.
 
-It only reads the flow table and the running configuration; its one command, closing
-flows, goes through ``FlowTable.close_flow``. Every failure stays with the client it
-concerns: a bad request gets a status and ``{"message": ...}`` (mihomo's error shape), a
-WebSocket client whose socket stops draining for ``SEND_TIMEOUT`` is dropped, so nothing a
-client does can hold the loop or the data path.
+It only reads the flow table and the running configuration; its two commands are closing
+flows (through ``FlowTable.close_flow``) and switching a ``select`` group
+(``GroupOutbound.select``: the next flow's choice, nothing running is touched). Every
+failure stays with the client it concerns: a bad request gets a status and
+``{"message": ...}`` (mihomo's error shape), a WebSocket client whose socket stops
+draining for ``SEND_TIMEOUT`` is dropped, so nothing a client does can hold the loop or
+the data path.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from tunproxy.controller import views
 from tunproxy.flows import FlowTable
+from tunproxy.outbounds.group import GroupOutbound, Probe
 
 __all__ = ["Controller", "LogHub"]
 
@@ -111,6 +115,7 @@ class Controller:
         self._hub: LogHub | None = None
         self.dropped_clients = 0
         self._encoder = views.SnapshotEncoder()
+        self._delays: dict[str, list[dict[str, Any]]] = {}  # name -> /delay results, newest last
         self.app = self._make_app()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -148,6 +153,8 @@ class Controller:
         r.add_get("/rules", self.rules)
         r.add_get("/proxies", self.proxies)
         r.add_get("/proxies/{name}", self.proxy)
+        r.add_put("/proxies/{name}", self.select)
+        r.add_get("/proxies/{name}/delay", self.delay)
         r.add_get("/providers/proxies", self.proxy_providers)
         r.add_get("/providers/rules", self.rule_providers)
         r.add_get("/traffic", self.traffic)
@@ -210,15 +217,66 @@ class Controller:
     async def rules(self, request: web.Request) -> web.Response:
         return web.json_response(views.rules_list(self._ruleset()))
 
+    def _proxies(self) -> dict[str, Any]:
+        return views.proxies(self._outbounds(), self._config().upstreams, self._delays)
+
     async def proxies(self, request: web.Request) -> web.Response:
-        return web.json_response(views.proxies(self._outbounds(), self._config().upstreams))
+        return web.json_response(self._proxies())
 
     async def proxy(self, request: web.Request) -> web.Response:
-        all_ = views.proxies(self._outbounds(), self._config().upstreams)["proxies"]
-        item = all_.get(request.match_info["name"])
+        item = self._proxies()["proxies"].get(request.match_info["name"])
         if item is None:
             return _error(404, "Resource not found")
         return web.json_response(item)
+
+    async def select(self, request: web.Request) -> web.Response:
+        """``PUT /proxies/{group}`` ``{"name": member}``: switch a select group, as mihomo.
+        New flows take the member at once; running flows keep theirs."""
+        name = request.match_info["name"]
+        group = self._outbounds().get(name)
+        if group is None and name != "GLOBAL":
+            return _error(404, "Resource not found")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        member = body.get("name") if isinstance(body, dict) else None
+        if not isinstance(member, str):
+            return _error(400, "Body invalid")
+        if not isinstance(group, GroupOutbound) or group.config.kind != "select":
+            return _error(400, "Must be a Selector")
+        try:
+            group.select(member)
+        except ValueError as exc:
+            return _error(400, f"Selector update error: {exc}")
+        log.info("controller: group %s now uses %s", name, member)
+        return web.Response(status=204)
+
+    async def delay(self, request: web.Request) -> web.Response:
+        """``GET /proxies/{name}/delay?url=&timeout=ms``: one health check through it."""
+        name = request.match_info["name"]
+        outbound = self._outbounds().get(name)
+        if outbound is None:
+            return _error(404, "Resource not found")
+        url = request.query.get("url", "")
+        parts = urlsplit(url)
+        try:
+            timeout = int(request.query.get("timeout", "")) / 1000
+        except ValueError:
+            timeout = 0.0
+        if parts.scheme not in ("http", "https") or not parts.hostname or not 0 < timeout <= 60:
+            return _error(400, "Body invalid")
+        started = time.monotonic()
+        latency = await Probe(url).run(outbound, timeout)
+        history = self._delays.setdefault(name, [])
+        history.append({"time": views.rfc3339(time.time()),
+                        "delay": 0 if latency is None else max(1, round(latency * 1000))})
+        del history[:-10]
+        if latency is None and time.monotonic() - started >= timeout * 0.95:
+            return _error(504, "Timeout")
+        if latency is None:
+            return _error(503, "An error occurred in the delay test")
+        return web.json_response({"delay": history[-1]["delay"]})
 
     async def proxy_providers(self, request: web.Request) -> web.Response:
         return web.json_response(

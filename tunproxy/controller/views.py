@@ -17,6 +17,7 @@ from typing import Any
 
 from tunproxy import __version__
 from tunproxy.flows import FlowRecord, FlowTable, RuleRef, source_ref
+from tunproxy.outbounds.group import GroupOutbound
 
 __all__ = [
     "SnapshotEncoder",
@@ -207,19 +208,67 @@ def _proxy(name: str, kind: str, udp: bool = True) -> dict[str, Any]:
             "extra": {}, "id": name}
 
 
-def proxies(outbounds: Mapping[str, Any], upstreams: Mapping[str, Any]) -> dict[str, Any]:
-    """``GET /proxies``: DIRECT, REJECT and each upstream as a proxy, and mihomo's GLOBAL
-    selector listing them (dashboards look for it)."""
+GROUP_TYPES = {"select": "Selector", "fallback": "Fallback", "url-test": "URLTest",
+               "load-balance": "LoadBalance"}
+
+
+def _delay(t: float, latency: float | None) -> dict[str, Any]:
+    # mihomo's DelayHistory: delay in ms, 0 for a failed check
+    return {"time": rfc3339(t), "delay": 0 if latency is None else max(1, round(latency * 1000))}
+
+
+def _group(group: GroupOutbound) -> dict[str, Any]:
+    """A group as mihomo shows one: its type, ``all`` members, ``now`` (the member new flows
+    take; load-balance has none, as in mihomo) and its health-check ``testUrl``."""
+    kind = group.config.kind
+    body = {**_proxy(group.name, GROUP_TYPES.get(kind, "Selector")),
+            "all": list(group.state.members), "hidden": False, "icon": ""}
+    now = group.now()
+    if now is not None:
+        body["now"] = now
+    if kind != "select":
+        body["testUrl"] = group.config.url
+        body["expectedStatus"] = "*"
+        body["fixed"] = ""
+    body["alive"] = any(group.state.alive.values())
+    return body
+
+
+def proxies(
+    outbounds: Mapping[str, Any], upstreams: Mapping[str, Any],
+    delays: Mapping[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """``GET /proxies``: DIRECT, REJECT, each upstream and each group as a proxy, and
+    mihomo's GLOBAL selector listing them (dashboards look for it).
+
+    A member's ``history`` and ``alive`` come from the latest health check of a group
+    checking it (and from ``delays``, the API's own ``/delay`` tests, newest last)."""
     out: dict[str, Any] = {
         "DIRECT": _proxy("DIRECT", "Direct"),
         "REJECT": _proxy("REJECT", "Reject"),
     }
-    for name in outbounds:
+    checks: dict[str, tuple[float, float | None]] = {}  # member -> (when, latency)
+    for name, ob in outbounds.items():
+        if isinstance(ob, GroupOutbound):
+            out[name] = _group(ob)
+            for member, when in ob.checked_at.items():
+                if member not in checks or checks[member][0] < when:
+                    checks[member] = (when, ob.state.latency.get(member))
+            continue
         if name in ("DIRECT", "REJECT"):
             continue
         up = upstreams.get(name)
         kind = {"socks5": "Socks5", "quic": "Masque"}.get(getattr(up, "type", ""), "Unknown")
         out[name] = _proxy(name, kind, bool(getattr(up, "udp", True)))
+    for member, (when, latency) in checks.items():
+        if member in out:
+            out[member]["history"] = [_delay(when, latency)]
+            out[member]["alive"] = latency is not None
+    for name, history in (delays or {}).items():
+        if name in out:
+            merged = sorted(out[name]["history"] + history, key=lambda h: str(h["time"]))
+            out[name]["history"] = merged[-10:]
+            out[name]["alive"] = merged[-1]["delay"] > 0
     names = list(out)
     out["GLOBAL"] = {**_proxy("GLOBAL", "Selector"), "now": "DIRECT", "all": names,
                      "hidden": False, "icon": "", "fixed": ""}
@@ -227,9 +276,10 @@ def proxies(outbounds: Mapping[str, Any], upstreams: Mapping[str, Any]) -> dict[
 
 
 def proxy_providers(outbounds: Mapping[str, Any], upstreams: Mapping[str, Any]) -> dict[str, Any]:
-    """``GET /providers/proxies``: mihomo's built-in "default" provider holding them all."""
+    """``GET /providers/proxies``: mihomo's built-in "default" provider holding the proxies
+    (not the groups, as in mihomo)."""
     items = [p for name, p in proxies(outbounds, upstreams)["proxies"].items()
-             if name != "GLOBAL"]
+             if name != "GLOBAL" and not isinstance(outbounds.get(name), GroupOutbound)]
     return {"providers": {"default": {
         "name": "default", "type": "Proxy", "vehicleType": "Compatible", "proxies": items,
         "testUrl": "", "expectedStatus": "*",

@@ -39,7 +39,7 @@ from tunproxy.outbounds.base import (
     Target,
 )
 
-__all__ = ["GROUP_KINDS", "GroupConfig", "GroupOutbound", "GroupState"]
+__all__ = ["GROUP_KINDS", "GroupConfig", "GroupOutbound", "GroupState", "Probe"]
 
 log = logging.getLogger("tunproxy.groups")
 
@@ -136,6 +136,61 @@ class _StatusLine(asyncio.Protocol):
             self.done.set_exception(exc or ConnectionError("closed before a status line"))
 
 
+class Probe:
+    """One health check: an HTTP GET of ``url`` through an outbound; the seconds until the
+    status line came back, or None. https:// runs TLS over the outbound's stream, the
+    certificate not verified: a check sends nothing secret and measures reachability."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        self._tls_host = host if parts.scheme == "https" else None
+        port = parts.port or (443 if self._tls_host is not None else 80)
+        try:
+            ipaddress.ip_address(host)
+            self._target = Target(port, address=host)
+        except ValueError:
+            self._target = Target(port, domain=host)
+        self._request = (f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} "
+                         f"HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: tunproxy\r\n"
+                         "Connection: close\r\n\r\n").encode()
+
+    async def run(self, outbound: Outbound, timeout: float) -> float | None:
+        start = time.monotonic()
+        proto = _StatusLine()
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await outbound.open_stream(self._target, proto, timeout=timeout)
+                if self._tls_host is not None:
+                    transport = await self._start_tls(transport, proto)
+                transport.write(self._request)
+                line = await proto.done
+            if line.startswith(b"HTTP/"):
+                return time.monotonic() - start
+        except (OSError, OutboundError, TimeoutError, ConnectionError, ValueError) as exc:
+            log.debug("health check of %s failed: %s", self._target.host, exc)
+        finally:
+            if transport is not None:
+                transport.close()
+        return None
+
+    async def _start_tls(
+        self, transport: asyncio.Transport, proto: asyncio.Protocol
+    ) -> asyncio.Transport:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        tls = await asyncio.get_running_loop().start_tls(
+            transport, proto, ctx, server_hostname=self._tls_host or None
+        )
+        if tls is None:
+            raise ConnectionError("TLS handshake did not complete")
+        return tls
+
+
 class GroupOutbound(Outbound):
     """An Outbound over ``members`` (other Outbounds), chosen by a ``GroupState``."""
 
@@ -145,18 +200,8 @@ class GroupOutbound(Outbound):
         self.members = members
         self.state = GroupState(config.kind, list(members), config.tolerance)
         self._checker: asyncio.Task[None] | None = None
-        parts = urlsplit(config.url)
-        host = parts.hostname or ""
-        self._tls_host = host if parts.scheme == "https" else None
-        port = parts.port or (443 if self._tls_host is not None else 80)
-        try:
-            ipaddress.ip_address(host)
-            self._check_target = Target(port, address=host)
-        except ValueError:
-            self._check_target = Target(port, domain=host)
-        self._request = (f"GET {parts.path or '/'}{'?' + parts.query if parts.query else ''} "
-                         f"HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: tunproxy\r\n"
-                         "Connection: close\r\n\r\n").encode()
+        self._probe = Probe(config.url)
+        self.checked_at: dict[str, float] = {}  # member -> wall time of its last check
 
     def start(self) -> None:
         """Start the health checks (needs a running loop; idempotent)."""
@@ -172,48 +217,22 @@ class GroupOutbound(Outbound):
         await asyncio.gather(*(self._check(name) for name in self.state.members))
 
     async def _check(self, name: str) -> None:
-        start = time.monotonic()
-        latency: float | None = None
-        proto = _StatusLine()
-        transport: asyncio.Transport | None = None
-        try:
-            async with asyncio.timeout(self.config.timeout):
-                transport = await self.members[name].open_stream(
-                    self._check_target, proto, timeout=self.config.timeout
-                )
-                if self._tls_host is not None:
-                    transport = await self._start_tls(transport, proto)
-                transport.write(self._request)
-                line = await proto.done
-            if line.startswith(b"HTTP/"):
-                latency = time.monotonic() - start
-        except (OSError, OutboundError, TimeoutError, ConnectionError, ValueError) as exc:
-            log.debug("group %s: health check through %s failed: %s", self.name, name, exc)
-        finally:
-            if transport is not None:
-                transport.close()
+        latency = await self._probe.run(self.members[name], self.config.timeout)
+        if latency is None:
+            log.debug("group %s: health check through %s failed", self.name, name)
         was = self.state.alive[name]
         self.state.report(name, latency)
+        self.checked_at[name] = time.time()
         if was != (latency is not None):
             log.info("group %s: member %s is %s", self.name, name,
                      "up" if latency is not None else "down")
 
-    async def _start_tls(
-        self, transport: asyncio.Transport, proto: asyncio.Protocol
-    ) -> asyncio.Transport:
-        """TLS over the member's stream for an https:// check URL. The certificate is not
-        verified: a check sends nothing secret and measures reachability and latency."""
-        import ssl
-
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        tls = await asyncio.get_running_loop().start_tls(
-            transport, proto, ctx, server_hostname=self._tls_host or None
-        )
-        if tls is None:
-            raise ConnectionError("TLS handshake did not complete")
-        return tls
+    def now(self) -> str | None:
+        """The member a new flow would take now (mihomo's ``now``); None for load-balance,
+        which picks by destination."""
+        if self.config.kind == "load-balance":
+            return None
+        return self.state.order("")[0]
 
     def _candidates(self, target: Target) -> list[str]:
         self.start()
