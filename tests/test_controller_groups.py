@@ -6,12 +6,15 @@ a member, and a SIGHUP-style rebuild of the policy keeping the choice."""
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tunproxy.config import parse_config
 from tunproxy.controller.server import Controller
@@ -214,3 +217,61 @@ def test_a_reload_keeps_the_selection_while_the_group_has_the_member() -> None:
     assert _selected(again) == "a"
     other = _policy("fallback", "b, c", _policy("select", "c, b", None))
     assert other.outbounds["sel"].state.kind == "fallback"  # type: ignore[attr-defined]
+
+
+# --- end to end: a select group over two microsocks, switched through the API -------------
+
+E2E_API = 9391
+E2E_CONFIG = """\
+tun:
+  device: tp0
+controller:
+  listen: 127.0.0.1:{api}
+  secret: {secret}
+proxies:
+  - {{name: a, type: socks5, server: {proxy}, port: 1080}}
+  - {{name: b, type: socks5, server: {proxy}, port: 1081}}
+proxy-groups:
+  - {{name: G, type: select, proxies: [a, b]}}
+rules:
+  - MATCH,G
+# {note}
+"""
+
+
+@pytest.mark.netns
+def test_put_switches_new_flows_to_the_other_socks_server(tmp_path: Path) -> None:
+    from tests.netns import PROXY4, topology
+    from tests.test_groups import A_OUT, B_OUT, Lab
+
+    def api(lab: Lab, method: str, path: str, data: str | None = None) -> tuple[int, str]:
+        args = ["curl", "-sS", "-X", method, "-H", f"Authorization: Bearer {SECRET}",
+                "-w", "\n%{http_code}", f"http://127.0.0.1:{E2E_API}{path}"]
+        if data is not None:
+            args += ["-H", "Content-Type: application/json", "--data", data]
+        out = lab.topo.client.run(*args).stdout
+        text, _, status = out.rpartition("\n")
+        return int(status), text
+
+    def config(note: str) -> str:
+        return E2E_CONFIG.format(api=E2E_API, secret=SECRET, proxy=PROXY4, note=note)
+
+    with topology(tmp_path) as topo:
+        lab = Lab(topo)
+        tp = topo.start_tunproxy(config("first"))
+        topo.client.wait_tcp_listening(E2E_API)
+        assert lab.via() == A_OUT  # the first member until switched
+        assert json.loads(api(lab, "GET", "/proxies/G")[1])["now"] == "a"
+        assert api(lab, "PUT", "/proxies/G", '{"name": "b"}') == (204, "")
+        assert lab.via() == B_OUT  # the very next flow takes b
+        assert json.loads(api(lab, "GET", "/proxies/G")[1])["now"] == "b"
+        status, text = api(lab, "PUT", "/proxies/G", '{"name": "c"}')
+        assert status == 400 and "c" in json.loads(text)["message"]
+        assert lab.via() == B_OUT
+        # A reload that keeps the group and the member keeps the choice.
+        tp.config_path.write_text(config("reloaded"))
+        mark = len(tp.log.splitlines())
+        tp.send_signal(signal.SIGHUP)
+        tp.wait_for_log(r"reloaded ", start=mark)
+        assert lab.via() == B_OUT
+        assert json.loads(api(lab, "GET", "/proxies/G")[1])["now"] == "b"
