@@ -18,6 +18,7 @@ import pytest
 
 from tunproxy.config import parse_config
 from tunproxy.controller.server import Controller
+from tunproxy.errors import ConnectRefused
 from tunproxy.flows import FlowTable
 from tunproxy.outbounds.base import Outbound, StreamProtocol, Target
 from tunproxy.outbounds.direct import DirectOutbound
@@ -148,6 +149,27 @@ def test_put_switches_a_select_group() -> None:
         async with session.put("/proxies/sel", json={"name": "a"}) as resp:
             assert resp.status == 401  # the secret is needed, as for everything else
         assert sel.state.selected == "b"
+
+    run(body)
+
+
+def test_a_running_flow_keeps_its_member_after_a_switch() -> None:
+    async def body(outbounds: dict[str, Outbound], session: aiohttp.ClientSession,
+                   port: int) -> None:
+        from tunproxy.outbounds.group import _StatusLine
+
+        sel = outbounds["sel"]
+        proto = _StatusLine()
+        transport = await sel.open_stream(Target(80, domain="x.test"), proto, timeout=5)
+        try:
+            assert await put(session, "/proxies/sel", {"name": "b"}) == (204, None)
+            # The flow opened through a still works; b (refused) is only for new flows.
+            transport.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(proto.done, 10)).startswith(b"HTTP/1.1 204")
+        finally:
+            transport.close()
+        with pytest.raises(ConnectRefused):  # a new flow goes to b
+            await sel.open_stream(Target(80, domain="x.test"), _StatusLine(), timeout=5)
 
     run(body)
 
