@@ -386,6 +386,19 @@ class ClientTLS:
     session_ticket: SessionTicket | None = None
 
 
+def _configuration(settings: LinkSettings, *, is_client: bool) -> QuicConfiguration:
+    """The QUIC settings both ends share: ALPN h3, the link's limits, DATAGRAM frames."""
+    return QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=["h3"],
+        idle_timeout=settings.idle_timeout,
+        max_data=settings.max_data,
+        max_stream_data=settings.max_stream_data,
+        max_datagram_size=settings.max_datagram_size,
+        max_datagram_frame_size=65536,
+    )
+
+
 async def dial(
     sock_factory: Callable[[str], Any],
     address: str,
@@ -401,17 +414,9 @@ async def dial(
     once the handshake is done; raises ConnectionError (or the socket's OSError)."""
     from qh3.asyncio._transport import create_optimized_datagram_transport
 
-    configuration = QuicConfiguration(
-        is_client=True,
-        alpn_protocols=["h3"],
-        idle_timeout=settings.idle_timeout,
-        max_data=settings.max_data,
-        max_stream_data=settings.max_stream_data,
-        max_datagram_size=settings.max_datagram_size,
-        max_datagram_frame_size=65536,
-        server_name=tls.server_name,
-        session_ticket=tls.session_ticket,
-    )
+    configuration = _configuration(settings, is_client=True)
+    configuration.server_name = tls.server_name
+    configuration.session_ticket = tls.session_ticket
     if tls.insecure:
         configuration.verify_mode = ssl.CERT_NONE
     elif tls.cafile is not None:
@@ -510,15 +515,7 @@ async def listen(
 ) -> H3Server:
     from qh3.asyncio._transport import create_optimized_datagram_transport
 
-    configuration = QuicConfiguration(
-        is_client=False,
-        alpn_protocols=["h3"],
-        idle_timeout=settings.idle_timeout,
-        max_data=settings.max_data,
-        max_stream_data=settings.max_stream_data,
-        max_datagram_size=settings.max_datagram_size,
-        max_datagram_frame_size=65536,
-    )
+    configuration = _configuration(settings, is_client=False)
     configuration.load_cert_chain(certfile, keyfile)
     gate = ReadGate()
     tickets: dict[bytes, SessionTicket] = {}

@@ -227,22 +227,31 @@ class ProcessResolver:
             self._inodes.clear()
         self._fds.clear()  # forget dead pids; the full scan refills
         start = time.monotonic()
+        pids = self._pids_of(uid)
+        if pids is None:
+            return False
+        for pid in pids:
+            self._remember(pid)
+        took = time.monotonic() - start
+        self._next_scan[uid] = now + took / self._scan_budget
+        return True
+
+    def _pids_of(self, uid: int) -> list[int] | None:
+        """The pids in /proc owned by ``uid`` (None when /proc cannot be listed)."""
         try:
             entries = list(os.scandir(self._proc))
         except OSError:
-            return False
+            return None
+        pids = []
         for entry in entries:
             if not entry.name.isdigit():
                 continue
             try:
-                if entry.stat().st_uid != uid:
-                    continue
+                if entry.stat().st_uid == uid:
+                    pids.append(int(entry.name))
             except OSError:
                 continue
-            self._remember(int(entry.name))
-        took = time.monotonic() - start
-        self._next_scan[uid] = now + took / self._scan_budget
-        return True
+        return pids
 
     def _scan_new(self, uid: int) -> bool:
         """Scan the processes of ``uid`` not seen at any scan yet: a program started since
@@ -252,19 +261,12 @@ class ProcessResolver:
         if now < self._next_new_scan:
             return False
         start = time.monotonic()
-        try:
-            entries = list(os.scandir(self._proc))
-        except OSError:
+        pids = self._pids_of(uid)
+        if pids is None:
             return False
-        for entry in entries:
-            if not entry.name.isdigit() or int(entry.name) in self._fds:
-                continue
-            try:
-                if entry.stat().st_uid != uid:
-                    continue
-            except OSError:
-                continue
-            self._remember(int(entry.name))
+        for pid in pids:
+            if pid not in self._fds:
+                self._remember(pid)
         self._next_new_scan = now + (time.monotonic() - start) / self._scan_budget
         return True
 
