@@ -12,9 +12,11 @@ import contextlib
 import os
 import re
 import secrets
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -222,59 +224,85 @@ def test_signals_sent_to_tunproxy_reach_the_command(lab: Lab) -> None:
 SIGNAL_REPORTER = """
 import os, signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGUSR1})
-print("reporter-ready", flush=True)
+report = open(sys.argv[1], "w", buffering=1)
+print("ready", file=report)
 while True:
     info = signal.sigwaitinfo({signal.SIGINT, signal.SIGUSR1})
-    print(signal.Signals(info.si_signo).name, info.si_code, flush=True)
+    print(signal.Signals(info.si_signo).name, info.si_code, file=report)
     if info.si_signo == signal.SIGUSR1:
         sys.exit(0)
 """
+
+
+def _read_until(fd: int, buffer: bytearray, token: bytes, timeout: float = 30.0) -> None:
+    """Read ``fd`` into ``buffer`` until ``token`` is in it; never blocks past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while token not in buffer:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{token!r} not seen in {bytes(buffer)!r}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"{token!r} not seen before the end: {bytes(buffer)!r}"
+            buffer += chunk
+
+
+def _drain(fd: int, into: bytearray) -> threading.Thread:
+    """Read a terminal's output until its last user is gone (EIO), in a thread: a terminal
+    nobody reads stops its writers once its buffer is full."""
+
+    def loop() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(fd, 65536):
+                into.extend(chunk)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_ctrl_c_reaches_the_command_once(lab: Lab) -> None:
     """The terminal's ^C goes to tunproxy's process group, CMD included: tunproxy must not
     send it a second time. A SIGUSR1 sent to tunproxy with kill is passed on. (Two SIGINTs
     pending at once merge into one, so a wrong second one can hide from CMD: tunproxy's debug
-    log says what it did with each.)"""
+    log says what it did with each.) CMD reports what it received on a FIFO of its own, so
+    its lines cannot mix with tunproxy's log on the terminal."""
+    fifo = lab.tmp / "signals"
+    os.mkfifo(fifo)
+    report = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     master, slave = os.openpty()
     proc = subprocess.Popen(
         ["setsid", "--ctty", *lab.topo.client.cmd(
             sys.executable, "-m", "tunproxy", "--log-level", "debug", "run", "--",
-            sys.executable, "-c", SIGNAL_REPORTER)],
+            sys.executable, "-c", SIGNAL_REPORTER, str(fifo))],
         stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
     os.close(slave)
-    output = b""
-
-    def read_until(token: bytes) -> None:
-        nonlocal output
-        deadline = time.monotonic() + 30
-        while token not in output:
-            assert time.monotonic() < deadline, output
-            output += os.read(master, 4096)
-
+    terminal = bytearray()
+    reader = _drain(master, terminal)
+    reported = bytearray()
     try:
-        read_until(b"reporter-ready")
+        _read_until(report, reported, b"ready\n")
         os.write(master, b"\x03")
-        read_until(b"SIGINT")
+        _read_until(report, reported, b"SIGINT ")
         # ip netns exec and setsid exec'd: this pid is tunproxy.
         os.kill(proc.pid, signal.SIGUSR1)
+        _read_until(report, reported, b"SIGUSR1 ")
         assert proc.wait(timeout=20) == 0
-        with contextlib.suppress(OSError):  # EIO once the terminal's last user is gone
-            while chunk := os.read(master, 4096):
-                output += chunk
-        got = re.findall(r"SIG\w+ \d+", output.decode())
+        reader.join(timeout=20)
         # SI_KERNEL (128): from the terminal; SI_USER (0): from kill(2), i.e. tunproxy.
-        assert got == ["SIGINT 128", "SIGUSR1 0"], output
+        assert reported.decode().splitlines() == ["ready", "SIGINT 128", "SIGUSR1 0"]
         # And from tunproxy's side (where a merged duplicate cannot hide):
-        text = output.decode()
+        text = terminal.decode()
         assert "SIGINT from the terminal: the command has it already" in text
         assert "SIGINT from pid" not in text
         assert re.search(r"SIGUSR1 from pid \d+: passed on to the command", text)
     finally:
-        os.close(master)
         if proc.poll() is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # tunproxy leads the session's one group
             proc.wait(timeout=10)
+        reader.join(timeout=10)
+        os.close(master)
+        os.close(report)
 
 
 def test_stdin_cwd_and_environment_pass_through(lab: Lab) -> None:
