@@ -97,6 +97,8 @@ def _stack_config(config: Config, vnet_hdr: bool, gso: bool) -> StackConfig:
         answer_ping=config.relay.ping == "local",
         echo_events=config.relay.ping == "forward",
         tcp_receive_window=max(config.relay.buffer_size, 64 * 1024),
+        # Towards the app: what a flow whose app stops reading holds (README "Reliability").
+        tcp_send_buffer=2 * config.relay.buffer_size,
         tcp_delayed_ack=config.tun.delayed_ack,
     )
 

@@ -7,7 +7,8 @@ bytes flow both ways on asyncio Protocols, with backpressure both ways:
     app -> stack -> DataReceived -> upstream transport.write
         upstream buffer above its high-water mark: pause_writing ->
         stack.pause_receiving (the app's TCP window closes)
-    upstream read (into the relay's one read buffer) -> stack.send
+    upstream read (into the relay's one read buffer, no more than the stack's send
+        buffer can take) -> stack.send
         stack send buffer full: upstream.pause_reading, until FlowWritable
 
 and half-close both ways (app FIN -> write_eof; upstream EOF -> FIN to app).
@@ -81,6 +82,10 @@ MAX_SNIFF_BYTES = 16 * 1024
 # also running the kernel's ACK and backlog work for the connection), no better
 # beyond 2 MiB (bench/run.py, same machine, alternating runs).
 UPSTREAM_READ_SIZE = 1 << 20
+# Each read is also no bigger than the flow's free send-buffer space, so a flow whose app
+# stops reading holds at most its send buffer plus one read of this floor (a read is never
+# empty); the rest waits in the kernel's socket buffer, whose window then slows the sender.
+MIN_UPSTREAM_READ = 16 * 1024
 # Where the server talks first, a client's first bytes never come: don't wait for them.
 SERVER_SPEAKS_FIRST = frozenset({21, 22, 25, 110, 143, 587, 3306, 5432, 5900})
 
@@ -170,7 +175,8 @@ class TcpFlow(Flow, StreamReceiver):
         transport.set_write_buffer_limits(high=self.relay.config.buffer_size)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.relay.read_buffer
+        relay = self.relay
+        return relay.read_buffer[: max(relay.stack.send_buffer_free(self.id), MIN_UPSTREAM_READ)]
 
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(self.relay.read_buffer[:nbytes]))
