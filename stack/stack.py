@@ -99,6 +99,11 @@ class StackConfig:
     # At the limit, a handshake whose SYN-ACK went unanswered this long (the first SYN-ACK
     # retransmission is due after 1 s) gives its slot to a new SYN.
     half_open_evict_after: float = 1.0
+    # ... but at most this many a second (a token bucket holding a second's worth). Each
+    # admitted SYN costs the relay an upstream connect: admitting a flood's SYNs as fast as
+    # the table turned over (~1,300/s) left no time to read the TUN, whose queue then
+    # dropped legitimate packets as readily as the flood's (bench/stress.py).
+    half_open_evict_rate: float = 256.0
     reassembly_limit: int = 4 * 1024 * 1024  # bytes held for IPv4 fragments, all datagrams together
     reassembly_timeout: float = 30.0
     udp_idle_timeout: float = 60.0
@@ -166,6 +171,8 @@ class Stack:
         # Half-open TCP flows, oldest first (dicts keep insertion order): the victims when
         # the half-open limit is reached.
         self._half_open_flows: dict[int, _TcpFlow] = {}
+        self._evict_tokens = config.half_open_evict_rate
+        self._evict_refill = 0.0  # when the eviction bucket was last refilled
         self._now = 0.0
         self._rng = random.Random(config.seed)
         self._icmp_tokens = float(config.icmp_error_burst)
@@ -331,8 +338,9 @@ class Stack:
             self._reset_for(src, dst, syn, 0)
             return
         if self._half_open >= self.config.max_half_open and not self._evict_half_open(now):
+            # Dropped, not reset: the sender retries (1 s, 3 s, ...) and finds room later, as
+            # with a full listen queue in Linux; a RST would fail a legitimate connect at once.
             c["drop.limit.half_open"] += 1
-            self._reset_for(src, dst, syn, 0)
             return
         v6 = len(src) == 16
         ip_len = ipv6.HEADER_LEN if v6 else ipv4.HEADER_LEN
@@ -377,13 +385,23 @@ class Stack:
         keeps up with, ~3 s here) shields a legitimate handshake for longer than the
         age, and longer ages measured worse, as more SYNs were refused outright. Flows
         still waiting for their upstream (not accepted) are never evicted: that wait
-        is legitimate. Looks at the oldest 64 only."""
+        is legitimate. Looks at the oldest 64 only. At most ``half_open_evict_rate`` a
+        second: beyond, SYNs are dropped cheaply and the TUN is read as fast as the flood
+        comes, so a legitimate handshake's packets are not lost in the kernel's queue."""
+        rate = self.config.half_open_evict_rate
+        tokens = min(rate, self._evict_tokens + max(0.0, now - self._evict_refill) * rate)
+        self._evict_refill = now
+        self._evict_tokens = tokens
+        if tokens < 1.0:
+            self._counters["tcp.half_open_evict_limited"] += 1
+            return False
         oldest = now - self.config.half_open_evict_after
         for index, flow in enumerate(self._half_open_flows.values()):
             if index >= 64 or flow.opened > oldest:
                 break  # the rest are younger still
             if flow.endpoint.accepted:
                 flow.endpoint.evict(now)
+                self._evict_tokens = tokens - 1.0
                 self._counters["tcp.half_open_evicted"] += 1
                 self._touch(flow)
                 return True
