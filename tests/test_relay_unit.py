@@ -23,7 +23,7 @@ from tests.relay_lab import Lab, ScriptedOutbound, config, run
 from tunproxy.config import Config
 from tunproxy.outbounds.reject import RejectOutbound
 from tunproxy.policy import Policy
-from tunproxy.relay import DNS_TCP_MAX_BUFFER, TcpFlow
+from tunproxy.relay import DNS_TCP_MAX_BUFFER, MIN_UPSTREAM_READ, TcpFlow
 
 SNIFF = """
 relay: {sniff: true, sniff-timeout: 0.3, connect-timeout: 5}
@@ -390,6 +390,29 @@ async def test_tcp_backpressure_both_ways() -> None:
     await lab.relay.aclose()
     assert_ended_once(lab, "shutdown")
     assert upstream.aborted
+
+
+@lab_test
+async def test_tcp_upstream_reads_no_more_than_the_send_buffer_takes() -> None:
+    """A flow whose app stops reading holds at most its send buffer plus one read of the
+    floor size: each upstream read is sized to the buffer's free space (it was 1 MiB, so a
+    stalled flow held up to ~2 MiB whatever the buffers were)."""
+    cfg = config()
+    direct = ScriptedOutbound()
+    lab = Lab.make(policy_for(cfg, direct), cfg, tcp_send_buffer=64 * 1024)
+    peer = TcpPeer(lab.stack, dport=80)
+    await handshake(lab, peer)
+    upstream = direct.attempts[0].transport
+    flow = lab.relay.flows[1]
+    assert upstream is not None and isinstance(flow, TcpFlow)
+    assert len(flow.get_buffer(-1)) == 64 * 1024
+    flow.buffer_updated(40 * 1024)
+    assert len(flow.get_buffer(-1)) == 24 * 1024 and upstream.reading
+    flow.buffer_updated(24 * 1024)
+    assert not upstream.reading and lab.stack.send_buffer_free(1) == 0
+    # Never an empty buffer (asyncio's contract): a read of the floor size at most.
+    assert len(flow.get_buffer(-1)) == MIN_UPSTREAM_READ
+    await lab.relay.aclose()
 
 
 # -- UDP ---------------------------------------------------------------------------------
