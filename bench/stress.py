@@ -588,7 +588,7 @@ def scenario_synflood(h: Harness, args: argparse.Namespace) -> Block:
     block.add("thrown", f"{result['sent']:,} SYNs in {result['elapsed_s']:.1f} s "
                         f"({result['per_s']:,.0f}/s); {result['tun_dropped']:,} dropped by the "
                         "TUN queue (tunproxy slower than the flood)")
-    block.add("reached the stack", f"{opened:,} flows opened, {refused:,} refused at the "
+    block.add("reached the stack", f"{opened:,} flows opened, {refused:,} dropped at the "
                                    f"half-open limit, {evicted:,} oldest half-open evicted")
     block.add("half-open", f"peak {max(half_open_seen, default=0):,} seen (limit "
                            f"{MAX_HALF_OPEN:,}), {len(half_open_seen)} readings")
