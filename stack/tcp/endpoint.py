@@ -305,7 +305,7 @@ class TcpEndpoint:
         self._delack_at: float | None = None  # a delayed ACK is due then (RFC 9293 3.8.6.3)
         self._synack_pending = False
         self._probe_pending = False
-        self._rst: TcpRepr | None = None
+        self._rst: tuple[TcpRepr, ...] = ()  # the last segments: one or two RSTs
 
         self._timer_at: float | None = now + config.accept_timeout
         self._timer_kind = _ACCEPT
@@ -365,7 +365,7 @@ class TcpEndpoint:
             return
         if self.state is TcpState.CLOSED:
             return
-        self._rst = self._syn_reset()
+        self._rst = (self._syn_reset(),)
         self._done = True  # the application asked: no final event
         self._close(TcpEvent.ABORT)
 
@@ -376,9 +376,9 @@ class TcpEndpoint:
             self._done = True
             return
         if not self.accepted:
-            self._rst = self._syn_reset()
+            self._rst = (self._syn_reset(),)
         elif state is not TcpState.TIME_WAIT:
-            self._rst = self._make(RST | ACK, self._snd_max, None, with_ts=False)
+            self._rst = self._resets()
         self._done = True
         self._close(TcpEvent.ABORT)
 
@@ -446,7 +446,7 @@ class TcpEndpoint:
         self._timer_kind = _NO_TIMER
         if kind == _ACCEPT:
             if not self.accepted and self.state is TcpState.SYN_RECEIVED:
-                self._rst = self._syn_reset()
+                self._rst = (self._syn_reset(),)
                 self._finish(FlowReset(self.flow, "accept-timeout"))
                 self._close(TcpEvent.TIMEOUT)
         elif kind == _RTX:
@@ -607,7 +607,7 @@ class TcpEndpoint:
     def _give_up(self, reason: str = "retransmit-timeout") -> None:
         """RFC 9293 3.8.3 (R2 exceeded): reset the connection and tell the application."""
         if self.accepted:
-            self._rst = self._make(RST | ACK, self._snd_max, None, with_ts=False)
+            self._rst = self._resets()
         self._finish(FlowReset(self.flow, reason))
         self._close(TcpEvent.TIMEOUT)
 
@@ -1188,6 +1188,29 @@ class TcpEndpoint:
             sack_blocks=blocks,
         )
 
+    def _resets(self) -> tuple[TcpRepr, ...]:
+        """The RST(s) that end a synchronized connection we abort (RFC 9293 3.10.5).
+
+        The peer acts on a RST only at exactly its RCV.NXT (RFC 5961 3.2; one elsewhere
+        in its window earns a challenge ACK, one outside it is dropped silently, and a
+        zero window admits RCV.NXT alone, RFC 9293 3.10.7.4). Its RCV.NXT is somewhere
+        in [SND.UNA, SND.MAX]: SND.UNA when what is in flight was lost or dropped (a
+        closed window), SND.MAX when it all arrived. So SND.UNA first, then SND.MAX
+        when they differ: whichever the peer has, one of the two is exact, the other
+        falls below its window or lands after the connection is gone. (Between the two,
+        the second earns a challenge ACK, which the stack answers for the forgotten
+        4-tuple with <SEQ=SEG.ACK><RST>, exact again.) Linux sends one, at SND.NXT.
+        Before the SYN-ACK is acknowledged (SND.UNA = -1) the peer is in SYN-SENT,
+        where the ACK field alone decides, or has RCV.NXT = ISS+1 (offset 0)."""
+        high = self._snd_max
+        low = min(max(self._snd_una, 0), high)
+        if low == high:
+            return (self._make(RST | ACK, high, None, with_ts=False),)
+        return (
+            self._make(RST | ACK, low, None, with_ts=False),
+            self._make(RST | ACK, high, None, with_ts=False),
+        )
+
     def _syn_reset(self) -> TcpRepr:
         return TcpRepr(
             self._local_port, self._remote_port, 0, (self._irs + 1) & MASK, RST | ACK, 0
@@ -1236,10 +1259,9 @@ class TcpEndpoint:
     def segments_to_send(self, now: float) -> list[Segment]:
         """Everything due now: RST, SYN-ACK, data and FIN, ACK (with SACK), window probe."""
         out: list[Segment] = []
-        rst = self._rst
-        if rst is not None:
-            self._rst = None
-            out.append((rst, b""))
+        if self._rst:
+            out.extend((rst, b"") for rst in self._rst)
+            self._rst = ()
             return out
         if not self.accepted or self.state is TcpState.CLOSED:
             return out
