@@ -33,10 +33,20 @@ class FlowOpened:
     calls ``Stack.accept(flow)`` or ``Stack.refuse(flow, ...)``.
     UDP: the first datagram follows as a ``DatagramReceived``; the session can
     be refused with ``Stack.refuse`` (ICMP port unreachable) or closed.
+
+    ``tos`` is the flow's first packet's IPv4 TOS / IPv6 Traffic Class byte (the SYN,
+    or the first datagram): DSCP in its upper six bits, ECN in the lower two (RFC 2474,
+    RFC 3168).
     """
 
     flow: int
     key: FlowKey
+    tos: int = 0
+
+    @property
+    def dscp(self) -> int:
+        """The Differentiated Services codepoint, 0-63 (RFC 2474 3)."""
+        return self.tos >> 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -219,7 +219,7 @@ class Stack:
             pkt = ipv4.Ipv4Packet(buf)
             if not pkt.verify_checksum():
                 raise WireError("ipv4-checksum")
-            src, dst, proto = pkt.src, pkt.dst, pkt.protocol
+            src, dst, proto, tos = pkt.src, pkt.dst, pkt.protocol, pkt.tos
             if pkt.is_fragment:
                 done = self._reassembler.receive(pkt, now)
                 if done is None:
@@ -242,7 +242,7 @@ class Stack:
                 pkt6 = done6
                 trusted = False
                 gso = virtio.GSO_NONE
-            src, dst, proto = pkt6.src, pkt6.dst, pkt6.protocol
+            src, dst, proto, tos = pkt6.src, pkt6.dst, pkt6.protocol, pkt6.traffic_class
             l4 = pkt6.payload
             packet = pkt6.buffer
         else:
@@ -250,9 +250,9 @@ class Stack:
         if proto == TCP:
             if gso in (virtio.GSO_TCPV4, virtio.GSO_TCPV6):
                 self._counters["tcp.gso_in"] += 1
-            self._receive_tcp(src, dst, l4, trusted, packet, now)
+            self._receive_tcp(src, dst, l4, trusted, packet, tos, now)
         elif proto == UDP:
-            self._receive_udp(src, dst, l4, trusted, gso, gso_size, packet, now)
+            self._receive_udp(src, dst, l4, trusted, gso, gso_size, packet, tos, now)
         elif proto == PROTO_ICMP and version == 4:
             self._receive_icmpv4(src, dst, l4, trusted, packet)
         elif proto == icmpv6.PROTOCOL and version == 6:
@@ -289,7 +289,7 @@ class Stack:
     # -- TCP input -------------------------------------------------------------
     def _receive_tcp(
         self, src: bytes, dst: bytes, l4: memoryview, trusted: bool, packet: bytes | memoryview,
-        now: float,
+        tos: int, now: float,
     ) -> None:  # fmt: skip
         if not trusted and ones_sum(l4, pseudo_header_sum(src, dst, TCP, len(l4))) != 0:
             raise WireError("tcp-checksum")
@@ -315,7 +315,7 @@ class Stack:
             self._counters["tcp.rst_ignored"] += 1
             return
         if flags & (tcp.SYN | tcp.ACK) == tcp.SYN:
-            self._open_tcp(tkey, seg, packet, now)
+            self._open_tcp(tkey, seg, packet, tos, now)
             return
         self._counters["tcp.unknown_flow"] += 1
         # TCP has no multicast/broadcast connections (RFC 1122 4.2.3.10); like Linux, answer
@@ -324,8 +324,9 @@ class Stack:
             self._reset_for(src, dst, seg, len(payload))
 
     def _open_tcp(
-        self, tkey: _TupleKey, syn: tcp.TcpRepr, packet: bytes | memoryview, now: float
-    ) -> None:
+        self, tkey: _TupleKey, syn: tcp.TcpRepr, packet: bytes | memoryview, tos: int,
+        now: float,
+    ) -> None:  # fmt: skip
         src, sport, dst, dport = tkey
         c = self._counters
         if dport == 0 or sport == 0:
@@ -369,7 +370,7 @@ class Stack:
         self._half_open_flows[fid] = flow
         c["flows.opened.tcp"] += 1
         self._publish_flows()
-        self._events.append(FlowOpened(fid, key))
+        self._events.append(FlowOpened(fid, key, tos))
         self._arm(flow)
 
     def _evict_half_open(self, now: float) -> bool:
@@ -432,7 +433,7 @@ class Stack:
     # -- UDP input -------------------------------------------------------------
     def _receive_udp(
         self, src: bytes, dst: bytes, l4: memoryview, trusted: bool, gso: int, gso_size: int,
-        packet: bytes | memoryview, now: float,
+        packet: bytes | memoryview, tos: int, now: float,
     ) -> None:  # fmt: skip
         c = self._counters
         dgram = udp.UdpPacket(l4, trust_length=gso != virtio.GSO_UDP_L4)
@@ -459,7 +460,7 @@ class Stack:
             self._udp[tkey] = session
             c["flows.opened.udp"] += 1
             self._publish_flows()
-            self._events.append(FlowOpened(fid, key))
+            self._events.append(FlowOpened(fid, key, tos))
             self._arm_udp(session)
         session.last_active = now
         payload = dgram.payload

@@ -24,14 +24,14 @@ B6 = bytes.fromhex("2606280000000000000000000000abcd")
 
 def ip_packet(
     src: bytes, dst: bytes, proto: int, l4: bytes, *, ident: int = 1, flags_frag: int = 0x4000,
-    ttl: int = 64,
+    ttl: int = 64, tos: int = 0,
 ) -> bytes:  # fmt: skip
     if len(src) == 4:
         hdr = bytearray(20)
-        ipv4.emit_header(hdr, 0, src, dst, proto, len(l4), ident, ttl, flags_frag)
+        ipv4.emit_header(hdr, 0, src, dst, proto, len(l4), ident, ttl, flags_frag, tos)
     else:
         hdr = bytearray(40)
-        ipv6.emit_header(hdr, 0, src, dst, proto, len(l4), ttl)
+        ipv6.emit_header(hdr, 0, src, dst, proto, len(l4), ttl, traffic_class=tos)
     return bytes(hdr) + l4
 
 

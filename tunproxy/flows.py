@@ -171,6 +171,7 @@ class FlowRecord:
     dst_port: int
     started: float = field(default_factory=time.time)  # wall clock, seconds
     domain: str | None = None
+    dscp: int | None = None  # the first packet's DSCP (IP TOS >> 2), for DSCP rules
     # Attribution: who owns the flow's socket on this host (see ATTRIBUTED/REMOTE/OFF).
     attribution: str | None = None
     process: str | None = None

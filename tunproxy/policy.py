@@ -163,7 +163,7 @@ class Policy:
         return rules.FlowMeta(
             network=key.network, src_ip=key.src_ip, src_port=key.src_port,
             dst_ip=None if fake else dst_ip, dst_port=key.dst_port, domain=record.domain,
-            process=process,
+            process=process, dscp=record.dscp,
         ), fake  # fmt: skip
 
     async def decide(self, key: FlowKey, record: FlowRecord) -> Decision:

@@ -543,7 +543,7 @@ class Relay:
     # -- events from the stack -------------------------------------------------------------
     def handle_event(self, event: Event) -> None:
         if isinstance(event, FlowOpened):
-            self._open(event.flow, event.key)
+            self._open(event.flow, event.key, event.dscp)
             return
         if isinstance(event, EchoRequest):
             if self.on_echo is not None:
@@ -565,10 +565,10 @@ class Relay:
         elif isinstance(event, FlowReset):
             flow.on_reset(event.reason)
 
-    def _open(self, flow_id: int, key: FlowKey) -> None:
+    def _open(self, flow_id: int, key: FlowKey, dscp: int | None = None) -> None:
         record = FlowRecord(
             id=flow_id, network=key.network, src=key.src_ip, src_port=key.src_port,
-            dst=key.dst_ip, dst_port=key.dst_port,
+            dst=key.dst_ip, dst_port=key.dst_port, dscp=dscp,
         )  # fmt: skip
         self.flow_log.track(record)
         dns = self.dns

@@ -87,7 +87,7 @@ def connection(r: FlowRecord, *, fake_ip: bool = False) -> dict[str, Any]:
             "specialProxy": "",
             "specialRules": "",
             "remoteDestination": r.dst,
-            "dscp": 0,
+            "dscp": r.dscp or 0,
             "sniffHost": "",
         },
         "upload": r.bytes_up,
