@@ -26,10 +26,10 @@ pytestmark = pytest.mark.netns
 HTTP_PORT = 8080  # a slow download (the one the rule names)
 FAST_PORT = 8081  # python's http.server: big.bin and small.txt at full speed
 # ~1 MB/s of an endless body: the client reads everything as it comes, so its receive
-# window never fills. (curl --limit-rate instead lets megabytes wait unread in curl's socket;
-# tunproxy's RST on close then lies beyond the closed window and is dropped, and curl learns
-# of the close only once it drains its buffer: a known limit of the stack's abort, which
-# sends RST with SND.MAX.)
+# window never fills. (curl --limit-rate instead lets bytes wait unread in curl's socket: the
+# kernel takes the RST at once, but hands out the queued bytes before the reset's error, so
+# curl learns of the close only once it drains its buffer; tests/test_abort_e2e.py checks
+# the socket's pending error instead.)
 SLOW_SERVER = """\
 import socket, sys, threading, time
 s = socket.socket()
