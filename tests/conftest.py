@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The machine the suite runs on is shared and loaded: a property test's example can take far
+# more than hypothesis's default 200 ms deadline, and generating data can trip its too_slow
+# check, neither of which says anything about the code under test. Tests that set their own
+# settings inherit these (the profile is loaded before any test module is imported).
+settings.register_profile(
+    "loaded", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("loaded")
 
 # TUNPROXY_TEST_AS_USER=1 runs the suite as if not root (what a non-root run covers).
 IS_ROOT = os.geteuid() == 0 and not os.environ.get("TUNPROXY_TEST_AS_USER")
