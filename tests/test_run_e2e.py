@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -79,11 +80,32 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         yield Lab(topo, tmp_path)
 
 
-def _netns_users(inode: int) -> list[str]:
-    """Every process, and every open fd, that still holds network namespace ``inode``."""
+def _session_of(pid: str) -> int | None:
+    """The session id of ``pid`` (field 6 of /proc/PID/stat), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[3])
+
+
+# A namespace is named here by its inode, and the kernel gives a freed namespace's inode
+# number to the next namespace made (the lowest free one): on a machine where other tests
+# make namespaces all the time, an inode seen after ours went may well be someone else's
+# new namespace. So only processes of the run's own session count: the tests start
+# tunproxy as a session leader (start_new_session), and everything the command leaves
+# running stays in that session.
+
+
+def _netns_users(inode: int, session: int) -> list[str]:
+    """Every process of ``session``, and every open fd of one, that still holds network
+    namespace ``inode``."""
     users = []
     link = f"net:[{inode}]"
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if _session_of(pid) != session:
+            continue
         try:
             if os.readlink(f"/proc/{pid}/ns/net") == link:
                 users.append(f"pid {pid}")
@@ -95,7 +117,7 @@ def _netns_users(inode: int) -> list[str]:
     return users
 
 
-def _wait_for(condition: object, timeout: float = 20.0, what: str = "condition") -> None:
+def _wait_for(condition: object, timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():  # type: ignore[operator]
@@ -135,17 +157,34 @@ def test_refused_target_gives_curl_exit_7(lab: Lab) -> None:
     assert b"Could not connect" in done.stderr or b"Failed to connect" in done.stderr
 
 
-def _holders(link: str) -> list[int]:
-    """Pids whose namespace link (e.g. ``net:[4026532]``) is ``link``."""
+def _holders(link: str, session: int) -> list[int]:
+    """Pids of ``session`` whose namespace link (e.g. ``net:[4026532]``) is ``link``."""
     kind = link.split(":", 1)[0]
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if _session_of(pid) != session:
+            continue
         try:
             if os.readlink(f"/proc/{pid}/ns/{kind}") == link:
                 pids.append(int(pid))
         except OSError:
             continue
     return pids
+
+
+def _read_lines(stream: IO[bytes], count: int, timeout: float = 60.0) -> list[bytes]:
+    """``count`` lines from a pipe, never blocking past ``timeout``."""
+    fd = stream.fileno()
+    buffer = bytearray()
+    deadline = time.monotonic() + timeout
+    while buffer.count(b"\n") < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{count} lines not seen in {bytes(buffer)!r}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"{count} lines not seen before the end: {bytes(buffer)!r}"
+            buffer += chunk
+    return bytes(buffer).splitlines(keepends=True)[:count]
 
 
 NS_REPORT = "readlink /proc/self/ns/net /proc/self/ns/mnt /proc/self/ns/pid"
@@ -158,41 +197,55 @@ def test_host_untouched_during_run_and_nothing_left_after_kill_9(lab: Lab) -> No
     proc = subprocess.Popen(
         client.cmd(sys.executable, "-m", "tunproxy", "--state-dir", str(state_dir), "run",
                    "--", "sh", "-c", f"{NS_REPORT}; sleep 600 & sleep 600"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    session = proc.pid  # ip netns exec exec'd: tunproxy leads the new session
     try:
         assert proc.stdout is not None
-        net, mnt, pidns = (proc.stdout.readline().decode().strip() for _ in range(3))
+        net, mnt, pidns = (line.decode().strip() for line in _read_lines(proc.stdout, 3))
         assert net != os.readlink(f"/proc/{proc.pid}/ns/net")  # not tunproxy's namespace
-        inside_pid = _holders(net)[0]
+        inside_pid = _holders(net, session)[0]
         # Inside: its own TUN and routes, DNS pointed at tunproxy.
         inside = subprocess.run(["nsenter", "-t", str(inside_pid), "-n", "-m", "sh", "-c",
                                  "ip route; cat /etc/resolv.conf"],
-                                capture_output=True, text=True, check=True).stdout
+                                capture_output=True, text=True, check=True,
+                                timeout=60).stdout
         assert "default dev tunproxy0" in inside and "nameserver 172.19.0.2" in inside
         assert client.routing_snapshot() == before  # during
-        assert len(_holders(pidns)) == 4  # init, sh and its two sleeps
+        assert len(_holders(pidns, session)) == 4  # init, sh and its two sleeps
         proc.kill()  # kill -9 of tunproxy (ip netns exec exec'd it: this pid is tunproxy)
-        proc.wait(timeout=10)
+        proc.wait(timeout=30)
         # Every process of the command's is gone (the background sleep too), and with them
         # the namespaces: nothing holds them, no fd, no mount.
-        _wait_for(lambda: not _holders(pidns), what="the command's processes to end")
-        _wait_for(lambda: not _netns_users(int(net[5:-1])), what="its netns to go")
-        assert not _holders(mnt)
+        _wait_for(lambda: not _holders(pidns, session), what="the command's processes to end")
+        _wait_for(lambda: not _netns_users(int(net[5:-1]), session), what="its netns to go")
+        assert not _holders(mnt, session)
         assert client.routing_snapshot() == before  # after
         assert not state_dir.exists() or not list(state_dir.iterdir())
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(session, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def test_what_the_command_leaves_running_ends_with_it(lab: Lab) -> None:
-    done = lab.run(cmd=["sh", "-c", f"{NS_REPORT}; (sleep 600 &); exit 4"])
-    assert done.returncode == 4
-    net, mnt, pidns = done.stdout.decode().split()
-    _wait_for(lambda: not _holders(pidns), what="the orphaned sleep to end")
-    _wait_for(lambda: not _netns_users(int(net[5:-1])), what="its netns to go")
-    assert not _holders(mnt)
+    proc = subprocess.Popen(lab.argv(cmd=["sh", "-c", f"{NS_REPORT}; (sleep 600 &); exit 4"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                            start_new_session=True)
+    session = proc.pid  # ip netns exec exec'd: tunproxy leads the new session
+    try:
+        # The orphaned sleep holds the pipes too: they end when it does.
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(session, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == 4, err
+    net, mnt, pidns = out.decode().split()
+    _wait_for(lambda: not _holders(pidns, session), what="the orphaned sleep to end")
+    _wait_for(lambda: not _netns_users(int(net[5:-1]), session), what="its netns to go")
+    assert not _holders(mnt, session)
 
 
 def test_command_runs_as_the_invoking_user(lab: Lab) -> None:
@@ -209,9 +262,9 @@ def test_signals_sent_to_tunproxy_reach_the_command(lab: Lab) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"
+        assert _read_lines(proc.stdout, 1) == [b"ready\n"]
         proc.send_signal(signal.SIGTERM)
-        out, _err = proc.communicate(timeout=20)
+        out, _err = proc.communicate(timeout=60)
         assert out == b"got-term\n"
         assert proc.returncode == 5
     finally:
