@@ -88,5 +88,5 @@ class MasqueServer(Tunproxy):
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         self.wait_for_log(r"serving MASQUE", timeout)

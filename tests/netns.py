@@ -60,7 +60,10 @@ def run(*args: str, check: bool = True, timeout: float = 30.0) -> subprocess.Com
 
 
 class Netns:
-    """One network namespace: run commands in it, open sockets in it."""
+    """One network namespace: run commands in it, open sockets in it.
+
+    Waits here are long (a minute for a process to start or listen): the machine the suite
+    runs on is shared and loaded, and a generous deadline costs time only when it fails."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -106,7 +109,7 @@ class Netns:
         with self.entered():
             return socket.socket(family, type)
 
-    def connect(self, host: str, port: int, timeout: float = 10.0) -> socket.socket:
+    def connect(self, host: str, port: int, timeout: float = 30.0) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = self.socket(family)
         sock.settimeout(timeout)
@@ -117,11 +120,11 @@ class Netns:
             raise
         return sock
 
-    def wait_tcp_listening(self, port: int, timeout: float = 10.0) -> None:
+    def wait_tcp_listening(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something listens on TCP ``port`` in this namespace (polls ``ss``)."""
         self._wait_bound("-Htln", f"tcp port {port}", port, timeout)
 
-    def wait_udp_bound(self, port: int, timeout: float = 10.0) -> None:
+    def wait_udp_bound(self, port: int, timeout: float = 60.0) -> None:
         """Wait until something is bound to UDP ``port`` in this namespace."""
         self._wait_bound("-Huln", f"udp port {port}", port, timeout)
 
@@ -151,7 +154,7 @@ class Netns:
             if proc.poll() is None:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
+                    proc.wait(timeout=30)
         self._procs.clear()
 
 
@@ -190,7 +193,7 @@ class Tunproxy:
         with self._cond:
             return "\n".join(self._lines)
 
-    def wait_for_log(self, pattern: str, timeout: float = 20.0, start: int = 0) -> str:
+    def wait_for_log(self, pattern: str, timeout: float = 60.0, start: int = 0) -> str:
         """Block until a log line matches ``pattern`` (a regex); return the line."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -219,7 +222,7 @@ class Tunproxy:
         with self._cond:
             return len(self._lines)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         self.wait_for_log(r"tunproxy ready", timeout)
 
     def send_signal(self, sig: int) -> None:
@@ -227,22 +230,22 @@ class Tunproxy:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         self.send_signal(sig)
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=30)
             raise
         finally:
-            self._reader.join(timeout=5)
+            self._reader.join(timeout=30)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
+            self.proc.wait(timeout=30)
+        self._reader.join(timeout=30)
 
 
 class Topology:
