@@ -45,7 +45,7 @@ class Dnsmasq:
             f"--address=/name.test/{answer}", "--local-ttl=60", f"--txt-record=big.test,{txt}",
             "--log-queries", f"--log-facility={self.log_path}",
         )  # fmt: skip
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while "started, version" not in self.log_path.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dnsmasq did not start:\n{self.log_path.read_text()}")
@@ -83,7 +83,7 @@ def start_server(ns: Netns, kind: str, port: int, cert: tuple[str, str]) -> None
         stdout=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 15)
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
     if not ready or proc.stdout.readline().strip() != b"ready":
         raise RuntimeError(f"{kind} server did not start (rc={proc.poll()})")
 
@@ -152,7 +152,8 @@ def test_dead_upstream_answers_servfail_within_the_timeout(net: Topology) -> Non
         )
         ((answer,),) = out["results"]
         assert answer["rcode"] == "SERVFAIL", server
-        assert 0.9 <= answer["elapsed"] < 1.5, server
+        # The 1 s configured, not the 5 s default (upper bound loose: load makes timers late).
+        assert 0.9 <= answer["elapsed"] < 4.0, server
 
 
 @pytest.fixture
@@ -367,10 +368,10 @@ def test_tunproxy_real_ip_maps_answers_to_domains(
 
 def test_tunproxy_dead_upstream_servfail_within_the_timeout(tunlab: TunLab) -> None:
     tunlab.start("  mode: real-ip\n  servers: [udp://10.232.0.99]\n  timeout: 1")
-    start = time.monotonic()
-    out = tunlab.net.client.run("dig", "+time=5", "+tries=1", "@9.9.9.9", "www.name.test")
-    assert "status: SERVFAIL" in out.stdout
-    assert time.monotonic() - start < 2.5
+    # dig gives up 4 s after its query (starting dig is not counted, however slow under
+    # load): a SERVFAIL at all means tunproxy kept its 1 s, not the 5 s default.
+    out = tunlab.net.client.run("dig", "+time=4", "+tries=1", "@9.9.9.9", "www.name.test")
+    assert "status: SERVFAIL" in out.stdout, out.stdout
 
 
 def test_tunproxy_sniffs_tls_sni_to_route_by_domain(tunlab: TunLab) -> None:

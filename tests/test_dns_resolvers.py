@@ -332,7 +332,7 @@ def test_udp_silent_server_fails_within_the_timeout() -> None:
         with pytest.raises(ResolverError, match="no answer within"):
             await resolver.exchange(query("name.test"), timeout=1.5)
         elapsed = time.monotonic() - start
-        assert 1.4 <= elapsed < 2.0
+        assert 1.4 <= elapsed < 4.0  # upper bound loose: timers run late on a loaded machine
         # It was asked twice: once at once and once after the retransmit interval.
         silent.setblocking(False)
         received = 0
@@ -374,7 +374,7 @@ def test_tcp_refused_is_a_resolver_error_at_once() -> None:
         start = time.monotonic()
         with pytest.raises(ResolverError):
             await resolver.exchange(query("name.test"), timeout=5)
-        assert time.monotonic() - start < 1
+        assert time.monotonic() - start < 4  # at once, not the 5 s timeout (loose: load)
         await resolver.aclose()
 
     run(main())

@@ -334,7 +334,7 @@ def test_dead_upstream_servfail_within_the_timeout() -> None:
         start = time.monotonic()
         reply = await ask(svc, "real.test")
         assert reply.header.rcode == RCODE.SERVFAIL
-        assert time.monotonic() - start < 0.6
+        assert time.monotonic() - start < 3.0  # the 0.3 s, not the 5 s default (loose: load)
         assert svc.counters["servfail"] == 1
         assert await svc.resolve("real.test") == []
 

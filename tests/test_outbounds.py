@@ -766,7 +766,7 @@ def test_dead_proxy_is_proxy_error_promptly(env: tuple[NsLoop, Servers]) -> None
         return time.monotonic() - start, str(info.value)
 
     elapsed, message = nsloop.run(go())
-    assert elapsed < 1.0
+    assert elapsed < 4.0  # not the 5 s timeouts: refused at once (bound loose for load)
     assert "is down" in message
 
 
@@ -786,7 +786,9 @@ def test_silent_proxy_times_out_as_proxy_error(env: tuple[NsLoop, Servers]) -> N
         return elapsed
 
     elapsed = nsloop.run(go())
-    assert 0.25 <= elapsed < 1.5  # uvloop's clock has millisecond granularity
+    # uvloop's clock has millisecond granularity; the upper bound is loose for a loaded
+    # machine (a silent proxy not timed out would hang the test instead).
+    assert 0.25 <= elapsed < 4.0
 
 
 @pytest.mark.parametrize(
