@@ -49,7 +49,7 @@ def test_a_failed_upstream_resets_the_accepted_app(lab: Lab) -> None:
         with pytest.raises(ConnectionResetError):
             while sock.recv(100):
                 pass
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # the refusal, not the 30 s connect timeout
     tp.wait_for_log(r"via DIRECT: refused")
 
 

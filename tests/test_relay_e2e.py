@@ -83,7 +83,9 @@ tun:
 upstreams:
   socks: {{type: socks5, server: "{proxy}"}}
 relay:
-  connect-timeout: 3
+  # Long: an upstream connect on a loaded machine can take seconds. Tests that check a
+  # prompt refusal bound it well below this, so a refusal sent only at the timeout fails.
+  connect-timeout: 30
   sniff: {"true" if sniff else "false"}
 {relay_extra}{faults}
 rules:
@@ -276,7 +278,7 @@ def _udp_round_trip(lab: Lab, host: str, count: int = 20) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = lab.topo.client.socket(family, socket.SOCK_DGRAM)
     with sock:
-        sock.settimeout(5)
+        sock.settimeout(30)
         sock.connect((host, UDP_PORT))
         for i in range(count):
             message = f"datagram {i} ".encode() * (i + 1)
@@ -301,7 +303,7 @@ def test_reject_is_connection_refused_within_a_second(lab: Lab) -> None:
     start = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
         lab.connect()
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # at once; a dropped SYN would wait 20 s
 
 
 def test_drop_makes_the_client_time_out(lab: Lab) -> None:
@@ -316,7 +318,7 @@ def test_refused_destination_looks_refused(lab: Lab) -> None:
     start = time.monotonic()
     with pytest.raises(ConnectionRefusedError):
         lab.connect(port=CLOSED_PORT)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 10.0  # the upstream's refusal, not the 30 s timeout
     tp.wait_for_log(r"via DIRECT: refused")
 
 
@@ -326,20 +328,20 @@ def test_dead_socks5_fails_promptly(lab: Lab) -> None:
     start = time.monotonic()
     with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
         lab.connect()
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # not the 30 s connect timeout
     tp.wait_for_log(r"via socks: proxy-error")
 
 
 def test_socks5_dying_mid_transfer_resets_then_recovers(lab: Lab) -> None:
     tp = lab.topo.start_tunproxy(config("socks"))
     sock = lab.connect()
-    sock.settimeout(10)
+    sock.settimeout(30)
     sock.sendall(b"ECHO\n" + b"x" * 65536)
     assert sock.recv(65536)  # the echo is flowing through dante
     lab.stop_dante()
     # The dead proxy's kernel answers what we keep sending with RST; tunproxy must pass
     # the reset on to the app rather than leave it half-open.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     with pytest.raises((ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
         while time.monotonic() < deadline:
             sock.sendall(b"y" * 65536)
@@ -451,7 +453,8 @@ def test_idle_tcp_flows_time_out(lab: Lab) -> None:
         start = time.monotonic()
         with pytest.raises(ConnectionResetError):
             sock.recv(1)  # blocks until tunproxy gives up on the idle flow
-        assert 1.0 <= time.monotonic() - start < 3.0
+        # Not before the idle timeout; after it, as soon as a loaded machine gets to it.
+        assert 1.0 <= time.monotonic() - start < 15.0
     tp.wait_for_log(r"via DIRECT: idle-timeout")
 
 

@@ -27,7 +27,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 def _echo(lab: Lab) -> bool:
     """True when a new flow to the echo server gets through."""
     try:
-        with lab.connect(timeout=5) as sock:
+        with lab.connect(timeout=30) as sock:
             sock.sendall(b"ECHO\nping")
             return sock.recv(4) == b"ping"
     except ConnectionRefusedError:
