@@ -215,6 +215,25 @@ class Tunproxy:
                     raise TimeoutError(f"no log line matching {pattern!r}:\n{self.log_unlocked()}")
                 self._cond.wait(remaining)
 
+    def wait_for_count(self, text: str, count: int, timeout: float = 60.0) -> None:
+        """Block until ``text`` occurs ``count`` times in the log. A flow's end line comes
+        when tunproxy has taken the client's last packet, which can be after the client
+        is done: wait for them before stopping tunproxy, or the last flows end "shutdown"."""
+        deadline = time.monotonic() + timeout
+        seen = index = 0
+        with self._cond:
+            while True:
+                while index < len(self._lines):
+                    seen += self._lines[index].count(text)
+                    index += 1
+                if seen >= count:
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{text!r} {seen} times, not {count}:\n{self.log_unlocked()[-3000:]}")
+                self._cond.wait(remaining)
+
     def log_unlocked(self) -> str:
         return "\n".join(self._lines)
 

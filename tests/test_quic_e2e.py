@@ -56,7 +56,9 @@ upstreams:
     sni: proxy.test
     ca: "{ca}"
 {extra}relay:
-  connect-timeout: 5
+  # Long: on a loaded machine the handshake and a stream's CONNECT can take seconds (a flow
+  # that waits longer is refused, and the test fails for the machine's sake, not ours).
+  connect-timeout: 30
 rules:
   - MATCH,quic
 """
@@ -136,9 +138,9 @@ def test_many_concurrent_flows_share_one_connection(lab: QuicLab) -> None:
 
     with ThreadPoolExecutor(max_workers=40) as pool:
         list(pool.map(one, range(120)))
+    tp.wait_for_count("closed-by-client", 120)  # before stopping: see wait_for_count
     assert tp.log.count("QUIC connection to") == 1, tp.log[-3000:]
     tp.stop()
-    assert tp.log.count("closed-by-client") >= 120
 
 
 def test_half_close_both_orders(lab: QuicLab) -> None:
@@ -159,7 +161,7 @@ def test_udp_echo_every_size(lab: QuicLab, host: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sizes = [1, 2, 100, 500, 1000, 1100, 1150, 1200, 1250, 1300, 1350, 1400, 1, 7, 1400, 64]
     with lab.topo.client.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(5)
+        sock.settimeout(30)
         sock.connect((host, UDP_PORT))
         for size in sizes:
             message = bytes([size % 256]) * size
@@ -175,8 +177,8 @@ def test_wrong_token_refuses_flows_with_one_log_line(lab: QuicLab) -> None:
     for _ in range(5):
         start = time.monotonic()
         with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
-            lab.connect(timeout=10).recv(1)
-        assert time.monotonic() - start < 3
+            lab.connect(timeout=60).recv(1)
+        assert time.monotonic() - start < 15  # refused, not left to the 30 s connect timeout
     tp.wait_for_log(r"refused the token \(407\)")
     lab.server.wait_for_log(r"refused \(407\)")
     assert len(re.findall(r"ERROR .*refused the token", tp.log)) == 1, tp.log[-3000:]
@@ -186,27 +188,28 @@ def test_untrusted_certificate_refuses_flows(lab: QuicLab) -> None:
     other, _, _ = make_cert(lab.topo.workdir, "other.test")
     tp = lab.start(ca=other)
     with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
-        lab.connect(timeout=10).recv(1)
+        lab.connect(timeout=60).recv(1)
     tp.wait_for_log(r"handshake failed: .*certificate")
 
 
 def test_server_killed_resets_flows_then_recovers(lab: QuicLab) -> None:
     tp = lab.start()
     sock = lab.connect()
-    sock.settimeout(10)
+    sock.settimeout(30)
     sock.sendall(b"ECHO\n" + b"x" * 65536)
     assert sock.recv(65536)
     lab.server.kill()
     killed = time.monotonic()
     with pytest.raises((ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-        while time.monotonic() - killed < 10:
+        while time.monotonic() - killed < 30:
             sock.sendall(b"y" * 65536)
             try:
                 if not sock.recv(1 << 20):
                     break
             except TimeoutError:
                 pass
-    assert time.monotonic() - killed < 2.5, "the flow was not reset promptly"
+    # Promptly: well before the 30 s idle timeout would have noticed the dead server.
+    assert time.monotonic() - killed < 15, "the flow was not reset promptly"
     sock.close()
     tp.wait_for_log(r"QUIC connection to .* closed")
     lab.server = lab.start_server()
@@ -237,7 +240,7 @@ def test_fake_ip_flow_reaches_the_proxy_by_name(tmp_path: Path) -> None:
                         "type": "quic", "server": f"{PROXY4}:{QUIC_PORT}", "token": TOKEN,
                         "sni": "proxy.test", "ca": str(ca)}},
                     "dns": resolver(),
-                    "relay": {"connect-timeout": 5},
+                    "relay": {"connect-timeout": 30},
                     "rules": ["DOMAIN-SUFFIX,name.test,quic", "MATCH,DIRECT"],
                 }
                 tp = topo.start_tunproxy(yaml.safe_dump(config, sort_keys=False))
