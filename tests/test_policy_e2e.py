@@ -20,7 +20,7 @@ def config(with_upstream: bool) -> str:
     rule = f"  - DST-PORT,{TCP_PORT},added\n"
     return f"""\
 tun: {{name: tp0, mtu: 1500}}
-relay: {{connect-timeout: 3}}
+relay: {{connect-timeout: 30}}
 {upstream if with_upstream else ""}rules:
 {rule if with_upstream else ""}  - MATCH,DIRECT
 """
