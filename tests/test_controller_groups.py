@@ -69,7 +69,7 @@ def run(body: Body) -> None:
         outbounds["sel"] = GroupOutbound(GroupConfig("sel", "select", ["a", "b"]), members)
         outbounds["auto"] = GroupOutbound(
             GroupConfig("auto", "url-test", ["b", "a"], url="http://check.test/generate_204",
-                        timeout=5.0), {"b": members["b"], "a": members["a"]})
+                        timeout=30), {"b": members["b"], "a": members["a"]})
         outbounds["lb"] = GroupOutbound(GroupConfig("lb", "load-balance", ["a", "b"]), members)
         config = parse_config("rules: [MATCH,DIRECT]\n", Path("/nonexistent/rules.yaml"))
         controller = Controller(FlowTable(), secret=SECRET, ruleset=lambda: config.ruleset,
@@ -160,7 +160,7 @@ def test_a_running_flow_keeps_its_member_after_a_switch() -> None:
 
         sel = outbounds["sel"]
         proto = _StatusLine()
-        transport = await sel.open_stream(Target(80, domain="x.test"), proto, timeout=5)
+        transport = await sel.open_stream(Target(80, domain="x.test"), proto, timeout=30)
         try:
             assert await put(session, "/proxies/sel", {"name": "b"}) == (204, None)
             # The flow opened through a still works; b (refused) is only for new flows.
@@ -169,7 +169,7 @@ def test_a_running_flow_keeps_its_member_after_a_switch() -> None:
         finally:
             transport.close()
         with pytest.raises(ConnectRefused):  # a new flow goes to b
-            await sel.open_stream(Target(80, domain="x.test"), _StatusLine(), timeout=5)
+            await sel.open_stream(Target(80, domain="x.test"), _StatusLine(), timeout=30)
 
     run(body)
 

@@ -136,7 +136,7 @@ def test_connect_echo_with_the_bytes_glued_to_the_reply_and_half_close() -> None
     async def body(servers: Servers) -> None:
         outbound = fake(servers)
         sink = Sink()
-        transport = await outbound.open_stream(echo_target(servers), sink, timeout=5)
+        transport = await outbound.open_stream(echo_target(servers), sink, timeout=30)
         assert sink.calls[:2] == ["connection_made", "data_received"]
         assert sink.head.startswith(b"early bytes")
         transport.write(b"ping")
@@ -156,7 +156,7 @@ def test_connect_by_domain_sends_the_name(pipeline: bool) -> None:
         outbound = fake(servers, pipeline=pipeline)
         sink = Sink()
         target = Target(port=servers.tcp_echo, domain="echo.test")
-        transport = await outbound.open_stream(target, sink, timeout=5)
+        transport = await outbound.open_stream(target, sink, timeout=30)
         request = servers.fake.requests[-1]
         assert request[3] == 3 and request[5 : 5 + request[4]] == b"echo.test"
         transport.close()
@@ -169,14 +169,14 @@ def test_proxy_given_by_name_is_resolved() -> None:
         outbound = Socks5Outbound("named", "localhost", servers.fake_socks)
         sink = Sink()
         try:
-            transport = await outbound.open_stream(echo_target(servers), sink, timeout=5)
+            transport = await outbound.open_stream(echo_target(servers), sink, timeout=30)
         except ProxyError as exc:  # localhost may resolve to ::1 first, where nothing listens
             assert "is down" in str(exc)
             return
         transport.close()
         unresolvable = Socks5Outbound("bad", "no-such-host.invalid", 1080)
         with pytest.raises(ProxyError, match="cannot resolve"):
-            await unresolvable.open_stream(echo_target(servers), Sink(), timeout=5)
+            await unresolvable.open_stream(echo_target(servers), Sink(), timeout=30)
 
     run(body)
 
@@ -189,7 +189,7 @@ def test_reply_codes_map_to_what_the_app_would_see(code: int, error: type[Except
     async def body(servers: Servers) -> None:
         target = Target(port=REPLY_CODE_PORT + code, address="127.0.0.1")
         with pytest.raises(error):
-            await fake(servers).open_stream(target, Sink(), timeout=5)
+            await fake(servers).open_stream(target, Sink(), timeout=30)
 
     run(body)
 
@@ -222,12 +222,12 @@ def test_dead_garbled_and_hanging_proxies_are_proxy_errors() -> None:
         dead.close()  # nothing listens there now
         with pytest.raises(ProxyError, match="is down"):
             await Socks5Outbound("dead", "127.0.0.1", port).open_stream(
-                echo_target(servers), Sink(), timeout=5)  # fmt: skip
+                echo_target(servers), Sink(), timeout=30)  # fmt: skip
         for factory, match in ((Garbage, "broke the protocol"), (HangUp, "closed")):
             server, port = await serve(factory)
             with pytest.raises(ProxyError, match=match):
                 await Socks5Outbound("bad", "127.0.0.1", port).open_stream(
-                    echo_target(servers), Sink(), timeout=5)  # fmt: skip
+                    echo_target(servers), Sink(), timeout=30)  # fmt: skip
             server.close()
 
     run(body)
@@ -238,14 +238,14 @@ def test_username_and_password() -> None:
         server, port = await serve(AuthSocks5)
         good = Socks5Outbound("auth", "127.0.0.1", port, username=USER, password=PASSWORD)
         sink = Sink()
-        transport = await good.open_stream(echo_target(servers), sink, timeout=5)
+        transport = await good.open_stream(echo_target(servers), sink, timeout=30)
         transport.write(b"hello")
         await sink.received_at_least(5)
         assert sink.head == b"hello"
         transport.close()
         bad = Socks5Outbound("auth", "127.0.0.1", port, username=USER, password="wrong")
         with pytest.raises(ProxyError):
-            await bad.open_stream(echo_target(servers), Sink(), timeout=5)
+            await bad.open_stream(echo_target(servers), Sink(), timeout=30)
         with pytest.raises(ValueError):
             Socks5Outbound("half", "127.0.0.1", port, username=USER)
         server.close()
@@ -257,7 +257,7 @@ def test_a_target_socks5_cannot_express_is_unreachable_up_front() -> None:
     async def body(servers: Servers) -> None:
         target = Target(port=80, domain="x" * 300)
         with pytest.raises(Unreachable, match="cannot be sent through SOCKS5"):
-            await fake(servers).open_stream(target, Sink(), timeout=5)
+            await fake(servers).open_stream(target, Sink(), timeout=30)
         assert servers.fake.requests == []
         assert repr(fake(servers)).startswith("Socks5Outbound('fake', 127.0.0.1:")
         assert "[::1]" in repr(Socks5Outbound("v6", "::1", 1080))
@@ -273,7 +273,7 @@ def test_udp_associate_filters_and_ends_with_its_control_connection() -> None:
         outbound = fake(servers)
         inbox = Inbox()
         target = Target(port=servers.udp_echo, address="127.0.0.1")
-        session = await outbound.open_datagram(target, inbox, timeout=5)
+        session = await outbound.open_datagram(target, inbox, timeout=30)
         assert "socks5-udp" in repr(session)
         session.send(b"hi")
         # The fake sends a fragment, a truncated header and a stranger's datagram first.
@@ -284,7 +284,7 @@ def test_udp_associate_filters_and_ends_with_its_control_connection() -> None:
         exc = await asyncio.wait_for(inbox.lost, 5)
         assert isinstance(exc, ProxyError)
         session.send(b"after")  # ignored once closed
-        second = await outbound.open_datagram(target, Inbox(), timeout=5)
+        second = await outbound.open_datagram(target, Inbox(), timeout=30)
         await outbound.aclose()  # closes what is open, without session_lost
         second.close()
 
@@ -295,10 +295,10 @@ def test_udp_disabled_and_refused() -> None:
     async def body(servers: Servers) -> None:
         target = Target(port=servers.udp_echo, address="127.0.0.1")
         with pytest.raises(ProxyError, match="disabled"):
-            await fake(servers, udp=False).open_datagram(target, Inbox(), timeout=5)
+            await fake(servers, udp=False).open_datagram(target, Inbox(), timeout=30)
         server, port = await serve(HangUp)
         with pytest.raises(ProxyError):
-            await Socks5Outbound("x", "127.0.0.1", port).open_datagram(target, Inbox(), timeout=5)
+            await Socks5Outbound("x", "127.0.0.1", port).open_datagram(target, Inbox(), timeout=30)
         silent = Socks5Outbound("s", "127.0.0.1", servers.silent)
         with pytest.raises(ProxyError, match="no UDP ASSOCIATE"):
             await silent.open_datagram(target, Inbox(), timeout=0.5)
