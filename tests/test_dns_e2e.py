@@ -175,7 +175,7 @@ class DnsLab:
         topo, server = self.topo, self.topo.server
         # Before anything starts there: `ip netns exec` mounts these at each start.
         self._etc_files(topo.client, {
-            "resolv.conf": f"nameserver {DECOY}\noptions timeout:3 attempts:1\n",
+            "resolv.conf": f"nameserver {DECOY}\noptions timeout:10 attempts:1\n",
             "hosts": "127.0.0.1 localhost\n",
         })  # fmt: skip
         self._etc_files(server, {
@@ -218,7 +218,7 @@ class DnsLab:
         config: dict[str, Any] = {
             "tun": {"name": "tp0"},
             "upstreams": {"socks": {"type": "socks5", "server": f"{PROXY4}:{SOCKS_PORT}"}},
-            "relay": {"connect-timeout": 3},
+            "relay": {"connect-timeout": 30},
             "rules": [*rules, "MATCH,DIRECT"],
         }
         if dns is not None:
