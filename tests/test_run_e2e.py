@@ -211,7 +211,8 @@ def test_host_untouched_during_run_and_nothing_left_after_kill_9(lab: Lab) -> No
                                 timeout=60).stdout
         assert "default dev tunproxy0" in inside and "nameserver 172.19.0.2" in inside
         assert client.routing_snapshot() == before  # during
-        assert len(_holders(pidns, session)) == 4  # init, sh and its two sleeps
+        # init, sh and its two sleeps (sh starts them after it printed the lines above)
+        _wait_for(lambda: len(_holders(pidns, session)) == 4, what="4 processes in the command")
         proc.kill()  # kill -9 of tunproxy (ip netns exec exec'd it: this pid is tunproxy)
         proc.wait(timeout=30)
         # Every process of the command's is gone (the background sleep too), and with them
