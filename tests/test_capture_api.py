@@ -37,7 +37,7 @@ def _flow(table: FlowTable, fid: int, port: int, process: str) -> FlowRecord:
     return r
 
 
-async def _read_blocks(content: Any, want: int, timeout: float = 10) -> list[Any]:
+async def _read_blocks(content: Any, want: int, timeout: float = 30) -> list[Any]:
     buf = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,7 +83,7 @@ def test_capture_streams_the_selected_flow_and_removes_its_tap() -> None:
             assert [b.data for b in epbs] == [curl_syn, curl_synack]
             assert all(b.comment is not None and "curl(101)" in b.comment for b in epbs)
             # The client went: the tap is removed (polled, the server notices within POLL).
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 30
             while driver.tap is not None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert driver.tap is None

@@ -215,11 +215,11 @@ def test_websocket_pushes_connections_traffic_and_memory(tmp_path: Path) -> None
     async def body(setup: Setup, session: aiohttp.ClientSession) -> None:
         r = setup.add(1)
         async with session.ws_connect(f"/connections?interval=100&token={SECRET}") as ws:
-            first = json.loads((await ws.receive(timeout=10)).data)
+            first = json.loads((await ws.receive(timeout=30)).data)
             assert first["connections"][0]["download"] == 0
             r.bytes_down = 4096
             for _ in range(50):  # pushed again every 100 ms with the new counters
-                snap = json.loads((await ws.receive(timeout=10)).data)
+                snap = json.loads((await ws.receive(timeout=30)).data)
                 if snap["connections"][0]["download"] == 4096:
                     break
             else:
@@ -229,14 +229,14 @@ def test_websocket_pushes_connections_traffic_and_memory(tmp_path: Path) -> None
         assert err.value.status == 400
         async with session.ws_connect(f"/traffic?token={SECRET}") as ws:
             r.bytes_up += 3000
-            tick = json.loads((await ws.receive(timeout=10)).data)
+            tick = json.loads((await ws.receive(timeout=30)).data)
             assert set(tick) == {"up", "down"} and tick["up"] > 0
         async with session.ws_connect(f"/memory?token={SECRET}") as ws:
-            assert json.loads((await ws.receive(timeout=10)).data) == {"inuse": 0, "oslimit": 0}
-            second = json.loads((await ws.receive(timeout=10)).data)
+            assert json.loads((await ws.receive(timeout=30)).data) == {"inuse": 0, "oslimit": 0}
+            second = json.loads((await ws.receive(timeout=30)).data)
             assert second["inuse"] > 0
         async with session.get("/traffic", headers=AUTH) as resp:  # plain streamed form
-            line = await asyncio.wait_for(resp.content.readline(), 10)
+            line = await asyncio.wait_for(resp.content.readline(), 30)
             assert set(json.loads(line)) == {"up", "down"}
 
     run(tmp_path, body)
@@ -256,7 +256,7 @@ def test_logs_by_level(tmp_path: Path) -> None:
                 await asyncio.sleep(0.01)
             logger.info("not for a warning-level client")
             logger.warning("disk on fire")
-            msg = json.loads((await ws.receive(timeout=10)).data)
+            msg = json.loads((await ws.receive(timeout=30)).data)
             assert msg == {"type": "warning", "payload": "tunproxy.test: disk on fire"}
 
     run(tmp_path, body)
@@ -302,7 +302,7 @@ def test_malformed_http_gets_400_and_the_server_goes_on(tmp_path: Path) -> None:
         port = int(setup.base.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GARBAGE \x00\x01 nonsense\r\n\r\n")
-        status = await asyncio.wait_for(reader.readline(), 10)
+        status = await asyncio.wait_for(reader.readline(), 30)
         assert re.match(rb"HTTP/1\.[01] 400 ", status), status
         writer.close()
         async with session.post("/connections", headers=AUTH, data=b"x" * 200_000) as resp:

@@ -158,12 +158,12 @@ def test_a_live_download_seen_and_closed_through_the_api(lab: Lab) -> None:
             seen: list[int] = []
             while len(seen) < 2 or seen[0] == seen[-1]:
                 assert len(seen) < 40, f"the download count did not move: {seen}"
-                snap = json.loads((await ws.receive(timeout=10)).data)
+                snap = json.loads((await ws.receive(timeout=30)).data)
                 mine = [x for x in snap["connections"] if x["id"] == c["id"]]
                 assert mine, "the flow vanished while curl was downloading"
                 seen.append(mine[0]["download"])
         async with session.ws_connect(f"/traffic?token={SECRET}") as ws:
-            tick = json.loads((await ws.receive(timeout=10)).data)
+            tick = json.loads((await ws.receive(timeout=30)).data)
             assert tick["down"] > 100_000  # ~1 MB/s from the slow server
         async with session.delete(f"/connections/{c['id']}", headers=AUTH) as resp:
             assert resp.status == 204

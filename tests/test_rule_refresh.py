@@ -127,7 +127,7 @@ def test_refresher_replaces_the_cache_and_reloads_only_on_good_answers(tmp_path:
         os.utime(cached, (1, 1))
         refresher = Refresher([rs], outbound_for, reload)
         refresher.start()
-        deadline = asyncio.get_running_loop().time() + 10
+        deadline = asyncio.get_running_loop().time() + 30
         while len(srv.requests) < 2 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)
