@@ -107,7 +107,7 @@ class Zone:
         return bytes(reply.pack())
 
 
-def forward_udp(host: str, port: int, timeout: float = 3.0) -> Answerer:
+def forward_udp(host: str, port: int, timeout: float = 10.0) -> Answerer:
     """Ask a real resolver over UDP (for servers fronting dnsmasq)."""
 
     async def answer(query: bytes) -> bytes:
