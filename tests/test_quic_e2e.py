@@ -32,7 +32,7 @@ from tests.netns import (
     Tunproxy,
     topology,
 )
-from tests.test_relay_e2e import download, echo_after_half_close, upload
+from tests.test_relay_e2e import download, echo_after_half_close, udp_echo, upload
 
 pytestmark = pytest.mark.netns
 
@@ -161,12 +161,9 @@ def test_udp_echo_every_size(lab: QuicLab, host: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sizes = [1, 2, 100, 500, 1000, 1100, 1150, 1200, 1250, 1300, 1350, 1400, 1, 7, 1400, 64]
     with lab.topo.client.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(30)
         sock.connect((host, UDP_PORT))
         for size in sizes:
-            message = bytes([size % 256]) * size
-            sock.send(message)
-            assert sock.recv(65535) == message, size
+            udp_echo(sock, bytes([size % 256]) * size)
     tp.wait_for_log(r"open #\d+ udp .* via quic")
     authority = f"[{host}]:{UDP_PORT}" if ":" in host else f"{host}:{UDP_PORT}"
     lab.server.wait_for_log(rf"udp .* -> {re.escape(authority)}: open")

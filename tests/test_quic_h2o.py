@@ -28,7 +28,7 @@ from tests.e2e_peer import payload_chunks, payload_sha256
 from tests.masque_peer import MasqueServer, free_udp_port, make_cert
 from tests.netns import PROXY4, REPO, SERVER4, Topology, topology
 from tests.test_quic_e2e import BULK, TCP_PORT, UDP_PORT
-from tests.test_relay_e2e import download
+from tests.test_relay_e2e import download, udp_echo
 
 H2O_BIN = Path(os.environ.get("TUNPROXY_H2O_BIN", "/var/cache/tunproxy-peers/h2o/bin"))
 H2O = H2O_BIN / "h2o"
@@ -147,12 +147,9 @@ def test_tunproxy_through_h2o_udp_every_size(h2o_lab: H2oLab) -> None:
     # 1,300 and 1,400-byte datagrams go up as capsules: see the loopback test.
     sizes = [1, 2, 100, 500, 1000, 1100, 1150, 1200, 1, 7, 1200, 64]
     with h2o_lab.topo.client.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(5)
         sock.connect((SERVER4, UDP_PORT))
         for size in sizes:
-            message = bytes([size % 256]) * size
-            sock.send(message)
-            assert sock.recv(65535) == message, size
+            udp_echo(sock, bytes([size % 256]) * size)
 
 
 # -- h2o-httpclient -> tunproxy server, on loopback --------------------------------------------
