@@ -573,7 +573,8 @@ def _parse_controller(node: _Node | None, file: str) -> ControllerConfig | None:
 
 
 TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-faults", "log",
-             "sub-rules", "geodata", "controller")
+             "sub-rules", "geodata", "controller",
+             "server")  # read by 'tunproxy server --config' (server.py), ignored here
 
 
 def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config:

@@ -2,6 +2,7 @@
 
     tunproxy server --listen [::]:443 --cert FILE --key FILE --token SECRET
                     [--allow CIDR ...] [--deny CIDR ...]
+    tunproxy server --config FILE        # its 'server:' section; flags override it
 
 It dials the targets itself, resolving names, so a tunproxy client with a ``quic``
 upstream (or any MASQUE client: h2o-httpclient, ...) can send every flow through it.
@@ -74,7 +75,7 @@ class ServerConfig:
     port: int
     certfile: str
     keyfile: str
-    token: str | None
+    token: str | tuple[str, ...] | None  # the one accepted, or several
     allow: list[IPNetwork] = field(default_factory=list)
     deny: list[IPNetwork] = field(default_factory=list)
     deny_own: bool = True
@@ -469,27 +470,28 @@ class _UdpFlow(_Flow, asyncio.DatagramProtocol):
             self.transport.close()
 
 
-# -- command line ---------------------------------------------------------------------------
+# -- command line and config file -----------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default="[::]:443", metavar="HOST:PORT",
+    parser.add_argument("--config", metavar="FILE",
+                        help="read the 'server:' section of FILE (the flags below override it)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
                         help="UDP address to serve HTTP/3 on (default: [::]:443)")
-    parser.add_argument("--cert", required=True, metavar="FILE",
-                        help="TLS certificate chain (PEM)")
-    parser.add_argument("--key", required=True, metavar="FILE", help="TLS private key (PEM)")
+    parser.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM)")
+    parser.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
     parser.add_argument("--token", metavar="SECRET",
                         help="clients must send 'Proxy-Authorization: Bearer SECRET'")
     parser.add_argument("--no-token", action="store_true",
                         help="serve anyone who reaches the port (an open proxy: tests only)")
-    parser.add_argument("--allow", action="append", default=[], metavar="CIDR",
+    parser.add_argument("--allow", action="append", metavar="CIDR",
                         help="destinations to dial even if denied (repeatable)")
-    parser.add_argument("--deny", action="append", default=[], metavar="CIDR",
+    parser.add_argument("--deny", action="append", metavar="CIDR",
                         help="more destinations to refuse (repeatable)")
-    parser.add_argument("--max-datagram-size", type=int, default=1200, metavar="BYTES",
+    parser.add_argument("--max-datagram-size", type=int, metavar="BYTES",
                         help="largest QUIC packet to send (default 1200, which every path "
                         "carries; 1452 on a 1500-byte MTU path lets 1400-byte UDP payloads "
                         "go as QUIC datagrams instead of capsules on the stream)")
-    parser.add_argument("--udp-template", default=DEFAULT_UDP_TEMPLATE, metavar="TEMPLATE",
+    parser.add_argument("--udp-template", metavar="TEMPLATE",
                         help=f"CONNECT-UDP URI template (default: {DEFAULT_UDP_TEMPLATE})")
 
 
@@ -503,30 +505,131 @@ def _networks(texts: list[str], option: str) -> list[IPNetwork]:
     return networks
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+SERVER_KEYS = ("listen", "cert", "key", "token", "tokens", "allow", "deny",
+               "max-datagram-size", "udp-template", "idle-timeout")
+
+
+def load_server_section(path: str) -> ServerConfig:
+    """The ``server:`` section of a config file, checked; errors name file and line.
+    Paths in it are relative to the file's directory. The file's other sections (a
+    client's ``rules:``, ``upstreams:``...) are left to ``tunproxy --rules``."""
+    from pathlib import Path
+
+    from tunproxy.config import TOP_LEVEL, _compose, _Section
+
     try:
-        host, port = split_host_port(args.listen)
-    except ValueError:
-        raise ConfigError(f"--listen {args.listen!r} is not host:port") from None
-    if args.token is None and not args.no_token:
-        raise ConfigError("give --token SECRET (or --no-token for an open proxy)")
-    problem = check_template(args.udp_template)
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("no such file", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read it: {exc}", path) from None
+    root = _compose(text, path)
+    if not isinstance(root.value, dict) or "server" not in root.value:
+        raise ConfigError("no 'server:' section (listen, cert, key, token...)", path, root.line)
+    for key, value in root.value.items():
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"unknown section '{key}' (known: {', '.join(TOP_LEVEL)})",
+                              path, value.line)
+    s = _Section(root.value["server"], path, "server", SERVER_KEYS)
+    base = Path(path).parent
+
+    def address(key: str, default: str) -> tuple[str, int]:
+        text = s.string(key, default) or default
+        try:
+            return split_host_port(text)
+        except ValueError:
+            raise s.error(key, f"{text!r} is not host:port") from None
+
+    def readable(key: str) -> str:
+        name = s.string(key, None)
+        if name is None:
+            raise s.error(key, "is required (a PEM file)")
+        full = base / name
+        try:
+            with open(full, "rb"):
+                pass
+        except OSError as exc:
+            raise s.error(key, f"cannot read {full}: {exc.strerror}") from None
+        return str(full)
+
+    def networks(key: str) -> list[IPNetwork]:
+        out = []
+        for text, line in s.string_list(key):
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ConfigError(f"server.{key}: {text!r} is not a CIDR", path, line) from None
+        return out
+
+    host, port = address("listen", "[::]:443")
+    tokens = [t for t, _ in s.string_list("tokens")]
+    single = s.string("token", None)
+    if single is not None:
+        tokens.insert(0, single)
+    if any(not t for t in tokens):
+        raise s.error("tokens" if "tokens" in s.items else "token", "a token cannot be empty")
+    template = s.string("udp-template", DEFAULT_UDP_TEMPLATE) or DEFAULT_UDP_TEMPLATE
+    problem = check_template(template)
+    if problem is not None:
+        raise s.error("udp-template", problem)
+    return ServerConfig(
+        host=host, port=port, certfile=readable("cert"), keyfile=readable("key"),
+        token=tuple(tokens) if tokens else None,
+        allow=networks("allow"), deny=networks("deny"), udp_template=template,
+        idle_timeout=s.number("idle-timeout", 60.0, 1, 3600),
+        max_datagram_size=s.integer("max-datagram-size", 1200, 1200, 65527),
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The config file's ``server:`` section (if any) with the flags given on top."""
+    base = load_server_section(args.config) if args.config else None
+    if base is not None:
+        host, port = base.host, base.port
+    else:
+        host, port = "::", 443
+    if args.listen is not None:
+        try:
+            host, port = split_host_port(args.listen)
+        except ValueError:
+            raise ConfigError(f"--listen {args.listen!r} is not host:port") from None
+    token: str | tuple[str, ...] | None = base.token if base is not None else None
+    if args.no_token:
+        token = None
+    elif args.token is not None:
+        token = args.token
+    elif token is None:
+        raise ConfigError("give --token SECRET (or --no-token for an open proxy)"
+                          + (f"; {args.config} has no server.token" if args.config else ""))
+    template = args.udp_template or (base.udp_template if base else DEFAULT_UDP_TEMPLATE)
+    problem = check_template(template)
     if problem is not None:
         raise ConfigError(f"--udp-template {problem}")
-    if not 1200 <= args.max_datagram_size <= 65527:
-        raise ConfigError(f"--max-datagram-size {args.max_datagram_size} is out of range "
+    max_datagram_size = args.max_datagram_size or (base.max_datagram_size if base else 1200)
+    if not 1200 <= max_datagram_size <= 65527:
+        raise ConfigError(f"--max-datagram-size {max_datagram_size} is out of range "
                           "1200..65527")
+    certfile = args.cert or (base.certfile if base else None)
+    keyfile = args.key or (base.keyfile if base else None)
+    if certfile is None or keyfile is None:
+        raise ConfigError("give --cert FILE and --key FILE (or --config FILE with server.cert "
+                          "and server.key)")
     for path in (args.cert, args.key):
+        if path is None:
+            continue
         try:
             with open(path, "rb"):
                 pass
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     return ServerConfig(
-        host=host, port=port, certfile=args.cert, keyfile=args.key,
-        token=None if args.no_token else args.token,
-        allow=_networks(args.allow, "--allow"), deny=_networks(args.deny, "--deny"),
-        udp_template=args.udp_template, max_datagram_size=args.max_datagram_size,
+        host=host, port=port, certfile=certfile, keyfile=keyfile, token=token,
+        allow=_networks(args.allow, "--allow") if args.allow is not None else (
+            base.allow if base else []),
+        deny=_networks(args.deny, "--deny") if args.deny is not None else (
+            base.deny if base else []),
+        udp_template=template, max_datagram_size=max_datagram_size,
+        idle_timeout=base.idle_timeout if base else 60.0,
     )
 
 

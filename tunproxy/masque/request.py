@@ -207,10 +207,12 @@ def response_headers(status: int, *, udp: bool = False) -> Headers:
     return headers
 
 
-def parse_request(headers: Headers, template: str, token: str | None) -> ConnectRequest:
+def parse_request(headers: Headers, template: str,
+                  token: str | tuple[str, ...] | None) -> ConnectRequest:
     """Check a request a proxy received: the method, the token, the target.
 
-    The token is checked first, so a client without it learns nothing else (407).
+    ``token``: the one accepted, or a tuple of them (None: no token needed). The token
+    is checked first, so a client without it learns nothing else (407).
     """
     fields: dict[bytes, bytes] = {}
     for name, value in headers:
@@ -222,8 +224,11 @@ def parse_request(headers: Headers, template: str, token: str | None) -> Connect
     if token is not None:
         given = fields.get(b"proxy-authorization", b"")
         scheme, _, secret = given.partition(b" ")
-        expected = token.encode()
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(secret.strip(), expected):
+        secret = secret.strip()
+        accepted = (token,) if isinstance(token, str) else token
+        # Every token compared, so the time taken says nothing about which one matched.
+        matches = [hmac.compare_digest(secret, t.encode()) for t in accepted]
+        if scheme.lower() != b"bearer" or not any(matches):
             raise RequestRefused(407, "missing or wrong proxy token")
     if fields.get(b":method") != b"CONNECT":
         raise RequestRefused(405, f"method {fields.get(b':method', b'')[:20]!r} is not CONNECT")
