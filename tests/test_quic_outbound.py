@@ -322,7 +322,9 @@ def test_hostile_requests_get_error_responses(server: tuple[MasqueServer, int, P
         ("    username: u\n    password: p\n", 7, "is not a quic setting"),
         ("    keepalive: soon\n", 7, "upstreams.q.keepalive: expected a number"),
         ("    max-datagram-size: 900\n", 7, "out of range 1200..65527"),
-        ("    congestion: bbr\n", 7, "is not supported for quic"),
+        ("    congestion: bbr\n", 7,
+         "upstreams.q.congestion: 'bbr' is not available (the QUIC library, qh3, implements "
+         "cubic only)"),
     ],
 )
 def test_quic_config_errors_name_file_and_line(tmp_path: Path, body: str, line: int,
@@ -364,3 +366,18 @@ def test_reconnect_resumes_the_tls_session(server: tuple[MasqueServer, int, Path
         tcp.close()
 
     asyncio.run(main())
+
+
+def test_quic_congestion_cubic_is_accepted(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tunproxy.config import load_config
+
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - MATCH,q\nupstreams:\n  q:\n    type: quic\n"
+                    "    server: a:1\n    congestion: CUBIC\n")
+    done = subprocess.run([sys.executable, "-m", "tunproxy", "check", str(path)],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert load_config(path).upstreams["q"].options["congestion"] == "cubic"

@@ -41,6 +41,7 @@ server:
   deny: [192.0.2.0/24]
   max-datagram-size: 1452
   idle-timeout: 20
+  congestion: cubic
 rules:                      # a client's section in the same file: left to tunproxy --rules
   - MATCH,DIRECT
 """)
@@ -57,6 +58,15 @@ def test_good_file(tmp_path: Path) -> None:
     assert config.deny == [ipaddress.ip_network("192.0.2.0/24")]
     assert config.max_datagram_size == 1452
     assert config.idle_timeout == 20.0
+    assert config.congestion == "cubic"
+
+
+def test_congestion_flag(tmp_path: Path) -> None:
+    path = _good(tmp_path)
+    assert config_from_args(_args("--config", str(path), "--congestion", "cubic")
+                            ).congestion == "cubic"
+    with pytest.raises(ConfigError, match="--congestion 'bbr' is not available"):
+        config_from_args(_args("--config", str(path), "--congestion", "bbr"))
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -85,6 +95,8 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     ("rules: [MATCH,DIRECT]\n", 1, "no 'server:' section"),
     ("server:\n  cert: proxy.test.crt\n  key: [\n", 4, "not valid YAML"),
     ("servr:\n  cert: x\n", 1, "no 'server:' section"),
+    ("server:\n  cert: proxy.test.crt\n  key: proxy.test.key\n  congestion: reno\n", 4,
+     "server.congestion: 'reno' is not available (the QUIC library, qh3, implements cubic"),
 ])
 def test_bad_file_names_file_and_line(tmp_path: Path, body: str, line: int,
                                       message: str) -> None:

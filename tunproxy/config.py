@@ -407,13 +407,24 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
 
 
 QUIC_KEYS = ("token", "udp-template", "keepalive", "idle-timeout", "max-datagram-size")
+# The congestion controllers the QUIC library offers (h3link.CONGESTION_CONTROL, kept here
+# so a config check does not load the library): qh3's Rust core implements CUBIC alone.
+QUIC_CONGESTION = ("cubic",)
+
+
+def quic_congestion(s: _Section) -> str:
+    value = s.string("congestion", QUIC_CONGESTION[0]) or QUIC_CONGESTION[0]
+    if value.lower() not in QUIC_CONGESTION:
+        raise s.error("congestion", f"{value!r} is not available (the QUIC library, qh3, "
+                      f"implements {', '.join(QUIC_CONGESTION)} only)")
+    return value.lower()
 
 
 def _quic_options(s: _Section, base: Path) -> dict[str, Any]:
     """A quic upstream's settings, checked (QuicOutbound's keyword arguments)."""
     from tunproxy.masque.request import DEFAULT_UDP_TEMPLATE, check_template
 
-    for key in ("username", "password", "alpn", "congestion"):
+    for key in ("username", "password", "alpn"):
         if key in s.items:
             raise s.error(key, "is not a quic setting (MASQUE authenticates with 'token')"
                           if key in ("username", "password") else "is not supported for quic")
@@ -432,6 +443,7 @@ def _quic_options(s: _Section, base: Path) -> dict[str, Any]:
         "keepalive": s.number("keepalive", 10.0, 0, 600),
         "idle_timeout": s.number("idle-timeout", 30.0, 1, 3600),
         "max_datagram_size": s.integer("max-datagram-size", 1200, 1200, 65527),
+        "congestion": quic_congestion(s),
     }
 
 

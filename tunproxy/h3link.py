@@ -84,6 +84,8 @@ class LinkSettings:
     max_stream_data: int = 4 * 1024 * 1024
     # QUIC packet size: 1200 is the size every path must carry (RFC 9000 section 14).
     max_datagram_size: int = 1200
+    # Congestion control: one of CONGESTION_CONTROL.
+    congestion: str = "cubic"
 
 
 class H3Handler(Protocol):
@@ -386,8 +388,17 @@ class ClientTLS:
     session_ticket: SessionTicket | None = None
 
 
+# The congestion controllers the library offers. qh3 2.1's Rust core implements CUBIC
+# (RFC 9438) with no setting to choose another (aioquic had Reno and CUBIC); the config
+# (config.QUIC_CONGESTION) refuses anything else by name.
+CONGESTION_CONTROL = ("cubic",)
+
+
 def _configuration(settings: LinkSettings, *, is_client: bool) -> QuicConfiguration:
     """The QUIC settings both ends share: ALPN h3, the link's limits, DATAGRAM frames."""
+    if settings.congestion not in CONGESTION_CONTROL:
+        raise ValueError(f"congestion control {settings.congestion!r} is not available "
+                         f"(only {', '.join(CONGESTION_CONTROL)})")
     return QuicConfiguration(
         is_client=is_client,
         alpn_protocols=["h3"],

@@ -82,6 +82,7 @@ class ServerConfig:
     udp_template: str = DEFAULT_UDP_TEMPLATE
     idle_timeout: float = 60.0
     max_datagram_size: int = 1200
+    congestion: str = "cubic"
 
 
 class Policy:
@@ -130,7 +131,8 @@ class MasqueServer:
         self.server = await listen(
             self.config.host, self.config.port, self.config.certfile, self.config.keyfile,
             LinkSettings(idle_timeout=self.config.idle_timeout,
-                         max_datagram_size=self.config.max_datagram_size),
+                         max_datagram_size=self.config.max_datagram_size,
+                         congestion=self.config.congestion),
             lambda link: _Connection(self, link), SEND_LIMIT,
         )
 
@@ -491,6 +493,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest QUIC packet to send (default 1200, which every path "
                         "carries; 1452 on a 1500-byte MTU path lets 1400-byte UDP payloads "
                         "go as QUIC datagrams instead of capsules on the stream)")
+    parser.add_argument("--congestion", metavar="ALGORITHM",
+                        help="congestion control (default and only choice: cubic)")
     parser.add_argument("--udp-template", metavar="TEMPLATE",
                         help=f"CONNECT-UDP URI template (default: {DEFAULT_UDP_TEMPLATE})")
 
@@ -506,7 +510,7 @@ def _networks(texts: list[str], option: str) -> list[IPNetwork]:
 
 
 SERVER_KEYS = ("listen", "cert", "key", "token", "tokens", "allow", "deny",
-               "max-datagram-size", "udp-template", "idle-timeout")
+               "max-datagram-size", "udp-template", "idle-timeout", "congestion")
 
 
 def load_server_section(path: str) -> ServerConfig:
@@ -515,7 +519,7 @@ def load_server_section(path: str) -> ServerConfig:
     client's ``rules:``, ``upstreams:``...) are left to ``tunproxy --rules``."""
     from pathlib import Path
 
-    from tunproxy.config import TOP_LEVEL, _compose, _Section
+    from tunproxy.config import TOP_LEVEL, _compose, _Section, quic_congestion
 
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -578,6 +582,7 @@ def load_server_section(path: str) -> ServerConfig:
         allow=networks("allow"), deny=networks("deny"), udp_template=template,
         idle_timeout=s.number("idle-timeout", 60.0, 1, 3600),
         max_datagram_size=s.integer("max-datagram-size", 1200, 1200, 65527),
+        congestion=quic_congestion(s),
     )
 
 
@@ -630,7 +635,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             base.deny if base else []),
         udp_template=template, max_datagram_size=max_datagram_size,
         idle_timeout=base.idle_timeout if base else 60.0,
+        congestion=_congestion(args.congestion) if args.congestion else (
+            base.congestion if base else "cubic"),
     )
+
+
+def _congestion(name: str) -> str:
+    from tunproxy.config import QUIC_CONGESTION
+
+    if name.lower() not in QUIC_CONGESTION:
+        raise ConfigError(f"--congestion {name!r} is not available (the QUIC library, qh3, "
+                          f"implements {', '.join(QUIC_CONGESTION)} only)")
+    return name.lower()
 
 
 async def serve(config: ServerConfig, own: list[str]) -> None:

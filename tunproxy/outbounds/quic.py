@@ -84,6 +84,7 @@ class QuicOutbound(Outbound):
         idle_timeout: float = 30.0,
         keepalive: float = 10.0,
         max_datagram_size: int = 1200,
+        congestion: str = "cubic",
     ) -> None:
         self.name = name
         self.server_host = server_host
@@ -103,7 +104,8 @@ class QuicOutbound(Outbound):
             except ValueError:
                 server_name = server_host
         self.tls = ClientTLS(server_name=server_name, cafile=ca, insecure=insecure)
-        self.settings = LinkSettings(idle_timeout=idle_timeout, max_datagram_size=max_datagram_size)
+        self.settings = LinkSettings(idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
+                                     congestion=congestion)
         self._connection: _Connection | None = None
         self._dialing: asyncio.Future[_Connection] | None = None
         self._told_token = False
