@@ -21,9 +21,10 @@ from tests.netns import REPO, Netns, Tunproxy
 
 
 def make_cert(directory: Path, name: str = "proxy.test",
-              addresses: Sequence[str] = ()) -> tuple[Path, Path, Path]:
+              addresses: Sequence[str] = (), *, client: bool = False) -> tuple[Path, Path, Path]:
     """A CA and a server certificate it signed for ``name`` (and IP ``addresses``):
-    (ca, cert, key) PEM files. A client verifies the server with ``ca: <ca>``."""
+    (ca, cert, key) PEM files. A client verifies the server with ``ca: <ca>``.
+    ``client``: a client certificate instead (mutual TLS; the server trusts ``ca``)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} test CA")])
@@ -51,8 +52,9 @@ def make_cert(directory: Path, name: str = "proxy.test",
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName(alt), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([
+            x509.ExtendedKeyUsageOID.CLIENT_AUTH if client
+            else x509.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     ca_path = directory / f"{name}-ca.crt"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ import pytest
 
 from tests.e2e_peer import payload_chunks, payload_sha256
 from tests.masque_peer import MasqueServer, free_udp_port, make_cert
-from tests.netns import PROXY4, REPO, SERVER4, Topology, topology
+from tests.netns import PROXY4, REPO, SERVER4, Topology, Tunproxy, topology
 from tests.test_quic_e2e import BULK, TCP_PORT, UDP_PORT
 from tests.test_relay_e2e import download, udp_echo
 
@@ -254,3 +255,67 @@ def test_h2o_httpclient_connect_udp_through_tunproxy_server(
         client.wait()
         peer.kill()
         peer.wait()
+
+
+def _h2o_requiring_client_certs(lab: H2oLab, client_ca: Path, port: int) -> None:
+    """A second h2o on ``port`` that requires a client certificate its ``client_ca``
+    signed (ssl: client-ca-file; h2o asks for it in the QUIC handshake too)."""
+    _, cert, key = make_cert(lab.topo.workdir, "proxy.test", [PROXY4])
+    conf = lab.topo.workdir / "h2o-mtls.conf"
+    conf.write_text(H2O_CONF.format(host=PROXY4, port=port, key=key, cert=cert).replace(
+        f"    certificate-file: {cert}\n",
+        f"    certificate-file: {cert}\n    client-ca-file: {client_ca}\n"))
+    lab.topo.server.spawn(str(H2O), "-c", str(conf),
+                          stdout=(lab.topo.workdir / "h2o-mtls.log").open("wb"),
+                          stderr=subprocess.STDOUT)
+    lab.topo.server.wait_udp_bound(port)
+
+
+def _tunproxy_with_client_cert(lab: H2oLab, port: int, tls: str) -> Tunproxy:
+    return lab.topo.start_tunproxy(f"""\
+tun:
+  name: tp0
+upstreams:
+  h2o:
+    type: quic
+    server: "{PROXY4}:{port}"
+    sni: proxy.test
+    ca: "{lab.ca}"
+{tls}relay:
+  connect-timeout: 5
+rules:
+  - MATCH,h2o
+""")
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("case", ["right", "none", "other-ca"])
+def test_client_certificate_to_h2o(tmp_path: Path, case: str) -> None:
+    """Mutual TLS against h2o requiring a client certificate: ours (cert:/key: on the
+    upstream) passes; none, or one another CA signed, is refused with one log line."""
+    with topology(tmp_path) as topo:
+        lab = H2oLab(topo)
+        client_dir = topo.workdir / "client"
+        client_dir.mkdir()
+        client_ca, client_cert, client_key = make_cert(client_dir, "laptop", client=True)
+        other_dir = topo.workdir / "other"
+        other_dir.mkdir()
+        _, other_cert, other_key = make_cert(other_dir, "laptop", client=True)
+        port = H2O_PORT + 1
+        _h2o_requiring_client_certs(lab, client_ca, port)
+        cert, key = {"right": (client_cert, client_key), "none": (None, None),
+                     "other-ca": (other_cert, other_key)}[case]
+        tls = f'    cert: "{cert}"\n    key: "{key}"\n' if cert is not None else ""
+        tp = _tunproxy_with_client_cert(lab, port, tls)
+        if case == "right":
+            download(lab, SERVER4, 1024 * 1024)  # type: ignore[arg-type]
+            return
+        for _ in range(3):
+            start = time.monotonic()
+            with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+                lab.connect(timeout=10).recv(1)
+            assert time.monotonic() - start < 8
+        line = tp.wait_for_log(r"ERROR .*refused our client certificate")
+        assert ("set 'cert' and 'key'" if case == "none" else "check 'cert' and 'key'") in line
+        assert len(re.findall(r"ERROR .*client certificate", tp.log)) == 1, tp.log[-3000:]
+        assert "bug:" not in tp.log and "internal-error" not in tp.log, tp.log[-3000:]

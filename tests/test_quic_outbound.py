@@ -322,6 +322,9 @@ def test_hostile_requests_get_error_responses(server: tuple[MasqueServer, int, P
         ("    username: u\n    password: p\n", 7, "is not a quic setting"),
         ("    keepalive: soon\n", 7, "upstreams.q.keepalive: expected a number"),
         ("    max-datagram-size: 900\n", 7, "out of range 1200..65527"),
+        ("    cert: client.pem\n", 7, "upstreams.q.cert: cert and key go together"),
+        ("    key: client.key\n", 7, "upstreams.q.key: cert and key go together"),
+        ("    cert: client.pem\n    key: client.key\n", 7, "upstreams.q.cert: no such file"),
         ("    congestion: bbr\n", 7,
          "upstreams.q.congestion: 'bbr' is not available (the QUIC library, qh3, implements "
          "cubic only)"),

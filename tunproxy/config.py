@@ -376,7 +376,7 @@ def _parse_upstreams(node: _Node | None, file: str) -> dict[str, UpstreamConfig]
             raise ConfigError(f"upstream name {name!r} is reserved", file, entry.line)
         s = _Section(entry, file, f"upstreams.{name}", (
             "type", "server", "username", "password", "udp", "pipeline", "sni", "insecure",
-            "alpn", "ca", "congestion", *QUIC_KEYS,
+            "alpn", "ca", "congestion", "cert", "key", *QUIC_KEYS,
         ))
         kind = s.string("type", None)
         if kind not in UPSTREAM_TYPES:
@@ -437,13 +437,24 @@ def _quic_options(s: _Section, base: Path) -> dict[str, Any]:
         ca = str(base / ca)
         if not Path(ca).is_file():
             raise s.error("ca", f"no such file: {ca}")
+    # Mutual TLS: the client certificate and its key, for a proxy that asks for one.
+    cert_name, key_name = s.string("cert", None), s.string("key", None)
+    if (cert_name is None) != (key_name is None):
+        raise s.error("key" if cert_name is None else "cert", "cert and key go together")
+    certfile: str | None = None
+    keyfile: str | None = None
+    if cert_name is not None and key_name is not None:
+        certfile, keyfile = str(base / cert_name), str(base / key_name)
+        for name, path in (("cert", certfile), ("key", keyfile)):
+            if not Path(path).is_file():
+                raise s.error(name, f"no such file: {path}")
     return {
         "token": s.string("token", None), "sni": s.string("sni", None), "ca": ca,
         "insecure": s.boolean("insecure", False), "udp_template": template,
         "keepalive": s.number("keepalive", 10.0, 0, 600),
         "idle_timeout": s.number("idle-timeout", 30.0, 1, 3600),
         "max_datagram_size": s.integer("max-datagram-size", 1200, 1200, 65527),
-        "congestion": quic_congestion(s),
+        "congestion": quic_congestion(s), "cert": certfile, "key": keyfile,
     }
 
 

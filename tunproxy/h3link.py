@@ -88,6 +88,25 @@ class LinkSettings:
     congestion: str = "cubic"
 
 
+# TLS alerts (RFC 8446 section 6) a peer closes a QUIC connection with as CRYPTO_ERROR
+# 0x100 + alert (RFC 9001 section 4.8); the ones about certificates name what went wrong.
+TLS_ALERTS = {
+    40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+    44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
+    48: "unknown_ca", 49: "access_denied", 80: "internal_error", 116: "certificate_required",
+}
+CERTIFICATE_ALERTS = frozenset({42, 43, 44, 45, 46, 48, 49, 116})
+
+
+def close_reason(error_code: int, reason_phrase: str) -> str:
+    """A connection close as a log line says it: a TLS alert by name."""
+    if 0x100 <= error_code <= 0x1FF:
+        alert = error_code - 0x100
+        text = f"TLS alert {TLS_ALERTS.get(alert, str(alert))} (0x{error_code:x})"
+        return f"{text}: {reason_phrase}" if reason_phrase else text
+    return reason_phrase or f"error 0x{error_code:x}"
+
+
 class H3Handler(Protocol):
     """What an ``H3Link`` reports, per request stream (client- or server-initiated)."""
 
@@ -158,6 +177,7 @@ class H3Link(QuicConnectionProtocol):
         self.send_limit = send_limit
         self.max_datagram_size = quic.configuration.max_datagram_size
         self.closed_reason: str | None = None
+        self.closed_alert: int | None = None  # the TLS alert the peer closed with, if any
         self.resumed = False  # the handshake resumed a TLS session (a ticket was accepted)
         self.peer: str = "?"
         self._blocked: set[int] = set()
@@ -194,13 +214,21 @@ class H3Link(QuicConnectionProtocol):
         return self._quic.get_next_available_stream_id()
 
     def send_headers(self, stream_id: int, headers: Headers, end: bool = False) -> None:
-        self.h3.send_headers(stream_id, headers, end_stream=end)
+        try:
+            self.h3.send_headers(stream_id, headers, end_stream=end)
+        except Exception as exc:  # see _refused
+            self._refused(exc)
+            return
         self._transmit_soon()
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> bool:
         """Queue ``data``; False when the stream's unsent bytes passed ``send_limit``
         (``h3_writable`` says when they drained)."""
-        self.h3.send_data(stream_id, data, end_stream=end)
+        try:
+            self.h3.send_data(stream_id, data, end_stream=end)
+        except Exception as exc:  # see _refused
+            self._refused(exc)
+            return True
         self._transmit_soon()
         if self._quic.get_send_buffer_size(stream_id) > self.send_limit:
             self._blocked.add(stream_id)
@@ -214,7 +242,11 @@ class H3Link(QuicConnectionProtocol):
 
     def send_datagram(self, stream_id: int, payload: bytes) -> None:
         """An HTTP Datagram (RFC 9297 section 2.1: quarter stream ID, then payload)."""
-        self.h3.send_datagram(stream_id // 4, payload)
+        try:
+            self.h3.send_datagram(stream_id // 4, payload)
+        except Exception as exc:  # see _refused
+            self._refused(exc)
+            return
         self._transmit_soon()
 
     def reset(self, stream_id: int, error_code: int = H3_REQUEST_CANCELLED) -> None:
@@ -274,6 +306,7 @@ class H3Link(QuicConnectionProtocol):
             super().datagram_received(data, addr)
         except Exception as exc:  # see _fail
             self._fail(exc)
+        self._note_close()
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
         if self.closed_reason is not None and self.closed_reason.startswith("QUIC library"):
@@ -281,6 +314,30 @@ class H3Link(QuicConnectionProtocol):
         try:
             super().datagrams_received(data, addr)
         except Exception as exc:  # see _fail
+            self._fail(exc)
+        self._note_close()
+
+    def _note_close(self) -> None:
+        """The connection is closing (the peer sent CONNECTION_CLOSE, or we did): qh3
+        reports ConnectionTerminated only once its draining period is over (3 PTOs), and
+        refuses every send meanwhile; its streams are over now."""
+        close = self._quic._close_event
+        if close is not None and self.closed_reason is None:
+            self._end(close.error_code, close.reason_phrase)
+
+    def _end(self, error_code: int, reason_phrase: str) -> None:
+        if 0x100 <= error_code <= 0x1FF:
+            self.closed_alert = error_code - 0x100
+        self.closed_reason = close_reason(error_code, reason_phrase)
+        self._blocked.clear()
+        self._wake_credit_waiters()
+        self.handler.h3_closed(self.closed_reason)
+
+    def _refused(self, exc: Exception) -> None:
+        """The library refused a send: the connection is closing (``_note_close``), or
+        something else went wrong with it (``_fail``)."""
+        self._note_close()
+        if self.alive:
             self._fail(exc)
 
     # -- the library's side ---------------------------------------------------------------
@@ -295,10 +352,7 @@ class H3Link(QuicConnectionProtocol):
             return
         if isinstance(event, ConnectionTerminated):
             if self.closed_reason is None:
-                self.closed_reason = event.reason_phrase or f"error 0x{event.error_code:x}"
-                self._blocked.clear()
-                self._wake_credit_waiters()
-                self.handler.h3_closed(self.closed_reason)
+                self._end(event.error_code, event.reason_phrase)
             return
         for h3_event in self.h3.handle_event(event):
             self._dispatch(h3_event)
@@ -345,6 +399,7 @@ class H3Link(QuicConnectionProtocol):
             super()._handle_timer()
         except Exception as exc:  # see _fail
             self._fail(exc)
+        self._note_close()
 
     def transmit(self) -> None:
         try:
@@ -386,6 +441,8 @@ class ClientTLS:
     cafile: str | None = None
     insecure: bool = False
     session_ticket: SessionTicket | None = None
+    certfile: str | None = None  # mutual TLS: our certificate chain and key (PEM)
+    keyfile: str | None = None
 
 
 # The congestion controllers the library offers. qh3 2.1's Rust core implements CUBIC
@@ -432,6 +489,12 @@ async def dial(
         configuration.verify_mode = ssl.CERT_NONE
     elif tls.cafile is not None:
         configuration.load_verify_locations(cafile=tls.cafile)
+    if tls.certfile is not None:
+        try:
+            configuration.load_cert_chain(tls.certfile, tls.keyfile)
+        except Exception as exc:  # the library's parse error, whatever its type
+            raise ConnectionError(f"cannot load the client certificate {tls.certfile} "
+                                  f"and key {tls.keyfile}: {exc}") from None
     quic = QuicConnection(configuration=configuration, session_ticket_handler=on_ticket)
     gate = ReadGate()
     loop = asyncio.get_running_loop()

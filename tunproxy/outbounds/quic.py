@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from tunproxy.errors import ConnectRefused, ConnectTimeout, OutboundError, ProxyError, Unreachable
 from tunproxy.h3link import (
+    CERTIFICATE_ALERTS,
     H3_CONNECT_ERROR,
     ClientTLS,
     H3Link,
@@ -85,6 +86,8 @@ class QuicOutbound(Outbound):
         keepalive: float = 10.0,
         max_datagram_size: int = 1200,
         congestion: str = "cubic",
+        cert: str | None = None,
+        key: str | None = None,
     ) -> None:
         self.name = name
         self.server_host = server_host
@@ -103,12 +106,14 @@ class QuicOutbound(Outbound):
                 ipaddress.ip_address(server_host)
             except ValueError:
                 server_name = server_host
-        self.tls = ClientTLS(server_name=server_name, cafile=ca, insecure=insecure)
+        self.tls = ClientTLS(server_name=server_name, cafile=ca, insecure=insecure,
+                             certfile=cert, keyfile=key)
         self.settings = LinkSettings(idle_timeout=idle_timeout, max_datagram_size=max_datagram_size,
                                      congestion=congestion)
         self._connection: _Connection | None = None
         self._dialing: asyncio.Future[_Connection] | None = None
         self._told_token = False
+        self._told_certificate = False
         if insecure:
             log.warning(
                 "upstream %s: TLS certificate of %s is NOT verified (insecure: true): "
@@ -349,6 +354,14 @@ class _Connection:
             outbound._connection = None
             log.info("upstream %s: QUIC connection to %s closed: %s", outbound.name,
                      outbound._proxy, reason)
+        if self.link.closed_alert in CERTIFICATE_ALERTS and not outbound._told_certificate:
+            # Mutual TLS: the proxy checks our certificate after the handshake is done on
+            # our side, and closes with an alert. Said once; each flow still gets its RST.
+            outbound._told_certificate = True
+            log.error("upstream %s: QUIC proxy %s refused our client certificate (%s): %s",
+                      outbound.name, outbound._proxy, reason,
+                      "it wants one: set 'cert' and 'key'" if outbound.tls.certfile is None
+                      else "check 'cert' and 'key' (signed by a CA the proxy trusts?)")
         error = ConnectionResetError(f"QUIC connection to {outbound._proxy} lost: {reason}")
         for stream in list(self.streams.values()):
             stream.lost(error)
