@@ -14,6 +14,10 @@ flow control. The owner of a stream that holds more than it should calls
 ``hold(stream_id)``: while any stream of a ``ReadGate`` is held, the UDP socket is not
 read, the kernel's buffer fills and drops, and the sender's congestion control backs
 off. Memory stays bounded; the price is that other streams sharing the socket wait too.
+Per-stream credit is out of reach with qh3 2.1: its Rust core raises MAX_STREAM_DATA in
+``poll_event`` (``QuicConnectionCore.next_event``) as it hands a stream's data over, and
+``QuicConnection._drain_core`` takes every event right after each datagram is received;
+there is no call to read one stream later or to grant its credit by hand.
 
 Datagrams. A QUIC DATAGRAM frame must fit one packet. aioquic queues one that does not
 forever and every later datagram waits behind it (aiortc/aioquic#294); so the caller
