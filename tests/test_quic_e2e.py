@@ -400,3 +400,47 @@ def test_stalled_reader_does_not_stall_other_flows(lab: QuicLab) -> None:
         assert tp.log.count("QUIC connection to") == 1, tp.log[-3000:]  # the same connection
     finally:
         stalled.close()
+
+
+def test_stalled_reader_is_reset_before_the_connection_dies(lab: QuicLab) -> None:
+    """A held stream stops the connection's socket being read, so the connection would
+    die of its idle timeout with every flow on it (measured: ~40 s with the default 30 s).
+    A reader that takes nothing for half the idle timeout loses its stream instead; the
+    connection and a flow waiting behind it go on."""
+    tp = lab.topo.start_tunproxy(f"""\
+tun:
+  name: tp0
+upstreams:
+  quic:
+    type: quic
+    server: "{PROXY4}:{QUIC_PORT}"
+    token: "{TOKEN}"
+    sni: proxy.test
+    ca: "{lab.ca}"
+    idle-timeout: 4
+    keepalive: 1
+relay:
+  connect-timeout: 30
+rules:
+  - MATCH,quic
+""")
+    size = 400 * 1024 * 1024
+    with lab.connect() as stalled, ThreadPoolExecutor(1) as pool:
+        stalled.sendall(f"SOURCE {size} 5\n".encode())
+        stalled.settimeout(20)
+        assert stalled.recv(65536)  # flowing; from now on nobody reads it
+        other = pool.submit(_download_within, lab, 10 * 1024 * 1024, 13,
+                            time.monotonic() + 60)
+        tp.wait_for_log(r"WARNING .*stream \d+ reset: its reader took nothing for 2 s",
+                        timeout=30)
+        assert other.result(timeout=90) == 10 * 1024 * 1024
+        received = 0
+        deadline = time.monotonic() + 30
+        with pytest.raises(ConnectionResetError):
+            while time.monotonic() < deadline:
+                chunk = stalled.recv(1 << 20)
+                if not chunk:
+                    break
+                received += len(chunk)
+        assert received < size
+    assert tp.log.count("QUIC connection to") == 1, tp.log[-3000:]  # never closed

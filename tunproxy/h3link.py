@@ -186,6 +186,7 @@ class H3Link(QuicConnectionProtocol):
         self.peer: str = "?"
         self._blocked: set[int] = set()
         self._credit_waiters: list[asyncio.Future[None]] = []
+        self._stalls: dict[int, asyncio.TimerHandle] = {}  # held streams' stall checks
         self.handler = handler_factory(self)
 
     # -- commands -------------------------------------------------------------------------
@@ -263,11 +264,58 @@ class H3Link(QuicConnectionProtocol):
             self._quic.stop_stream(stream_id, error_code)
         self._transmit_soon()
 
-    def hold(self, stream_id: int) -> None:
+    def hold(self, stream_id: int, progress: Callable[[], int]) -> None:
+        """Stop reading the socket for ``stream_id``'s sake. ``progress()`` counts the
+        bytes its reader has taken so far: if it takes none for half the idle timeout,
+        the stream is reset (``_check_stall``)."""
         self.gate.hold((id(self), stream_id))
+        if stream_id not in self._stalls and self.alive:
+            self._stalls[stream_id] = self._arm_stall(stream_id, progress, progress())
 
     def release(self, stream_id: int) -> None:
         self.gate.release((id(self), stream_id))
+        timer = self._stalls.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def stall_deadline(self) -> float:
+        """Half the connection's idle timeout (the smaller of ours and the peer's)."""
+        timeout = self._quic.configuration.idle_timeout
+        bridge = self._quic._tls
+        parameters = bridge.remote_transport_parameters if bridge is not None else None
+        peer = parameters.max_idle_timeout if parameters is not None else None
+        if peer:
+            timeout = min(timeout, peer / 1000)
+        return timeout / 2
+
+    def _arm_stall(self, stream_id: int, progress: Callable[[], int],
+                   seen: int) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(
+            self.stall_deadline(), self._check_stall, stream_id, progress, seen)
+
+    def _check_stall(self, stream_id: int, progress: Callable[[], int], seen: int) -> None:
+        """While a stream is held the socket is not read, so nothing arrives and the
+        connection would die of its idle timeout with every flow on it. A reader that
+        took something since the last check keeps its stream; one that took nothing
+        loses it (reset both ways), and the connection and its other flows go on."""
+        if stream_id not in self._stalls or not self.alive:
+            return
+        now = progress()
+        if now != seen:
+            self._stalls[stream_id] = self._arm_stall(stream_id, progress, now)
+            return
+        del self._stalls[stream_id]
+        self.gate.release((id(self), stream_id))
+        log.warning("QUIC connection with %s: stream %d reset: its reader took nothing for "
+                    "%g s while the connection waited for it (half the idle timeout)",
+                    self.peer, stream_id, self.stall_deadline())
+        self.reset(stream_id)
+        self.handler.h3_reset(stream_id)
+
+    def _cancel_stalls(self) -> None:
+        for timer in self._stalls.values():
+            timer.cancel()
+        self._stalls.clear()
 
     def send_keepalive(self) -> None:
         self._quic.send_ping(0)
@@ -298,6 +346,7 @@ class H3Link(QuicConnectionProtocol):
         if isinstance(exc, ConnectionRefusedError) and self.is_client and self.alive:
             self.closed_reason = "the proxy's UDP port is closed (ICMP port unreachable)"
             self._blocked.clear()
+            self._cancel_stalls()
             self._wake_credit_waiters()
             self.handler.h3_closed(self.closed_reason)
 
@@ -330,11 +379,20 @@ class H3Link(QuicConnectionProtocol):
             self._end(close.error_code, close.reason_phrase)
 
     def _end(self, error_code: int, reason_phrase: str) -> None:
-        if 0x100 <= error_code <= 0x1FF:
-            self.closed_alert = error_code - 0x100
+        core = self._quic._core
+        by_peer = core is None or core.local_error is None
+        if 0x100 <= error_code <= 0x1FF and by_peer:
+            self.closed_alert = error_code - 0x100  # the peer's TLS alert, not ours
         self.closed_reason = close_reason(error_code, reason_phrase)
         self._blocked.clear()
+        self._cancel_stalls()
         self._wake_credit_waiters()
+        waiter = self._connected_waiter
+        if waiter is not None and not waiter.done():
+            # The handshake ended here (the owner may drop the socket before qh3's
+            # draining period is over and it would say so itself).
+            self._connected_waiter = None
+            waiter.set_exception(ConnectionError(self.closed_reason))
         self.handler.h3_closed(self.closed_reason)
 
     def _refused(self, exc: Exception) -> None:
@@ -383,6 +441,7 @@ class H3Link(QuicConnectionProtocol):
         if self.alive:
             self.closed_reason = f"QUIC library error: {exc}"
             self._blocked.clear()
+            self._cancel_stalls()
             self._wake_credit_waiters()
             self.handler.h3_closed(self.closed_reason)
         if self._timer is not None:

@@ -341,7 +341,7 @@ class _TcpFlow(_Flow, asyncio.Protocol):
                 self.pending.append(data)
                 self.pending_bytes += len(data)
                 if self.pending_bytes > HOLD_LIMIT:
-                    self.link.hold(self.stream_id)
+                    self.link.hold(self.stream_id, self._taken)
             self.client_fin = self.client_fin or ended
             return
         if data:
@@ -378,7 +378,12 @@ class _TcpFlow(_Flow, asyncio.Protocol):
                      else "closed", reset=exc is not None or not self.target_fin)
 
     def pause_writing(self) -> None:
-        self.link.hold(self.stream_id)
+        self.link.hold(self.stream_id, self._taken)
+
+    def _taken(self) -> int:
+        """Bytes the target has taken (the client's progress)."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return self.up - self.pending_bytes - buffered
 
     def resume_writing(self) -> None:
         self.link.release(self.stream_id)

@@ -436,6 +436,7 @@ class _Stream(_Request, asyncio.Transport):
         self.protocol = protocol
         self.held: list[bytes] = []
         self.held_bytes = 0
+        self.taken = 0
         self.reading = True
         self.peer_fin = False
         self.peer_fin_delivered = False
@@ -463,11 +464,16 @@ class _Stream(_Request, asyncio.Transport):
         if self.ready:
             self._deliver()
 
+    def _taken(self) -> int:
+        """Bytes the relay has taken from this stream (the local app's progress)."""
+        return self.taken
+
     def _deliver(self) -> None:
         protocol = self.protocol
         while self.held and self.reading and not self.closed:
             data = self.held.pop(0)
             self.held_bytes -= len(data)
+            self.taken += len(data)
             if isinstance(protocol, asyncio.BufferedProtocol):
                 _feed_buffered(protocol, data)
             else:
@@ -475,7 +481,7 @@ class _Stream(_Request, asyncio.Transport):
         if self.closed:
             return
         if self.held_bytes > HOLD_LIMIT:
-            self.link.hold(self.stream_id)
+            self.link.hold(self.stream_id, self._taken)
         else:
             self.link.release(self.stream_id)
         if self.peer_fin and not self.held and not self.peer_fin_delivered:
