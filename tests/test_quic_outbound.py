@@ -384,3 +384,43 @@ def test_quic_congestion_cubic_is_accepted(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
     assert load_config(path).upstreams["q"].options["congestion"] == "cubic"
+
+
+def test_server_resets_a_stream_whose_target_takes_nothing(
+        server: tuple[MasqueServer, int, Path]) -> None:
+    """The server holds a stream (stops reading its socket) while a target takes nothing;
+    after half the idle timeout (2 s: the client's 4 s is the smaller) it resets that
+    stream rather than let the connection die, and the connection stays up."""
+    proc, port, ca = server
+
+    async def main() -> None:
+        async def never_reads(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(3600)
+
+        target_server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+        target = Target(target_server.sockets[0].getsockname()[1], "127.0.0.1")
+        outbound = QuicOutbound("q", "127.0.0.1", port, token=TOKEN, sni="proxy.test",
+                                ca=str(ca), idle_timeout=4, keepalive=1)
+        try:
+            got = Collector()
+            stream = await outbound.open_stream(target, got, timeout=10)
+            first = outbound._connection
+            block = b"x" * 65536
+            for _ in range(512):  # 32 MiB: more than the target's socket buffers take
+                stream.write(block)
+                await asyncio.sleep(0)
+            lost = await asyncio.wait_for(got.lost, 60)
+            assert isinstance(lost, ConnectionResetError), lost
+            # The connection lives on: another flow goes through it.
+            echo = Collector()
+            other = await outbound.open_stream(target, echo, timeout=10)
+            other.abort()
+            assert outbound._connection is first and first is not None
+            assert first.link.alive
+        finally:
+            await outbound.aclose()
+            target_server.close()
+
+    asyncio.run(main())
+    proc.wait_for_log(r"WARNING .*stream \d+ reset: its reader took nothing for 2 s")
