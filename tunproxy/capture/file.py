@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from tunproxy import __version__
 from tunproxy.capture import pcapng
-from tunproxy.capture.frames import FlowTuple, flow_tuple, frame
+from tunproxy.capture.frames import FlowTuple, flow_tuple, frame, ip_view
 from tunproxy.capture.select import Selection
 from tunproxy.errors import SetupError
 from tunproxy.flows import FlowRecord
@@ -137,14 +137,24 @@ class CaptureFile:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         self._index_new_records()
         out: list[bytes] = []
+        vnet_hdr = self._vnet_hdr
+        selection = self.selection
+        chosen: dict[int, bool] = {}  # flow id -> selected, once per flow per flush
         for stamp, from_app, packets in pending:
             for packet in packets:
-                ip = frame(packet, self._vnet_hdr)
-                key = flow_tuple(ip, from_app=from_app)
+                # Whose packet it is, read in place: a packet the selection leaves out costs
+                # this lookup only, never the copy and checksum that ``frame`` makes.
+                key = flow_tuple(ip_view(packet, vnet_hdr), from_app=from_app)
                 record = self._index.get(key) if key is not None else None
-                if self.selection is not None and (
-                        record is None or not self.selection.matches(record)):
-                    continue
+                if selection is not None:
+                    if record is None:
+                        continue
+                    keep = chosen.get(record.id)
+                    if keep is None:
+                        keep = chosen[record.id] = selection.matches(record)
+                    if not keep:
+                        continue
+                ip = frame(packet, vnet_hdr)
                 out.append(pcapng.enhanced_packet(
                     0, stamp, ip, comment=packet_comment(record) if record else None,
                     direction=pcapng.OUTBOUND if from_app else pcapng.INBOUND,

@@ -10,12 +10,13 @@ length covers every segment; they are not split into MTU-sized frames.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 
 from stack.wire.checksum import checksum
 
-__all__ = ["FlowTuple", "flow_tuple", "frame"]
+__all__ = ["FlowTuple", "flow_tuple", "frame", "ip_view"]
 
 VNET_HDR_LEN = 10
 _F_NEEDS_CSUM = 1
@@ -46,14 +47,24 @@ def frame(packet: bytes, vnet_hdr: bool) -> bytes:
     return bytes(ip)
 
 
-def _address(data: bytes, offset: int, size: int) -> str:
-    raw = data[offset:offset + size]
-    if size == 4:
-        return str(ipaddress.IPv4Address(bytes(raw)))
-    return str(ipaddress.IPv6Address(bytes(raw)))
+def ip_view(packet: bytes, vnet_hdr: bool) -> bytes | memoryview:
+    """The IP packet inside a TUN packet, without a copy (its checksum left as it came)."""
+    return memoryview(packet)[VNET_HDR_LEN:] if vnet_hdr else packet
 
 
-def flow_tuple(ip: bytes, *, from_app: bool) -> FlowTuple | None:
+def _address(data: bytes | memoryview, offset: int, size: int) -> str:
+    return _text(bytes(data[offset:offset + size]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(raw: bytes) -> str:
+    # Every packet of a flow names the same two addresses: convert each once, not per packet.
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def flow_tuple(ip: bytes | memoryview, *, from_app: bool) -> FlowTuple | None:
     """The flow a TCP/UDP packet belongs to, seen from the app's side; None otherwise."""
     if not ip:
         return None
