@@ -11,8 +11,10 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,6 +135,55 @@ def api_poller(ns: Netns, port: int, interval: float = 1.0) -> Iterator[list[dic
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def capture(ns: Netns, repo: Path, port: int, process: str,
+            timeout: float = 30.0) -> Iterator[list[int]]:
+    """``tunproxy capture --process PROCESS -w -`` against the controller on ``port`` in
+    ``ns`` for the body of the block; the pcapng is read and counted, not stored (a capture
+    of iperf3 is gigabytes). The list yielded holds the byte count, final at the end.
+
+    The body starts once the first bytes (the section header) arrived: the controller has
+    installed its tap on the data path by then.
+    """
+    proc = subprocess.Popen(
+        ns.cmd(sys.executable, "-m", "tunproxy", "capture", "--controller",
+               f"127.0.0.1:{port}", "--process", process, "-w", "-"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=repo,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    received = [0]
+    started = threading.Event()
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        while data := os.read(proc.stdout.fileno(), 1 << 16):
+            received[0] += len(data)
+            started.set()
+        started.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        if not started.wait(timeout) or not received[0]:
+            # `ip netns exec` execs the command: this pid is the capture client itself.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise MeasureError(f"the capture did not start: {err[-1] if err else 'no output'}")
+        yield received
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)  # ends the capture as Ctrl-C does
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        reader.join(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def tun_counters(ns: Netns, device: str) -> dict[str, int] | None:

@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:
 from bench import measure, peers, profiling  # noqa: E402
 from bench.measure import MeasureError  # noqa: E402
 from bench.report import (  # noqa: E402
+    CAPTURE_PATHS,
     METRICS,
     OPT_IN_PATHS,
     PATHS,
@@ -95,6 +96,7 @@ SNAPSHOT_ENV = "TUNPROXY_BENCH_SNAPSHOT"
 API_PORT = 9090  # the controller, in the client namespace (DIRECT +API)
 FAKE_IP_PREFIX = "198.18.", "198.19."  # tunproxy's default fake-ip range 198.18.0.0/15
 QUIC_IDLE_FLOWS = 90  # one QUIC connection carries at most 100 streams at once
+CAPTURED_OTHER = "curl"  # the process the "capture other" column's capture selects
 
 
 PROFILE_LEGEND = (
@@ -180,6 +182,7 @@ class Group:
     probe_tcp: bool
     quic_port: int | None = None
     dashboard: bool = False  # a client polls the controller API while 1,000 flows are open
+    capture: str | None = None  # a pcapng capture runs (GET /capture) of this process
 
 
 def groups_for(column: Column, socks_port: int) -> list[Group]:
@@ -189,6 +192,13 @@ def groups_for(column: Column, socks_port: int) -> list[Group]:
     if column.path == "direct-api":
         return [Group("main", pick("tcp", "cps", "latency", "udp"), None, False, True,
                       dashboard=True)]
+    if column.path in CAPTURE_PATHS:
+        # Another process (none by that name sends anything: every packet of the measured
+        # flow pays the capture's per-batch tap and its per-packet selection check) or
+        # iperf3 itself (each of its packets is also written as pcapng).
+        process = CAPTURED_OTHER if column.path == "capture-other" else "iperf3"
+        return [Group("main", pick("tcp", "cps", "latency", "udp"), None, False, True,
+                      capture=process)]
     if column.path in ("quic", "quic-h2o"):
         port = QUIC_PORT if column.path == "quic" else H2O_PORT
         groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True,
@@ -551,7 +561,8 @@ class Runner:
                 return
             quic = (group.quic_port, self.services.masque_ca())
         config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns,
-                                 self.socks_pipeline, quic, controller=group.dashboard,
+                                 self.socks_pipeline, quic,
+                                 controller=group.dashboard or group.capture is not None,
                                  attribution=self.attribution)
         name = (f"tunproxy-mtu{section.mtu}-{column.label.replace(' ', '-')}-{group.name}"
                 f"-round{self.round + 1}")
@@ -585,6 +596,8 @@ class Runner:
                     return
             if group.dashboard:
                 self.run_with_dashboard(column, group.tests, section.mtu)
+            elif group.capture is not None:
+                self.run_with_capture(column, group.tests, section.mtu, group.capture)
             else:
                 self.run_tests(column, group.tests, section.mtu)
         finally:
@@ -609,6 +622,26 @@ class Runner:
                      f"{p.get('connections_avg', 0):.0f} connections and "
                      f"{p.get('bytes_avg', 0) / 1024:.0f} KiB per answer, p50 "
                      f"{p.get('p50_us', 0) / 1000:.1f} ms, p99 {p.get('p99_us', 0) / 1000:.1f} ms")
+
+    def run_with_capture(self, column: Column, tests: tuple[str, ...], mtu: int,
+                         process: str) -> None:
+        """The tests while ``tunproxy capture --process PROCESS -w -`` runs (issue 14)."""
+        assert self.topo is not None and self.tp is not None
+        self.step(column, f"starting a capture of process {process} (GET /capture)")
+        mark = self.tp.line_count()
+        try:
+            with measure.capture(self.topo.client, REPO, API_PORT, process) as received:
+                self.run_tests(column, tests, mtu)
+        except MeasureError as exc:
+            self.fail_tests(column, tests, f"capture: {exc}")
+            return
+        # tunproxy's own account: packets written, bytes dropped for a slow reader.
+        ended = ""
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            ended = self.tp.wait_for_log(r"capture for .* ended: .*", timeout=10, start=mark)
+        summary = ended.split("ended: ", 1)[-1].strip() if ended else "no summary logged"
+        progress(f"    capture of {process}: {received[0]:,} bytes of pcapng read; "
+                 f"tunproxy: {summary}")
 
     def stop_tunproxy(self, name: str) -> None:
         tp, self.tp = self.tp, None
@@ -749,14 +782,17 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
             # The baseline has no tunproxy process to weigh.
             columns.append(Column("baseline", True, tuple(t for t in tests if t != "mem")))
         for offload in offloads_at(mtu):
-            for path in ("direct", "socks5", "quic", "quic-h2o", "direct-api"):
-                if path not in paths or (path == "direct-api" and not offload):
+            for path in ("direct", "socks5", "quic", "quic-h2o", "direct-api", *CAPTURE_PATHS):
+                if path not in paths or (path in ("direct-api", *CAPTURE_PATHS)
+                                         and not offload):
                     continue
                 # Fake-ip DNS is answered inside tunproxy whatever the outbound: once is enough.
                 wanted = [t for t in tests if not (path != "direct" and t == "dns")
                           and not (path == "direct-api" and t == "mem")]
                 if not offload and not args.full and explicit_offloads is None:
                     wanted = [t for t in wanted if t == "tcp"]
+                if path in CAPTURE_PATHS and not args.full:
+                    wanted = [t for t in wanted if t == "tcp"]  # throughput: the cost per byte
                 if wanted:
                     columns.append(Column(path, offload, tuple(wanted)))
         for path in PEER_LABELS:
