@@ -64,6 +64,38 @@ def _text(raw: bytes) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
+# IPv6 extension headers whose length is (Hdr Ext Len + 1) * 8 (RFC 8200 4.3-4.6, and the
+# later ones built the same way, RFC 8200 4.8): Hop-by-Hop, Routing, Destination Options,
+# Mobility (RFC 6275), HIP (RFC 7401), Shim6 (RFC 5533).
+_EXT_8 = frozenset((0, 43, 60, 135, 139, 140))
+_FRAGMENT, _AH = 44, 51
+_MAX_EXT = 16  # more than any honest packet carries; a loop of headers ends here
+
+
+def _ipv6_upper_layer(ip: bytes | memoryview) -> tuple[int, int] | None:
+    """(protocol, offset) of an IPv6 packet's upper-layer header, past its extension
+    headers; None when it cannot be reached (a non-first fragment, ESP, truncated)."""
+    proto, at = ip[6], 40
+    for _ in range(_MAX_EXT):
+        if proto in _EXT_8:
+            if len(ip) < at + 2:
+                return None
+            proto, at = ip[at], at + (ip[at + 1] + 1) * 8
+        elif proto == _FRAGMENT:  # RFC 8200 4.5: 8 bytes, the offset in its top 13 bits
+            if len(ip) < at + 8:
+                return None
+            if struct.unpack_from(">H", ip, at + 2)[0] & 0xFFF8:
+                return None  # a later fragment: no ports here
+            proto, at = ip[at], at + 8
+        elif proto == _AH:  # RFC 4302 2.2: its length is in 4-byte units, minus 2
+            if len(ip) < at + 2:
+                return None
+            proto, at = ip[at], at + (ip[at + 1] + 2) * 4
+        else:
+            return proto, at
+    return None
+
+
 def flow_tuple(ip: bytes | memoryview, *, from_app: bool) -> FlowTuple | None:
     """The flow a TCP/UDP packet belongs to, seen from the app's side; None otherwise."""
     if not ip:
@@ -80,8 +112,10 @@ def flow_tuple(ip: bytes | memoryview, *, from_app: bool) -> FlowTuple | None:
     elif version == 6:
         if len(ip) < 40:
             return None
-        header = 40
-        proto = ip[6]  # extension headers are not followed: such packets go unattributed
+        found = _ipv6_upper_layer(ip)
+        if found is None:
+            return None
+        proto, header = found
         src, dst = _address(ip, 8, 16), _address(ip, 24, 16)
     else:
         return None
