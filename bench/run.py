@@ -854,7 +854,8 @@ def render_header(meta: dict[str, Any], settings: Settings, sections: list[Secti
         f"connections per connections/s run; {settings.hold_count} idle flows for RSS; "
         f"SOCKS5 server {meta['socks_server']}"
         f"{'; attribution off' if meta.get('attribution') == 'off' else ''}\n"
-        "cells: median (median ratio to the same round's baseline[, latency added in us])"
+        "cells: median (median ratio to the same round's baseline[, latency added in us]"
+        "[, ratio to the same round's DIRECT for a capture column])"
     )
 
 
@@ -1018,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render_header(meta, settings, sections) + "\n\n" + render_table(sections)
     verdicts = check_targets(sections)
     if args.targets:
-        text += "\n\nTargets (issues 7 and 17):\n" + render_targets(verdicts)
+        text += "\n\nTargets (issues 7, 14 and 17):\n" + render_targets(verdicts)
     if runner.profiles:
         text += "\n\n" + PROFILE_LEGEND
     for profile in runner.profiles:

@@ -98,6 +98,27 @@ def _section(
     return Section(1500, [baseline, direct, socks])
 
 
+def test_capture_columns_are_also_ratios_to_direct_of_the_same_round() -> None:
+    section = _section(direct_up=[5.0, 10.0, 6.0], socks_cps=None, socks_error=None)
+    other = Column("capture-other", tests=("tcp",))
+    for round_index, value in enumerate([4.9, 9.0, 6.3]):
+        other.cell("tcp_up").add(value, round_index)
+    section.columns.append(other)
+    table = render_table([section])
+    # Baseline 10/20/11: ratios 0.49, 0.45, 0.57 -> 0.49; DIRECT 5/10/6: 0.98, 0.90, 1.05.
+    row = next(line for line in table.splitlines() if line.startswith("TCP upload, 1"))
+    assert row.endswith("6.30 (0.49x, 0.98x DIRECT)")
+    verdict = next(v for v in check_targets([section])
+                   if v.target.name == "TCP upload, another process captured >= 0.95x DIRECT")
+    assert verdict.status == "PASS"
+    assert verdict.detail == ("0.98x (limit 0.95x); DIRECT: 6.00 Gbit/s; "
+                              "by round 0.98, 0.90, 1.05")
+    # Download was planned (the tcp test) but has no figure: the target is not shown met.
+    down = next(v for v in check_targets([section]) if v.target.key == "tcp_down"
+                and v.target.path == "capture-other")
+    assert (down.status, down.detail) == ("FAIL", "n/a: no figure")
+
+
 def test_targets_use_the_median_of_per_round_ratios() -> None:
     section = _section(direct_up=[5.0, 10.0, 4.4], socks_cps=340.0, socks_error=None)
     verdicts = {v.target.name: v for v in check_targets([section])}
