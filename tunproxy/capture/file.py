@@ -48,6 +48,10 @@ log = logging.getLogger("tunproxy.capture")
 FLUSH_INTERVAL = 0.5
 MAX_PENDING_BYTES = 16 * 1024 * 1024
 MAX_INDEX = 65536  # flows the index holds before ended ones are dropped
+# A flow the selection left out this long after it opened (its process, rule and sniffed
+# domain are known by then) has its packets dropped by the tap itself, not held until the
+# flush: a bulk flow of another process then costs a lookup per packet, and no memory.
+SETTLED = 2.0
 
 
 class Output(Protocol):
@@ -86,6 +90,7 @@ class CaptureFile:
         self._pending_bytes = 0
         self._vnet_hdr = False
         self._index: dict[FlowTuple, FlowRecord] = {}
+        self._left_out: dict[FlowTuple, FlowRecord] = {}  # settled flows the selection skips
         self._named: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,10 +113,27 @@ class CaptureFile:
         self._opened.append(record)
 
     def tap(self, packets: list[bytes], from_app: bool) -> None:
+        if self._left_out:
+            packets = self._drop_left_out(packets, from_app)
+            if not packets:
+                return
         self._pending.append((time.time_ns(), from_app, packets))
         self._pending_bytes += sum(map(len, packets))
         if self._pending_bytes > MAX_PENDING_BYTES:
             self.flush()
+
+    def _drop_left_out(self, packets: list[bytes], from_app: bool) -> list[bytes]:
+        left_out, vnet_hdr = self._left_out, self._vnet_hdr
+        kept = []
+        for packet in packets:
+            key = flow_tuple(ip_view(packet, vnet_hdr), from_app=from_app)
+            if key is None or (record := left_out.get(key)) is None:
+                kept.append(packet)
+            elif record.ended is not None:
+                # Its 5-tuple may come back as a new flow: judge it afresh.
+                del left_out[key]
+                kept.append(packet)
+        return kept
 
     def _on_timer(self) -> None:
         self.flush()
@@ -140,6 +162,7 @@ class CaptureFile:
         vnet_hdr = self._vnet_hdr
         selection = self.selection
         chosen: dict[int, bool] = {}  # flow id -> selected, once per flow per flush
+        settled = time.time() - SETTLED
         for stamp, from_app, packets in pending:
             for packet in packets:
                 # Whose packet it is, read in place: a packet the selection leaves out costs
@@ -152,6 +175,9 @@ class CaptureFile:
                     keep = chosen.get(record.id)
                     if keep is None:
                         keep = chosen[record.id] = selection.matches(record)
+                        if not keep and record.ended is None and record.started < settled:
+                            assert key is not None
+                            self._left_out[key] = record
                     if not keep:
                         continue
                 ip = frame(packet, vnet_hdr)
@@ -173,14 +199,16 @@ class CaptureFile:
     def _index_new_records(self) -> None:
         opened, self._opened = self._opened, []
         for record in opened:
-            self._index[(record.network, record.src, record.src_port, record.dst,
-                         record.dst_port)] = record
+            key = (record.network, record.src, record.src_port, record.dst, record.dst_port)
+            self._index[key] = record
+            self._left_out.pop(key, None)  # a new flow on an old 5-tuple: judged afresh
         if len(self._index) > MAX_INDEX:
             # Keep open flows and the ones that ended lately (their last packets may still
             # be waiting here); a long run's index stays bounded.
             horizon = time.time() - 60
             self._index = {k: r for k, r in self._index.items()
                            if r.ended is None or r.ended > horizon}
+            self._left_out = {k: r for k, r in self._left_out.items() if r.ended is None}
         # A domain can be learned after a flow opened (sniffing): the recent ones are
         # looked at again.
         self._recent.extend(opened)
