@@ -1,9 +1,11 @@
-"""Whose flow a captured IPv6 packet is, past its extension headers (RFC 8200 4), bytes alone."""
+"""Whose flow a captured packet is (IPv6 past its extension headers, RFC 8200 4), and what a
+capture with a selection does with the packets it leaves out; bytes alone."""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+import time
 from pathlib import Path
 
 from tunproxy.capture import pcapng
@@ -95,3 +97,35 @@ def test_capture_selects_and_comments_a_packet_with_extension_headers(tmp_path: 
     epbs = [b for b in pcapng.parse_blocks(path.read_bytes()) if b.type == pcapng.BLOCK_EPB]
     assert [b.data for b in epbs] == [mine]
     assert epbs[0].comment == "flow #5 tcp curl(7)"
+
+
+def test_a_settled_left_out_flow_is_dropped_by_the_tap(tmp_path: Path) -> None:
+    """Its packets are not held until the flush; once it ends, its 5-tuple is judged afresh."""
+    capture = CaptureFile(tmp_path / "c.pcapng", limit=1 << 20,
+                          selection=parse_selection(["process=curl"]))
+    old = time.time() - 10  # opened long enough ago: process and rule are known
+    wget = FlowRecord(id=6, network="tcp", src=APP, src_port=40001, dst=REMOTE, dst_port=443,
+                      process="wget", pid=8, started=old)
+    young = FlowRecord(id=7, network="tcp", src=APP, src_port=40002, dst=REMOTE,
+                       dst_port=443, process="wget", pid=8)
+    capture.flow_opened(wget)
+    capture.flow_opened(young)
+    theirs = ipv6(HOP_BY_HOP, ext(TCP, 0) + ports(40001, 443))
+    fresh = ipv6(TCP, ports(40002, 443))
+    capture.tap([theirs, fresh], True)
+    assert capture._pending_bytes == len(theirs) + len(fresh)  # unknown yet: held
+    capture.flush()
+    capture.tap([theirs, fresh], True)
+    # wget's settled flow is dropped at once; the young one is still judged at each flush.
+    assert capture._pending_bytes == len(fresh)
+    capture.flush()
+    wget.ended = time.time()
+    capture.tap([theirs], True)
+    assert capture._pending_bytes == len(theirs)
+    # A new flow of curl on the same 5-tuple is written.
+    capture.flow_opened(FlowRecord(id=8, network="tcp", src=APP, src_port=40001, dst=REMOTE,
+                                   dst_port=443, process="curl", pid=9, started=old))
+    capture.close()
+    epbs = [b for b in pcapng.parse_blocks((tmp_path / "c.pcapng").read_bytes())
+            if b.type == pcapng.BLOCK_EPB]
+    assert [(b.data, b.comment) for b in epbs] == [(theirs, "flow #8 tcp curl(9)")]
