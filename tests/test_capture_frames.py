@@ -106,17 +106,22 @@ def test_a_settled_left_out_flow_is_dropped_by_the_tap(tmp_path: Path) -> None:
     old = time.time() - 10  # opened long enough ago: process and rule are known
     wget = FlowRecord(id=6, network="tcp", src=APP, src_port=40001, dst=REMOTE, dst_port=443,
                       process="wget", pid=8, started=old)
+    # Routed (its rule is set): settled at once. Not routed yet and new: not settled.
+    routed = FlowRecord(id=9, network="tcp", src=APP, src_port=40003, dst=REMOTE,
+                        dst_port=443, process="wget", pid=8, rule="MATCH,DIRECT")
     young = FlowRecord(id=7, network="tcp", src=APP, src_port=40002, dst=REMOTE,
                        dst_port=443, process="wget", pid=8)
-    capture.flow_opened(wget)
-    capture.flow_opened(young)
+    for record in (wget, routed, young):
+        capture.flow_opened(record)
     theirs = ipv6(HOP_BY_HOP, ext(TCP, 0) + ports(40001, 443))
     fresh = ipv6(TCP, ports(40002, 443))
-    capture.tap([theirs, fresh], True)
-    assert capture._pending_bytes == len(theirs) + len(fresh)  # unknown yet: held
+    bulk = ipv6(TCP, ports(40003, 443))
+    capture.tap([theirs, fresh, bulk], True)
+    held = len(theirs) + len(fresh) + len(bulk)
+    assert capture._pending_bytes == held  # not judged yet: held
     capture.flush()
-    capture.tap([theirs, fresh], True)
-    # wget's settled flow is dropped at once; the young one is still judged at each flush.
+    capture.tap([theirs, fresh, bulk], True)
+    # wget's settled flows are dropped at once; the young one is still judged at each flush.
     assert capture._pending_bytes == len(fresh)
     capture.flush()
     wget.ended = time.time()

@@ -48,9 +48,11 @@ log = logging.getLogger("tunproxy.capture")
 FLUSH_INTERVAL = 0.5
 MAX_PENDING_BYTES = 16 * 1024 * 1024
 MAX_INDEX = 65536  # flows the index holds before ended ones are dropped
-# A flow the selection left out this long after it opened (its process, rule and sniffed
-# domain are known by then) has its packets dropped by the tap itself, not held until the
-# flush: a bulk flow of another process then costs a lookup per packet, and no memory.
+# A flow the selection left out once it is settled (routed: its rule is set, and with it
+# everything a selection reads: process and uid at open, the sniffed domain before the
+# decision; or, whatever the rule says, this many seconds old) has its packets dropped by
+# the tap itself, not held until the flush: a bulk flow of another process then costs a
+# lookup per packet, and no memory.
 SETTLED = 2.0
 
 
@@ -175,7 +177,8 @@ class CaptureFile:
                     keep = chosen.get(record.id)
                     if keep is None:
                         keep = chosen[record.id] = selection.matches(record)
-                        if not keep and record.ended is None and record.started < settled:
+                        if not keep and record.ended is None and (
+                                record.rule is not None or record.started < settled):
                             assert key is not None
                             self._left_out[key] = record
                     if not keep:
