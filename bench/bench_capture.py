@@ -9,8 +9,10 @@ What the driver pays per packet for each case, in microseconds, as it reads batc
 checksum, as the app's uploads arrive, and 1,500-byte packets, as without offloads):
 
 * ``no capture``: the driver's check, once per batch (``driver.tap is None``);
-* ``capture, other flow``: the tap (the batch is queued) and the flush that finds the
-  packet's flow and leaves it out (a capture selecting another process);
+* ``capture, other flow``: a capture selecting another process, the flow routed and seen
+  by an earlier flush: the tap finds the packet's flow and drops it;
+* ``... not routed yet``: the same for a flow whose rule is not set yet (its first
+  moments): the tap holds the packet, the flush finds its flow and leaves it out;
 * ``capture, this flow``: the same, and the packet is framed (checksum finished) and
   written as an Enhanced Packet Block with its flow's comment.
 
@@ -70,13 +72,13 @@ def packets(count: int, size: int, vnet: bool) -> list[bytes]:
     return out
 
 
-def capture_of(process: str, vnet: bool) -> CaptureFile:
+def capture_of(process: str, vnet: bool, routed: bool = True) -> CaptureFile:
     capture = CaptureFile(Path("-"), limit=1 << 62, out=NullOutput(),
                           selection=parse_selection([f"process={process}"]))
     capture._vnet_hdr = vnet  # what attach() reads from the stack's config
     capture.flow_opened(FlowRecord(id=1, network="tcp", src=str(_ip(A4)), src_port=40000,
                                    dst=str(_ip(B4)), dst_port=5201, process="iperf3", pid=42,
-                                   rule="MATCH", outbound="DIRECT"))
+                                   rule="MATCH" if routed else None, outbound="DIRECT"))
     return capture
 
 
@@ -104,9 +106,14 @@ def no_capture(batches: list[list[bytes]],
     return done
 
 
-def with_capture(batches: list[list[bytes]], process: str, vnet: bool) -> int:
-    """The tap per batch, then the flush that selects, frames and writes."""
-    capture = capture_of(process, vnet)
+def with_capture(batches: list[list[bytes]], process: str, vnet: bool,
+                 routed: bool = True) -> int:
+    """The tap per batch, then the flush that selects, frames and writes. The flow has been
+    seen by an earlier flush (the steady state of a long flow)."""
+    capture = capture_of(process, vnet, routed)
+    capture.tap(batches[0][:1], True)
+    capture.flush()
+    capture.packets = 0
     for batch in batches:
         capture.tap(batch, True)
     capture.flush()
@@ -128,6 +135,7 @@ def main() -> int:
         cases: dict[str, Callable[[], object]] = {
             "no capture": lambda b=batches: no_capture(b),
             "capture, other flow": lambda b=batches, v=vnet: with_capture(b, "curl", v),
+            "  ... not routed yet": lambda b=batches, v=vnet: with_capture(b, "curl", v, False),
             "capture, this flow": lambda b=batches, v=vnet: with_capture(b, "iperf3", v),
         }
         for name, run in cases.items():
