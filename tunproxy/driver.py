@@ -127,28 +127,32 @@ class TunDriver:
         self._process()
 
     def _on_readable_tapped(self, fd: int, tap: Callable[[list[bytes], bool], None]) -> None:
-        """``_on_readable`` while a capture runs: the batch also goes to the tap."""
+        """``_on_readable`` while a capture runs: the batch also goes to the tap. Each packet
+        is fed to the stack as it is read, as without a capture (while it is still in the
+        CPU's cache); the tap gets the batch before anything the stack answers is written."""
+        now = self._loop.time()
+        stack = self._stack
+        read = os.read
+        faults = self._faults_in
         batch: list[bytes] = []
         for _ in range(READ_BATCH):
             try:
-                batch.append(os.read(fd, READ_SIZE))
+                data = read(fd, READ_SIZE)
             except BlockingIOError:
                 break
             except OSError as exc:
                 log.error("reading the TUN failed: %s", exc)
                 break
-        if batch:
-            tap(batch, True)
-        now = self._loop.time()
-        faults = self._faults_in
-        for data in batch:
+            batch.append(data)
             if faults is not None:
                 faults.push(data, now)
             else:
-                self._stack.receive_packet(data, now)
+                stack.receive_packet(data, now)
+        if batch:
+            tap(batch, True)
         if faults is not None:
             for data in faults.pop_due(now):
-                self._stack.receive_packet(data, now)
+                stack.receive_packet(data, now)
         self._process()
 
     def _on_timer(self) -> None:
