@@ -43,7 +43,6 @@ log = logging.getLogger("tunproxy")
 def build_outbounds(config: Config, resolve: Any | None) -> dict[str, Outbound]:
     from tunproxy.outbounds.direct import DirectOutbound
     from tunproxy.outbounds.reject import RejectOutbound
-    from tunproxy.outbounds.socks5 import Socks5Outbound
 
     fwmark = config.tun.fwmark
     outbounds: dict[str, Outbound] = {
@@ -52,6 +51,8 @@ def build_outbounds(config: Config, resolve: Any | None) -> dict[str, Outbound]:
     }
     for name, up in config.upstreams.items():
         if up.type == "socks5":
+            from tunproxy.outbounds.socks5 import Socks5Outbound
+
             outbounds[name] = Socks5Outbound(
                 name, up.host, up.port, username=up.username, password=up.password,
                 fwmark=fwmark, udp=up.udp, pipeline=up.pipeline,
@@ -287,6 +288,8 @@ class Proxy:
 
 def _start_refresher(config: Config, outbound_for: Any, reload: Any) -> Any | None:
     """Refresh ``type: http`` rule sets every ``interval``, through the rules."""
+    if not any(s.get("type") == "http" for s in config.rule_set_settings.values()):
+        return None  # and urllib.request (with email and http.client) is never imported
     from tunproxy.ruleremote import Refresher, remote_rule_sets
 
     sets = remote_rule_sets(config.rule_set_settings, config.path.parent)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -62,7 +63,21 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.root.level))
 
 
-def _parser() -> argparse.ArgumentParser:
+_SUBCOMMANDS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("run", "tunproxy.command", {
+        "help": "run one command with only its traffic through tunproxy",
+        "description": "Run CMD in a network namespace of its own whose only route is this "
+        "tunproxy; the host's network is not changed."}),
+    ("explain", "tunproxy.explain", {"help": "show which rule a flow matches, and why"}),
+    ("server", "tunproxy.server", {"help": "run a MASQUE proxy for quic upstreams"}),
+    ("top", "tunproxy.top", {"help": "live view of the flows by process (controller API)"}),
+    ("capture", "tunproxy.capturecli", {
+        "help": "pcapng of some flows of a running tunproxy (controller API)"}),
+)
+
+
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    words = set(argv)
     parser = argparse.ArgumentParser(
         prog="tunproxy",
         description="A transparent proxy for Linux: all traffic enters a TUN device and is "
@@ -86,34 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--state-dir", type=Path, default=None, dest="cleanup_state_dir",
                          help=argparse.SUPPRESS)
 
-    run = sub.add_parser(
-        "run", help="run one command with only its traffic through tunproxy",
-        description="Run CMD in a network namespace of its own whose only route is this "
-        "tunproxy; the host's network is not changed.")
-    from tunproxy import command as command_module
-
-    command_module.add_arguments(run)
-
-    explain = sub.add_parser("explain", help="show which rule a flow matches, and why")
-    from tunproxy import explain as explain_module
-
-    explain_module.add_arguments(explain)
-
-    server = sub.add_parser("server", help="run a MASQUE proxy for quic upstreams")
-    from tunproxy import server as server_module
-
-    server_module.add_arguments(server)
-
-    top = sub.add_parser("top", help="live view of the flows by process (controller API)")
-    from tunproxy import top as top_module
-
-    top_module.add_arguments(top)
-
-    capture = sub.add_parser("capture", help="pcapng of some flows of a running tunproxy "
-                             "(controller API)")
-    from tunproxy import capturecli
-
-    capturecli.add_arguments(capture)
+    # Each subcommand's module adds its own arguments, and only the one named on the command
+    # line is imported: a plain `tunproxy --rules` then never loads the server's, top's or
+    # capture's modules (and what they import) into the long-running process.
+    for name, module, options in _SUBCOMMANDS:
+        subparser = sub.add_parser(name, **options)
+        if name in words:
+            importlib.import_module(module).add_arguments(subparser)
     return parser
 
 
@@ -162,7 +156,9 @@ def _run(rules: str, state_dir: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level or ("warning" if args.command == "run" else "info"))
     try:

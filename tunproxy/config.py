@@ -603,7 +603,7 @@ TOP_LEVEL = ("tun", "upstreams", "dns", "rules", "rule-sets", "relay", "debug-fa
 def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config:
     """Parse and validate the whole file; raise ConfigError naming file and line.
     ``keep_entries``: large rule sets keep their entries' text and lines (for explain)."""
-    from tunproxy.dns import parse_dns_config
+    from tunproxy.dns.config import parse_dns_config
     from tunproxy.geodata import GeoData
     from tunproxy.mihomo import Translation, is_mihomo, translate
     from tunproxy.ruleload import load_rules
@@ -667,9 +667,11 @@ def parse_config(text: str, path: Path, *, keep_entries: bool = False) -> Config
 
 
 def _without_udp(upstreams: dict[str, UpstreamConfig], groups: dict[str, Any]) -> set[str]:
+    plain = {n for n, u in upstreams.items() if not u.udp}
+    if not groups:
+        return plain
     from tunproxy.outbounds.group import groups_without_udp
 
-    plain = {n for n, u in upstreams.items() if not u.udp}
     return plain | groups_without_udp(groups, plain)
 
 
