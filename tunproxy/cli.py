@@ -63,16 +63,16 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.root.level))
 
 
-_SUBCOMMANDS: tuple[tuple[str, str, dict[str, str]], ...] = (
-    ("run", "tunproxy.command", {
-        "help": "run one command with only its traffic through tunproxy",
-        "description": "Run CMD in a network namespace of its own whose only route is this "
-        "tunproxy; the host's network is not changed."}),
-    ("explain", "tunproxy.explain", {"help": "show which rule a flow matches, and why"}),
-    ("server", "tunproxy.server", {"help": "run a MASQUE proxy for quic upstreams"}),
-    ("top", "tunproxy.top", {"help": "live view of the flows by process (controller API)"}),
-    ("capture", "tunproxy.capturecli", {
-        "help": "pcapng of some flows of a running tunproxy (controller API)"}),
+# (name, module, help, description)
+_SUBCOMMANDS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("run", "tunproxy.command", "run one command with only its traffic through tunproxy",
+     "Run CMD in a network namespace of its own whose only route is this tunproxy; the "
+     "host's network is not changed."),
+    ("explain", "tunproxy.explain", "show which rule a flow matches, and why", None),
+    ("server", "tunproxy.server", "run a MASQUE proxy for quic upstreams", None),
+    ("top", "tunproxy.top", "live view of the flows by process (controller API)", None),
+    ("capture", "tunproxy.capturecli",
+     "pcapng of some flows of a running tunproxy (controller API)", None),
 )
 
 
@@ -104,8 +104,8 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     # Each subcommand's module adds its own arguments, and only the one named on the command
     # line is imported: a plain `tunproxy --rules` then never loads the server's, top's or
     # capture's modules (and what they import) into the long-running process.
-    for name, module, options in _SUBCOMMANDS:
-        subparser = sub.add_parser(name, **options)
+    for name, module, text, description in _SUBCOMMANDS:
+        subparser = sub.add_parser(name, help=text, description=description)
         if name in words:
             importlib.import_module(module).add_arguments(subparser)
     return parser
