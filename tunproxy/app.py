@@ -29,6 +29,7 @@ from tunproxy.driver import TunDriver
 from tunproxy.errors import ConfigError, SetupError, TunproxyError
 from tunproxy.flows import FlowTable, configure_flow_table
 from tunproxy.journal import Journal
+from tunproxy.memory import release_freed_memory
 from tunproxy.outbounds.base import Outbound, Target
 from tunproxy.policy import DnsPolicy, Policy, ProcessLookup, build_policy
 from tunproxy.relay import Relay
@@ -229,6 +230,7 @@ class Proxy:
                 tun.name, config.tun.mtu, " ".join(sorted(tun.offloads)) or "off",
                 driver.write_method, config.rule_count, "on" if self.dns_enabled() else "off",
             )
+            release_freed_memory()  # what setting up freed: the process's size at rest
             await self.stopping.wait()
             log.info("stopping: %d flows open", len(relay.flows))
         finally:

@@ -20,6 +20,7 @@ import rules
 from rules.provider import detect_format, rule_set_from_entries
 from tunproxy.errors import ConfigError
 from tunproxy.geodata import GeoData
+from tunproxy.memory import release_freed_memory
 
 __all__ = ["domain_filter", "load_rule_set", "load_rules", "skipped_warnings"]
 
@@ -137,20 +138,8 @@ def load_rules(
     del sets
     if geodata is not None:
         geodata.release()
-    _release_freed_memory()
+    release_freed_memory()
     return compiled
-
-
-def _release_freed_memory() -> None:
-    """Parsing large sets frees far more than the packed tables keep; glibc holds freed
-    heap pages until asked (~20 MiB of RSS for a Loyalsoldier-sized config)."""
-    import contextlib
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 FILTER_PREFIXES = ("rule-set:", "geosite:")
