@@ -86,45 +86,16 @@ async def dial_tcp(
         address_family(address), socket.SOCK_STREAM, fwmark=fwmark, interface=interface
     )
     try:
-        await _connect(loop, sock, (address, port))
+        await loop.sock_connect(sock, (address, port))
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                   address: tuple[str, int]) -> None:
-    """A non-blocking connect to an IP literal: connect(), then wait until writable.
-
-    Not ``loop.sock_connect``: uvloop's passes the address through ``getaddrinfo`` without
-    a socket type, which misses its numeric fast path, so every connect went through
-    libuv's thread pool (a thread hop each way, and four worker threads kept resident)."""
-    try:
-        sock.connect(address)
-        return  # loopback and the like can connect at once
-    except (BlockingIOError, InterruptedError):
-        pass
-    fd = sock.fileno()
-    writable = loop.create_future()
-    loop.add_writer(fd, _set_done, writable)
-    try:
-        await writable
-    finally:
-        loop.remove_writer(fd)
-    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if error:
-        raise OSError(error, os.strerror(error))
-
-
-def _set_done(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
 def map_connect_error(exc: OSError, what: str) -> OutboundError:
     """The OutboundError an app would recognise for a failed connect to ``what``."""
-    # Say what errno says (asyncio's sock_connect put "Connect call failed (...)" there).
+    # asyncio's sock_connect puts "Connect call failed (...)" in strerror; say what errno says.
     text = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"
     if exc.errno == errno.ECONNREFUSED:
         return ConnectRefused(text)
