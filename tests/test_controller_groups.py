@@ -9,6 +9,7 @@ import asyncio
 import json
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from tunproxy.errors import ConnectRefused
 from tunproxy.flows import FlowTable
 from tunproxy.outbounds.base import Outbound, StreamProtocol, Target
 from tunproxy.outbounds.direct import DirectOutbound
-from tunproxy.outbounds.group import GroupConfig, GroupOutbound
+from tunproxy.outbounds.group import GroupConfig, GroupOutbound, trail
 from tunproxy.policy import Policy, build_policy
 
 SECRET = "s3cret"
@@ -174,6 +175,38 @@ def test_a_running_flow_keeps_its_member_after_a_switch() -> None:
     run(body)
 
 
+def test_a_flow_through_groups_notes_each_member_chosen_innermost_first() -> None:
+    async def body(outbounds: dict[str, Outbound], session: aiohttp.ClientSession,
+                   port: int) -> None:
+        from tunproxy.controller.views import connection
+        from tunproxy.flows import FlowRecord
+        from tunproxy.outbounds.group import _StatusLine
+
+        outer = GroupOutbound(GroupConfig("Proxy", "select", ["sel", "b"]),
+                              {"sel": outbounds["sel"], "b": outbounds["b"]})
+        via = trail()
+        transport = await outer.open_stream(Target(80, domain="x.test"), _StatusLine(),
+                                            timeout=5)
+        transport.close()
+        assert via == ["a", "sel"]  # Proxy took sel, which took a
+        record = FlowRecord(1, "tcp", "10.0.0.2", 40000, "192.0.2.1", 80,
+                            outbound="Proxy", via=tuple(via))
+        assert connection(record)["chains"] == ["a", "sel", "Proxy"]  # as mihomo shows it
+        # A member that failed is not noted: auto tries b (refused), then connects by a.
+        via = trail()
+        transport = await outbounds["auto"].open_stream(Target(80, domain="x.test"),
+                                                        _StatusLine(), timeout=5)
+        transport.close()
+        assert via == ["a"]
+        outer.select("b")  # refused: nothing opened, nothing noted
+        via = trail()
+        with pytest.raises(ConnectRefused):
+            await outer.open_stream(Target(80, domain="x.test"), _StatusLine(), timeout=5)
+        assert via == []
+
+    run(body)
+
+
 def test_delay_runs_one_check_through_the_member() -> None:
     async def body(outbounds: dict[str, Outbound], session: aiohttp.ClientSession,
                    port: int) -> None:
@@ -264,7 +297,7 @@ rules:
 @pytest.mark.netns
 def test_put_switches_new_flows_to_the_other_socks_server(tmp_path: Path) -> None:
     from tests.netns import PROXY4, topology
-    from tests.test_groups import A_OUT, B_OUT, Lab
+    from tests.test_groups import A_OUT, B_OUT, PEER_PORT, Lab
 
     def api(lab: Lab, method: str, path: str, data: str | None = None) -> tuple[int, str]:
         args = ["curl", "-sS", "-X", method, "-H", f"Authorization: Bearer {SECRET}",
@@ -275,6 +308,18 @@ def test_put_switches_new_flows_to_the_other_socks_server(tmp_path: Path) -> Non
         text, _, status = out.rpartition("\n")
         return int(status), text
 
+    def wait_chains(lab: Lab) -> list[str]:
+        """The chains of the ended flows to the peer, once one has ended."""
+        deadline = time.monotonic() + 30
+        while True:
+            body = json.loads(api(lab, "GET", "/connections?closed=1")[1])
+            chains = [c["chains"] for c in body.get("closed", [])
+                      if c["metadata"]["destinationPort"] == str(PEER_PORT)]
+            if chains or time.monotonic() > deadline:
+                assert len(chains) == 1, chains
+                return list(chains[0])
+            time.sleep(0.2)
+
     def config(note: str) -> str:
         return E2E_CONFIG.format(api=E2E_API, secret=SECRET, proxy=PROXY4, note=note)
 
@@ -284,6 +329,7 @@ def test_put_switches_new_flows_to_the_other_socks_server(tmp_path: Path) -> Non
         topo.client.wait_tcp_listening(E2E_API)
         assert lab.via() == A_OUT  # the first member until switched
         assert json.loads(api(lab, "GET", "/proxies/G")[1])["now"] == "a"
+        assert wait_chains(lab) == ["a", "G"]  # mihomo's chains: member first, then group
         assert api(lab, "PUT", "/proxies/G", '{"name": "b"}') == (204, "")
         assert lab.via() == B_OUT  # the very next flow takes b
         assert json.loads(api(lab, "GET", "/proxies/G")[1])["now"] == "b"

@@ -186,6 +186,9 @@ class FlowRecord:
     # structured form.
     rule: str | None = None
     outbound: str | None = None
+    # The members the groups on the way chose, innermost first (``outbound`` is the
+    # outermost group): mihomo's ``chains`` is ``[*via, outbound]``.
+    via: tuple[str, ...] = ()
     state: str = CONNECTING
     bytes_up: int = 0  # from the local application towards the destination
     bytes_down: int = 0

@@ -63,6 +63,7 @@ from tunproxy.outbounds.base import (
     StreamReceiver,
     Target,
 )
+from tunproxy.outbounds.group import trail
 from tunproxy.policy import Decision, DnsPolicy, Policy
 from tunproxy.sniff import NEED_MORE, QuicSniffer, load_quic_crypto, sniff_stream
 
@@ -659,8 +660,10 @@ class Relay:
             return
         assert decision.outbound is not None and decision.target is not None
         self._use(flow, decision.outbound)
+        via = trail()
         try:
             await flow.open(decision.outbound, decision.target, self.config.connect_timeout)
+            record.via = tuple(via)
         except OutboundError as exc:
             if not flow.closed:
                 log.info("%s via %s failed: %s", record.describe(), record.outbound, exc)

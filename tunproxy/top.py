@@ -73,7 +73,7 @@ class Flow:
         chains = c.get("chains") or []
         return cls(
             id=str(c.get("id")), group=group, network=m.get("network", ""), dest=dest,
-            state=extra.get("state", ""), rule=rule, outbound=chains[0] if chains else "",
+            state=extra.get("state", ""), rule=rule, outbound=" > ".join(reversed(chains)),
             up=int(c.get("upload", 0)), down=int(c.get("download", 0)),
             rate_up=float(extra.get("uploadRate", 0.0)),
             rate_down=float(extra.get("downloadRate", 0.0)),

@@ -93,7 +93,7 @@ def connection(r: FlowRecord, *, fake_ip: bool = False) -> dict[str, Any]:
         "upload": r.bytes_up,
         "download": r.bytes_down,
         "start": rfc3339(r.started),
-        "chains": [r.outbound] if r.outbound else [],
+        "chains": [*r.via, r.outbound] if r.outbound else [],
         "rule": rule_type,
         "rulePayload": payload,
         "tunproxy": {
@@ -166,7 +166,7 @@ class SnapshotEncoder:
         fresh: dict[int, tuple[tuple[Any, ...], str, str]], is_fake: Any,
     ) -> str:
         fake = bool(is_fake is not None and is_fake(r.dst))
-        key = (r.domain, r.process, r.attribution, r.verdict, r.rule, r.outbound, fake)
+        key = (r.domain, r.process, r.attribution, r.verdict, r.rule, r.outbound, r.via, fake)
         hit = cache.get(r.id)
         if hit is None or hit[0] != key:
             full = connection(r, fake_ip=fake)

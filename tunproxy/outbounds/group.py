@@ -27,6 +27,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -39,11 +40,29 @@ from tunproxy.outbounds.base import (
     Target,
 )
 
-__all__ = ["GROUP_KINDS", "GroupConfig", "GroupOutbound", "GroupState", "Probe"]
+__all__ = ["GROUP_KINDS", "GroupConfig", "GroupOutbound", "GroupState", "Probe", "trail"]
 
 log = logging.getLogger("tunproxy.groups")
 
 GROUP_KINDS = ("select", "fallback", "url-test", "load-balance")
+
+_TRAIL: ContextVar[list[str] | None] = ContextVar("tunproxy_group_trail", default=None)
+
+
+def trail() -> list[str]:
+    """Start noting, for what this task opens next, the member each group it passes
+    through connected by: the list fills innermost first as the opens return (a flow
+    through group ``Proxy`` and its member ``hk-1`` leaves ``["hk-1"]``), which with the
+    outbound's own name is mihomo's ``chains``."""
+    noted: list[str] = []
+    _TRAIL.set(noted)
+    return noted
+
+
+def _note(member: str) -> None:
+    noted = _TRAIL.get()
+    if noted is not None:
+        noted.append(member)
 
 
 @dataclass(slots=True)
@@ -244,7 +263,10 @@ class GroupOutbound(Outbound):
         last: OutboundError | None = None
         for name in self._candidates(target):
             try:
-                return await self.members[name].open_stream(target, protocol, timeout=timeout)
+                transport = await self.members[name].open_stream(target, protocol,
+                                                                 timeout=timeout)
+                _note(name)
+                return transport
             except (ConnectRefused, ConnectTimeout, ProxyError, OSError) as exc:
                 if self.config.kind == "select":
                     raise
@@ -260,7 +282,10 @@ class GroupOutbound(Outbound):
         last: OutboundError | None = None
         for name in self._candidates(target):
             try:
-                return await self.members[name].open_datagram(target, receiver, timeout=timeout)
+                session = await self.members[name].open_datagram(target, receiver,
+                                                                 timeout=timeout)
+                _note(name)
+                return session
             except (ConnectRefused, ConnectTimeout, ProxyError, OSError) as exc:
                 if self.config.kind == "select":
                     raise
