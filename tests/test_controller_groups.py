@@ -143,13 +143,46 @@ def test_put_switches_a_select_group() -> None:
             assert (status, err) == (400, {"message": "Body invalid"}), bad
         status, err = await put(session, "/proxies/sel", {"name": "zzz"})
         assert status == 400 and "zzz" in err["message"]
-        for not_select in ("auto", "lb", "a", "DIRECT", "GLOBAL"):
+        for not_select in ("lb", "a", "DIRECT", "GLOBAL"):
             status, err = await put(session, f"/proxies/{not_select}", {"name": "a"})
             assert (status, err) == (400, {"message": "Must be a Selector"}), not_select
         assert sel.state.selected == "b"  # none of the refusals changed it
         async with session.put("/proxies/sel", json={"name": "a"}) as resp:
             assert resp.status == 401  # the secret is needed, as for everything else
         assert sel.state.selected == "b"
+
+    run(body)
+
+
+async def delete(session: aiohttp.ClientSession, path: str) -> tuple[int, Any]:
+    async with session.delete(path, headers=AUTH) as resp:
+        return resp.status, (await resp.json() if resp.status != 204 else None)
+
+
+def test_put_fixes_a_url_test_group_and_delete_unfixes_it() -> None:
+    async def body(outbounds: dict[str, Outbound], session: aiohttp.ClientSession,
+                   port: int) -> None:
+        auto = outbounds["auto"]
+        assert isinstance(auto, GroupOutbound)
+        await auto.check_all()  # b refused, a answers
+        auto.state.report("b", 0.001)  # as if b had answered faster: b is chosen
+        assert (await get_json(session, "/proxies/auto"))["now"] == "b"
+        assert await put(session, "/proxies/auto", {"name": "a"}) == (204, None)
+        one = await get_json(session, "/proxies/auto")
+        assert (one["now"], one["fixed"]) == ("a", "a")
+        status, err = await put(session, "/proxies/auto", {"name": "zzz"})
+        assert status == 400 and "zzz" in err["message"]
+        assert await delete(session, "/proxies/auto") == (204, None)
+        one = await get_json(session, "/proxies/auto")
+        assert (one["now"], one["fixed"]) == ("b", "")
+        assert await delete(session, "/proxies/auto") == (204, None)  # not fixed: still 204
+        # mihomo's refusals: unknown 404; a selector, load-balance or a proxy 400
+        assert await delete(session, "/proxies/nope") == (404, {"message": "Resource not found"})
+        for other in ("sel", "lb", "a", "DIRECT", "GLOBAL"):
+            assert await delete(session, f"/proxies/{other}") == (
+                400, {"message": "Body invalid"}), other
+        async with session.delete("/proxies/auto") as resp:
+            assert resp.status == 401
 
     run(body)
 
@@ -270,6 +303,9 @@ def test_a_reload_keeps_the_selection_while_the_group_has_the_member() -> None:
     assert _selected(gone) == "a"
     again = _policy("select", "a, b, c", gone)
     assert _selected(again) == "a"
+    fixed = _policy("fallback", "a, b, c", None)
+    fixed.outbounds["sel"].state.fix("c")  # type: ignore[attr-defined]
+    assert _policy("fallback", "c, a", fixed).outbounds["sel"].state.fixed == "c"  # type: ignore[attr-defined]
     other = _policy("fallback", "b, c", _policy("select", "c, b", None))
     assert other.outbounds["sel"].state.kind == "fallback"  # type: ignore[attr-defined]
 

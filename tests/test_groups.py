@@ -50,6 +50,26 @@ def test_url_test_prefers_the_fastest_within_tolerance() -> None:
     assert s.order("x") == ["b", "a"]
 
 
+@pytest.mark.parametrize("kind", ["url-test", "fallback"])
+def test_a_fixed_member_goes_first_while_alive_until_unfixed(kind: str) -> None:
+    s = GroupState(kind, ["a", "b", "c"])
+    s.report("a", 0.010)
+    s.report("b", 0.300)
+    s.report("c", 0.200)
+    assert s.order("x")[0] == "a"
+    s.fix("b")  # the slower one, or the later one: taken first all the same
+    assert s.order("x") == ["b", "a", "c"]
+    s.report("b", None)  # a fixed member that died: the group's own choice
+    assert s.order("x")[0] == "a" and s.order("x")[-1] == "b"
+    s.report("b", 0.300)
+    assert s.order("x")[0] == "b"
+    s.fix(None)
+    assert s.order("x")[0] == "a"
+    with pytest.raises(ValueError):
+        s.fix("zzz")
+    assert s.fixed is None
+
+
 def test_load_balance_is_consistent() -> None:
     members = ["a", "b", "c", "d"]
     s = GroupState("load-balance", members)

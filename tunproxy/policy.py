@@ -305,6 +305,10 @@ def _keep_selections(old: dict[str, Outbound], new: dict[str, Outbound]) -> None
                 and group.config.kind == before.config.kind == "select"
                 and before.state.selected in group.state.alive):
             group.select(before.state.selected)
+        elif (isinstance(group, GroupOutbound) and isinstance(before, GroupOutbound)
+                and group.config.kind == before.config.kind
+                and before.state.fixed in group.state.alive):
+            group.state.fix(before.state.fixed)  # a url-test or fallback group's fixed member
 
 
 def _inherit_addresses(old: DnsPolicy, new: DnsPolicy) -> None:

@@ -33,6 +33,9 @@ __all__ = ["Controller", "LogHub"]
 
 log = logging.getLogger("tunproxy.controller")
 
+# The groups PUT /proxies/{group} switches (select) or fixes (the others); mihomo's SelectAble.
+_SELECTABLE = ("select", "url-test", "fallback")
+
 SEND_TIMEOUT = 5.0  # seconds a WebSocket/stream write may wait for the client to read
 MIN_INTERVAL = 0.1  # seconds: the fastest /connections WebSocket push
 LOG_QUEUE = 1024  # log lines held per /logs client; more are dropped for that client
@@ -154,6 +157,7 @@ class Controller:
         r.add_get("/proxies", self.proxies)
         r.add_get("/proxies/{name}", self.proxy)
         r.add_put("/proxies/{name}", self.select)
+        r.add_delete("/proxies/{name}", self.unfix)
         r.add_get("/proxies/{name}/delay", self.delay)
         r.add_get("/providers/proxies", self.proxy_providers)
         r.add_get("/providers/rules", self.rule_providers)
@@ -230,8 +234,9 @@ class Controller:
         return web.json_response(item)
 
     async def select(self, request: web.Request) -> web.Response:
-        """``PUT /proxies/{group}`` ``{"name": member}``: switch a select group, as mihomo.
-        New flows take the member at once; running flows keep theirs."""
+        """``PUT /proxies/{group}`` ``{"name": member}``: switch a select group, or fix a
+        url-test or fallback group on a member (while it is alive), as mihomo. New flows
+        take the member at once; running flows keep theirs."""
         name = request.match_info["name"]
         group = self._outbounds().get(name)
         if group is None and name != "GLOBAL":
@@ -243,13 +248,30 @@ class Controller:
         member = body.get("name") if isinstance(body, dict) else None
         if not isinstance(member, str):
             return _error(400, "Body invalid")
-        if not isinstance(group, GroupOutbound) or group.config.kind != "select":
+        if not isinstance(group, GroupOutbound) or group.config.kind not in _SELECTABLE:
             return _error(400, "Must be a Selector")
         try:
-            group.select(member)
+            if group.config.kind == "select":
+                group.select(member)
+            else:
+                group.state.fix(member)
         except ValueError as exc:
             return _error(400, f"Selector update error: {exc}")
         log.info("controller: group %s now uses %s", name, member)
+        return web.Response(status=204)
+
+    async def unfix(self, request: web.Request) -> web.Response:
+        """``DELETE /proxies/{group}``: a url-test or fallback group chooses by itself
+        again (mihomo's "unfix"); 400 for anything else, as mihomo."""
+        name = request.match_info["name"]
+        group = self._outbounds().get(name)
+        if group is None and name != "GLOBAL":
+            return _error(404, "Resource not found")
+        if not isinstance(group, GroupOutbound) or group.config.kind not in _SELECTABLE[1:]:
+            return _error(400, "Body invalid")
+        if group.state.fixed is not None:
+            log.info("controller: group %s is no longer fixed on %s", name, group.state.fixed)
+        group.state.fix(None)
         return web.Response(status=204)
 
     async def delay(self, request: web.Request) -> web.Response:

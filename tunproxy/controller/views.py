@@ -229,7 +229,7 @@ def _group(group: GroupOutbound) -> dict[str, Any]:
     if kind != "select":
         body["testUrl"] = group.config.url
         body["expectedStatus"] = "*"
-        body["fixed"] = ""
+        body["fixed"] = group.state.fixed or ""
     body["alive"] = any(group.state.alive.values())
     return body
 

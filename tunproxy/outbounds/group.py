@@ -92,11 +92,20 @@ class GroupState:
         self.selected = self.members[0]
         self.tolerance = tolerance / 1000.0
         self._fastest: str | None = None
+        # A url-test or fallback group's member fixed through the controller (mihomo's
+        # ``fixed``): taken first while it is alive, the group's own choice otherwise.
+        self.fixed: str | None = None
 
     def select(self, name: str) -> None:
         if name not in self.alive:
             raise ValueError(f"{name!r} is not a member")
         self.selected = name
+
+    def fix(self, name: str | None) -> None:
+        """Fix a url-test or fallback group on ``name``; None unfixes it."""
+        if name is not None and name not in self.alive:
+            raise ValueError(f"{name!r} is not a member")
+        self.fixed = name
 
     def report(self, member: str, latency: float | None) -> None:
         """A health check's (or a failed connection's, with None) outcome."""
@@ -125,14 +134,16 @@ class GroupState:
         dead = [m for m in self.members if not self.alive[m]]
         if self.kind == "select":
             return [self.selected]
+        if self.kind == "load-balance":
+            return sorted(alive, key=lambda m: _weight(key, m), reverse=True) + dead
         if self.kind == "url-test":
             first = self._fastest if self._fastest in alive else None
             rest = sorted(alive, key=lambda m: (self.latency[m] is None, self.latency[m] or 0))
-            ordered = ([first] if first else []) + [m for m in rest if m != first]
-            return ordered + dead
-        if self.kind == "load-balance":
-            return sorted(alive, key=lambda m: _weight(key, m), reverse=True) + dead
-        return alive + dead  # fallback
+            alive = ([first] if first else []) + [m for m in rest if m != first]
+        fixed = self.fixed
+        if fixed is not None and fixed in alive:  # url-test, fallback: while it is alive
+            alive = [fixed, *(m for m in alive if m != fixed)]
+        return alive + dead
 
 
 def _weight(key: str, member: str) -> int:
