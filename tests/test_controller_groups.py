@@ -164,8 +164,8 @@ def test_put_fixes_a_url_test_group_and_delete_unfixes_it() -> None:
                    port: int) -> None:
         auto = outbounds["auto"]
         assert isinstance(auto, GroupOutbound)
-        await auto.check_all()  # b refused, a answers
-        auto.state.report("b", 0.001)  # as if b had answered faster: b is chosen
+        auto.state.report("a", 0.500)  # as checks would: b answered faster, b is chosen
+        auto.state.report("b", 0.001)
         assert (await get_json(session, "/proxies/auto"))["now"] == "b"
         assert await put(session, "/proxies/auto", {"name": "a"}) == (204, None)
         one = await get_json(session, "/proxies/auto")
