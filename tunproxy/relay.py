@@ -62,8 +62,8 @@ from tunproxy.outbounds.base import (
     Outbound,
     StreamReceiver,
     Target,
+    trail,
 )
-from tunproxy.outbounds.group import trail
 from tunproxy.policy import Decision, DnsPolicy, Policy
 from tunproxy.sniff import NEED_MORE, QuicSniffer, load_quic_crypto, sniff_stream
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 __all__ = [
@@ -18,7 +19,30 @@ __all__ = [
     "StreamProtocol",
     "StreamReceiver",
     "Target",
+    "note_member",
+    "trail",
 ]
+
+
+# -- the groups a flow passed through (mihomo's chains) -----------------------------------
+
+_TRAIL: ContextVar[list[str] | None] = ContextVar("tunproxy_group_trail", default=None)
+
+
+def trail() -> list[str]:
+    """Start noting, for what this task opens next, the member each group it passes
+    through connected by: the list fills innermost first as the opens return (a flow
+    through group ``Proxy`` and its member ``hk-1`` leaves ``["hk-1"]``), which with the
+    outbound's own name is mihomo's ``chains``."""
+    noted: list[str] = []
+    _TRAIL.set(noted)
+    return noted
+
+
+def note_member(member: str) -> None:
+    noted = _TRAIL.get()
+    if noted is not None:
+        noted.append(member)
 
 
 @dataclass(frozen=True, slots=True)

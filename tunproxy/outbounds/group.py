@@ -27,7 +27,6 @@ import ipaddress
 import logging
 import time
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -38,6 +37,8 @@ from tunproxy.outbounds.base import (
     Outbound,
     StreamProtocol,
     Target,
+    note_member,
+    trail,
 )
 
 __all__ = ["GROUP_KINDS", "GroupConfig", "GroupOutbound", "GroupState", "Probe", "trail"]
@@ -45,24 +46,6 @@ __all__ = ["GROUP_KINDS", "GroupConfig", "GroupOutbound", "GroupState", "Probe",
 log = logging.getLogger("tunproxy.groups")
 
 GROUP_KINDS = ("select", "fallback", "url-test", "load-balance")
-
-_TRAIL: ContextVar[list[str] | None] = ContextVar("tunproxy_group_trail", default=None)
-
-
-def trail() -> list[str]:
-    """Start noting, for what this task opens next, the member each group it passes
-    through connected by: the list fills innermost first as the opens return (a flow
-    through group ``Proxy`` and its member ``hk-1`` leaves ``["hk-1"]``), which with the
-    outbound's own name is mihomo's ``chains``."""
-    noted: list[str] = []
-    _TRAIL.set(noted)
-    return noted
-
-
-def _note(member: str) -> None:
-    noted = _TRAIL.get()
-    if noted is not None:
-        noted.append(member)
 
 
 @dataclass(slots=True)
@@ -276,7 +259,7 @@ class GroupOutbound(Outbound):
             try:
                 transport = await self.members[name].open_stream(target, protocol,
                                                                  timeout=timeout)
-                _note(name)
+                note_member(name)
                 return transport
             except (ConnectRefused, ConnectTimeout, ProxyError, OSError) as exc:
                 if self.config.kind == "select":
@@ -295,7 +278,7 @@ class GroupOutbound(Outbound):
             try:
                 session = await self.members[name].open_datagram(target, receiver,
                                                                  timeout=timeout)
-                _note(name)
+                note_member(name)
                 return session
             except (ConnectRefused, ConnectTimeout, ProxyError, OSError) as exc:
                 if self.config.kind == "select":
