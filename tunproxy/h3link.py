@@ -51,6 +51,7 @@ from qh3.quic.connection import QuicConnection
 from qh3.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
 from qh3.tls import SessionTicket
 
+from tunproxy import quicio
 from tunproxy.masque.request import H3_CONNECT_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
 
 __all__ = [
@@ -243,7 +244,7 @@ class H3Link(QuicConnectionProtocol):
     def datagram_fits(self, size: int) -> bool:
         """Whether an HTTP datagram of ``size`` bytes (quarter stream ID included) fits
         a QUIC packet."""
-        return size + _DATAGRAM_OVERHEAD <= self.max_datagram_size
+        return size + _DATAGRAM_OVERHEAD <= quicio.sendable_size(self._quic, self.max_datagram_size)
 
     def send_datagram(self, stream_id: int, payload: bytes) -> None:
         """An HTTP Datagram (RFC 9297 section 2.1: quarter stream ID, then payload)."""
@@ -466,7 +467,7 @@ class H3Link(QuicConnectionProtocol):
 
     def transmit(self) -> None:
         try:
-            super().transmit()
+            quicio.flush(self)  # qh3's transmit, minus its per-packet logging work
         except Exception as exc:  # see _fail
             self._fail(exc)
             return
