@@ -138,7 +138,7 @@ def progress(message: str) -> None:
 
 
 def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: bool,
-                    pipeline: bool = False, quic: tuple[int, Path] | None = None,
+                    pipeline: bool = False, quic: tuple[int, Path, int] | None = None,
                     controller: bool = False, attribution: bool = True) -> str:
     lines = [
         "tun:",
@@ -147,9 +147,10 @@ def tunproxy_config(mtu: int, offload: bool, upstream_port: int | None, dns: boo
         f"  offload: {'true' if offload else 'false'}",
     ]
     if quic is not None:
-        port, ca = quic
+        port, ca, datagram_size = quic
         lines += ["upstreams:", "  quic:", "    type: quic", f'    server: "{SOCKS4}:{port}"',
                   f"    token: {QUIC_TOKEN}", "    sni: proxy.test", f'    ca: "{ca}"',
+                  f"    max-datagram-size: {datagram_size}",
                   "rules:", "  - MATCH,quic", "dns:", "  enable: false"]
         return "\n".join(lines) + "\n"
     if upstream_port is not None:
@@ -232,8 +233,10 @@ class Runner:
     def __init__(
         self, settings: Settings, workdir: Path, profile_dir: Path | None, log_level: str,
         socks_port: int, socks_pipeline: bool = False, attribution: bool = True,
+        quic_datagram_size: int | None = None,
     ) -> None:
         self.settings = settings
+        self.quic_datagram_size = quic_datagram_size
         self.socks_port = socks_port
         self.socks_pipeline = socks_pipeline
         self.attribution = attribution
@@ -547,6 +550,12 @@ class Runner:
             if metric.test in tests:
                 column.cell(metric.key).errors.append(reason)
 
+    def datagram_size(self, mtu: int) -> int:
+        """QUIC packet size for both ends (--quic-datagram-size; default: what the MTU carries)."""
+        from tunproxy.quicio import datagram_size
+
+        return self.quic_datagram_size or datagram_size(mtu, ipv6=False)
+
     def run_tunproxy_group(self, section: Section, column: Column, group: Group) -> None:
         assert self.topo is not None
         broken = self.broken.get((f"{section.mtu} {column.label}", group.name))
@@ -559,7 +568,8 @@ class Runner:
                 self.fail_tests(column, group.tests,
                                 "h2o is not built (see tests/test_quic_h2o.py)")
                 return
-            quic = (group.quic_port, self.services.masque_ca())
+            quic = (group.quic_port, self.services.masque_ca(),
+                    self.datagram_size(section.mtu))
         config = tunproxy_config(section.mtu, column.offload, group.upstream_port, group.dns,
                                  self.socks_pipeline, quic,
                                  controller=group.dashboard or group.capture is not None,
@@ -676,7 +686,7 @@ class Runner:
                     if self.socks_port == MICROSOCKS_PORT:
                         self.services.microsocks()
                 if "quic" in paths:
-                    self.services.masque_server()
+                    self.services.masque_server(self.datagram_size(section.mtu))
                 if "dns" in tests:
                     self.services.dnsmasq()
                 for round_index in range(self.settings.rounds):
@@ -920,6 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socks-pipeline", action="store_true",
                         help="tunproxy's SOCKS5 upstream with pipeline: true (request sent with "
                              "the greeting); dante takes it, microsocks does not")
+    parser.add_argument("--quic-datagram-size", type=int, metavar="BYTES",
+                        help="max-datagram-size of the QUIC columns' client and tunproxy server "
+                             "(default: the largest the MTU carries, e.g. 1472 at 1500)")
     parser.add_argument("--build-peers", action="store_true",
                         help="build hev-socks5-tunnel into its cache first if it is not there "
                              "(bench/peers.py; about a minute, once)")
@@ -1000,7 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_attribution:
         meta["attribution"] = "off"
     runner = Runner(settings, workdir, profile_dir, args.tunproxy_log_level, socks_port,
-                    args.socks_pipeline, attribution=not args.no_attribution)
+                    args.socks_pipeline, attribution=not args.no_attribution,
+                    quic_datagram_size=args.quic_datagram_size)
     interrupted = False
     started = time.monotonic()
     try:

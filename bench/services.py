@@ -137,8 +137,9 @@ class Services:
             make_cert(self.workdir, "proxy.test", [SOCKS4])
         return ca
 
-    def masque_server(self) -> None:
-        """``tunproxy server`` on SOCKS4:QUIC_PORT, allowed to reach SERVER4 (its own address)."""
+    def masque_server(self, datagram_size: int = 1200) -> None:
+        """``tunproxy server`` on SOCKS4:QUIC_PORT, allowed to reach SERVER4 (its own address),
+        sending QUIC packets of up to ``datagram_size`` bytes."""
         if not self._once("masque"):
             return
         self.masque_ca()
@@ -147,7 +148,8 @@ class Services:
             sys.executable, "-m", "tunproxy", "--log-level", "warning", "server",
             "--listen", f"{SOCKS4}:{QUIC_PORT}", "--cert", str(self.workdir / "proxy.test.crt"),
             "--key", str(self.workdir / "proxy.test.key"), "--token", QUIC_TOKEN,
-            "--allow", f"{SERVER4}/32", stderr=log, cwd=str(BENCH.parent),
+            "--allow", f"{SERVER4}/32", "--max-datagram-size", str(datagram_size),
+            stderr=log, cwd=str(BENCH.parent),
         )
         self.server.wait_udp_bound(QUIC_PORT)
 
