@@ -114,3 +114,20 @@ def test_sendable_size_is_bounded_by_what_the_peer_announced() -> None:
     assert sendable_size(quic, 1200) == 1200
     quic._applied_transport_parameters = _Params(None)  # absent: RFC 9000's 65527
     assert sendable_size(quic, 8952) == 8952
+
+
+def test_flush_with_a_quic_logger_takes_the_librarys_way_with_the_same_batches() -> None:
+    a, b = ("10.0.0.1", 443), ("10.0.0.2", 443)
+
+    class _LoggedQuic(_Quic):
+        def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+            self.asked_at = now
+            return [(b"x" * 1200, a), (b"y" * 1200, a), (b"z" * 40, b)]
+
+    quic = _LoggedQuic(_Core([(b"never", a)]), timer=None)
+    quic._quic_logger = object()  # type: ignore[assignment]
+    protocol = _Protocol(quic)
+    flush(protocol)
+    assert protocol.sent == [([b"x" * 1200, b"y" * 1200], a), ([b"z" * 40], b)]
+    assert quic.asked_at == 12.5 and quic._core.polled_at == []
+    assert protocol._loop.armed == [] and protocol._timer is None

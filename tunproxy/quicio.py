@@ -70,13 +70,12 @@ def flush(protocol: Any) -> None:
     sendto_many = protocol._sendto_many
     if core is None or quic._quic_logger is not None or sendto_many is None:
         # Nothing to poll yet, or someone logs packets: the library's own way.
-        transport = protocol._transport
         batch = quic.datagrams_to_send(now=now)
         if sendto_many is not None:
             _send_batches(sendto_many, batch)
         else:
             for data, addr in batch:
-                transport.sendto(data, addr)
+                protocol._transport.sendto(data, addr)
     else:
         datagrams: list[bytes] = []
         send_addr: Any = None
