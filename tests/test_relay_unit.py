@@ -366,6 +366,39 @@ async def test_tcp_idle_timeout_resets_both_sides() -> None:
 async def test_tcp_backpressure_both_ways() -> None:
     cfg = config()
     direct = ScriptedOutbound()
+    lab = Lab.make(policy_for(cfg, direct), cfg, tcp_send_buffer=64 * 1024)
+    peer = TcpPeer(lab.stack, dport=80)
+    await handshake(lab, peer)
+    upstream = direct.attempts[0].transport
+    assert upstream is not None and upstream.high_water == cfg.relay.buffer_size
+    # Upstream -> app: the stack's send buffer fills, the upstream read pauses ...
+    upstream.feed(bytes(200 * 1024))
+    assert not upstream.reading
+    # ... and the app reading (ACKing) it drains the buffer: FlowWritable resumes reading.
+    for _ in range(100):
+        peer.take(lab.take())
+        peer.deliver(tcp.ACK, now=lab.now)
+        lab.process()
+        if upstream.reading:
+            break
+    assert upstream.reading
+    # App -> upstream: the upstream's buffer over its high-water mark pauses the app.
+    flow = lab.relay.flows[1]
+    assert isinstance(flow, TcpFlow)
+    flow.pause_writing()
+    flow.resume_writing()
+    await lab.relay.aclose()
+    assert_ended_once(lab, "shutdown")
+    assert upstream.aborted
+
+
+@lab_test
+async def test_tcp_upstream_reads_no_more_than_the_send_buffer_takes() -> None:
+    """A flow whose app stops reading holds at most its send buffer plus one read of the
+    floor size: each upstream read is sized to the buffer's free space (it was 1 MiB, so a
+    stalled flow held up to ~2 MiB whatever the buffers were)."""
+    cfg = config()
+    direct = ScriptedOutbound()
     send_buffer = 2 * MIN_UPSTREAM_READ
     lab = Lab.make(policy_for(cfg, direct), cfg, tcp_send_buffer=send_buffer)
     peer = TcpPeer(lab.stack, dport=80)
