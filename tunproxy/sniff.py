@@ -28,6 +28,8 @@ import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from tunproxy.varint import parse_varint
+
 if TYPE_CHECKING:
     from aioquic.quic.crypto import CryptoPair
 
@@ -254,16 +256,10 @@ class _Malformed(Exception):
 
 def _varint(data: bytes, offset: int) -> tuple[int, int]:
     """RFC 9000 16: value and the offset after it."""
-    if offset >= len(data):
+    parsed = parse_varint(data, offset)
+    if parsed is None:
         raise _Malformed
-    first = data[offset]
-    length = 1 << (first >> 6)
-    if offset + length > len(data):
-        raise _Malformed
-    value = first & 0x3F
-    for b in data[offset + 1 : offset + length]:
-        value = (value << 8) | b
-    return value, offset + length
+    return parsed
 
 
 def load_quic_crypto() -> None:

@@ -13,6 +13,8 @@ caller.
 
 from __future__ import annotations
 
+from tunproxy.varint import emit_varint, parse_varint
+
 __all__ = [
     "CAPSULE_DATAGRAM",
     "CapsuleParser",
@@ -25,7 +27,6 @@ __all__ = [
 ]
 
 CAPSULE_DATAGRAM = 0x00
-VARINT_MAX = (1 << 62) - 1
 # A DATAGRAM capsule longer than this is refused: a UDP payload is at most 65,527 bytes,
 # plus its context ID.
 MAX_DATAGRAM_CAPSULE = 65_535 + 8
@@ -33,33 +34,6 @@ MAX_DATAGRAM_CAPSULE = 65_535 + 8
 
 class MasqueError(Exception):
     """The peer sent bytes this layer refuses: every parse either succeeds or raises this."""
-
-
-def emit_varint(value: int) -> bytes:
-    """RFC 9000 section 16: the shortest encoding."""
-    if value < 0x40:
-        return bytes((value,))
-    if value < 0x4000:
-        return (value | 0x4000).to_bytes(2, "big")
-    if value < 0x4000_0000:
-        return (value | 0x8000_0000).to_bytes(4, "big")
-    if value <= VARINT_MAX:
-        return (value | 0xC000_0000_0000_0000).to_bytes(8, "big")
-    raise ValueError(f"{value} does not fit a QUIC varint")
-
-
-def parse_varint(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int] | None:
-    """(value, offset after it), or None when ``data`` ends inside the varint."""
-    if offset >= len(data):
-        return None
-    first = data[offset]
-    size = 1 << (first >> 6)
-    if offset + size > len(data):
-        return None
-    value = first & 0x3F
-    for i in range(offset + 1, offset + size):
-        value = (value << 8) | data[i]
-    return value, offset + size
 
 
 def emit_capsule(capsule_type: int, value: bytes) -> bytes:
