@@ -88,3 +88,15 @@ def test_features_in_use_do_load_their_modules(tmp_path: Path) -> None:
     modules = loaded(tmp_path, FULLER, "explain", "tcp", "192.0.2.1:80")
     assert {"dnslib", "tunproxy.dns.service", "tunproxy.outbounds.socks5",
             "tunproxy.explain"} <= set(heavy(modules))
+
+
+def test_argument_parsing_does_not_load_shutil(tmp_path: Path) -> None:
+    """argparse imports shutil (with bz2, lzma and their libraries: ~0.8 MiB resident) to read
+    the terminal's width unless the formatter is given one. Modules the interpreter already
+    loads on its own (a site hook may import shutil) do not count."""
+    bare = set(json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, sys; print(json.dumps(sorted(sys.modules)))"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout))
+    added = loaded(tmp_path, MINIMAL, "--rules", "config.yaml") - bare
+    assert "tunproxy.cli" in added
+    assert {"shutil", "bz2", "lzma"} & added == set()

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,6 +77,31 @@ _SUBCOMMANDS: tuple[tuple[str, str, str, str | None], ...] = (
 )
 
 
+def _width() -> int:
+    """The help text's width, as argparse computes it, without its import of shutil.
+
+    argparse imports shutil (and with it bz2, lzma and their libraries, ~0.8 MiB) to read the
+    terminal's size; they would stay resident in the long-running process for nothing."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno() if sys.__stdout__ else 1).columns
+        except (OSError, ValueError):
+            columns = 80
+    return max(columns - 2, 11)
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_width())
+
+
+class _RawFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_width())
+
+
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     words = set(argv)
     parser = argparse.ArgumentParser(
@@ -83,7 +109,7 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         description="A transparent proxy for Linux: all traffic enters a TUN device and is "
         "sent direct, through SOCKS5 or QUIC upstreams, or dropped, by rules.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_RawFormatter,
     )
     parser.add_argument("--version", action="version", version=f"tunproxy {__version__}")
     parser.add_argument("--rules", metavar="FILE", help="the rules file (YAML) to run with")
@@ -94,10 +120,12 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                         help=f"where the undo record lives (default: {DEFAULT_STATE_DIR})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    check = sub.add_parser("check", help="validate a rules file without touching the system")
+    check = sub.add_parser("check", help="validate a rules file without touching the system",
+                           formatter_class=_Formatter)
     check.add_argument("file", metavar="FILE")
 
-    cleanup = sub.add_parser("cleanup", help="undo what a crashed tunproxy left behind")
+    cleanup = sub.add_parser("cleanup", help="undo what a crashed tunproxy left behind",
+                             formatter_class=_Formatter)
     cleanup.add_argument("--state-dir", type=Path, default=None, dest="cleanup_state_dir",
                          help=argparse.SUPPRESS)
 
@@ -105,7 +133,8 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     # line is imported: a plain `tunproxy --rules` then never loads the server's, top's or
     # capture's modules (and what they import) into the long-running process.
     for name, module, text, description in _SUBCOMMANDS:
-        subparser = sub.add_parser(name, help=text, description=description)
+        subparser = sub.add_parser(name, help=text, description=description,
+                                   formatter_class=_Formatter)
         if name in words:
             importlib.import_module(module).add_arguments(subparser)
     return parser
