@@ -45,6 +45,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("rss_per_flow", "proxy RSS per idle TCP flow", "KiB", False, "mem", 1),
     # The proxy process's user + system CPU (tunproxy or a peer; /proc, like `time`).
     Metric("cpu_conn", "proxy CPU per connection (connections/s run)", "us", False, "cps"),
+    Metric("cpu_conn_sys", "  of which system (kernel, in its system calls)", "us", False,
+           "cps"),
     Metric("cpu_gb_up", "proxy CPU per GB, TCP upload", "ms", False, "tcp"),
     Metric("cpu_gb_down", "proxy CPU per GB, TCP download", "ms", False, "tcp"),
 )

@@ -374,12 +374,15 @@ class Runner:
 
         def once() -> tuple[dict[str, float], float]:
             pid = self.proxy_pid()
-            cpu = measure.cpu_seconds(pid) if pid is not None else 0.0
+            user, system = measure.cpu_times(pid) if pid is not None else (0.0, 0.0)
             r = measure.client(ns, "cps", "--host", SERVER4, "--port", str(ECHO_PORT),
                                "--count", str(count), "--timeout", "5", *via)
             figures = {"cps": r["per_s"], "conn_p50": r["p50_us"], "conn_p99": r["p99_us"]}
             if pid is not None:
-                figures["cpu_conn"] = (measure.cpu_seconds(pid) - cpu) * 1e6 / r["count"]
+                user_after, system_after = measure.cpu_times(pid)
+                per_conn = 1e6 / r["count"]
+                figures["cpu_conn"] = (user_after - user + system_after - system) * per_conn
+                figures["cpu_conn_sys"] = (system_after - system) * per_conn
             return figures, float(r["count"])
 
         self.record(column, ("cps", "conn_p50", "conn_p99"), once)
