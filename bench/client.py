@@ -12,6 +12,10 @@ timings exclude interpreter start-up. Modes:
            to end), print ``{"ready": COUNT}`` and keep them open until stdin closes.
 ``udp``    one UDP flow, request/response round trips (COUNT or MAX_SECONDS, whichever
            ends first): answers per second, p50/p99.
+``flood``  one UDP flow, WINDOW datagrams of SIZE bytes in flight, each echo answered by the
+           next datagram, for MAX_SECONDS: datagrams echoed per second (the rate a path
+           sustains, not its round-trip time). A datagram unanswered for TIMEOUT is lost and
+           replaced.
 ``dns``    A queries for distinct names under ``--zone``, WINDOW in flight at once, until
            COUNT answers or MAX_SECONDS: answers per second and one sample answer (to check
            it is a fake IP).
@@ -209,6 +213,55 @@ def run_udp(args: argparse.Namespace) -> dict[str, Any]:
             "per_s": len(samples) / elapsed, **percentiles(samples)}
 
 
+def run_flood(args: argparse.Namespace) -> dict[str, Any]:
+    """WINDOW datagrams in flight on one flow; each echo sends the next one."""
+    seq_format = struct.Struct("!Q")
+    filler = os.urandom(max(0, args.size - seq_format.size))
+    outstanding: dict[int, float] = {}
+    echoed = lost = sent = 0
+    with socket.socket(family_of(args.host), socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.connect((args.host, args.port))
+        sock.setblocking(False)
+        recv, send, pack, unpack = sock.recv, sock.send, seq_format.pack, seq_format.unpack_from
+        start = time.perf_counter()
+        deadline = start + args.max_seconds
+        now = expire_at = start
+        while now < deadline:
+            while len(outstanding) < args.window:
+                outstanding[sent] = now
+                send(pack(sent) + filler)
+                sent += 1
+            readable, _, _ = select.select([sock], [], [], min(0.05, max(0.0, deadline - now)))
+            # At most a few windows' worth per wake-up: the clock and the deadline are
+            # checked between batches, as echoes keep arriving while we answer them.
+            for _ in range(4 * args.window if readable else 0):
+                try:
+                    message = recv(65535)
+                except BlockingIOError:
+                    break
+                if len(message) < seq_format.size:
+                    continue
+                if outstanding.pop(unpack(message)[0], None) is None:
+                    continue  # a late echo of a datagram already counted lost
+                echoed += 1
+                outstanding[sent] = now
+                send(pack(sent) + filler)
+                sent += 1
+            now = time.perf_counter()
+            if now >= expire_at:
+                expire_at = now + 0.1
+                for seq, when in list(outstanding.items()):
+                    if now - when > args.timeout:
+                        del outstanding[seq]
+                        lost += 1
+            if lost >= MAX_FAILURES * args.window and not echoed:
+                raise PathError(f"{lost} UDP datagrams without an echo")
+        elapsed = now - start
+    return {"count": echoed, "lost": lost, "sent": sent, "elapsed_s": elapsed,
+            "per_s": echoed / elapsed}
+
+
 def dns_query(query_id: int, name: str) -> bytes:
     # RFC 1035 4.1.1: header with RD set, one question; 4.1.2: QNAME QTYPE=A QCLASS=IN.
     header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
@@ -333,8 +386,8 @@ def parse_socks(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-MODES = {"cps": run_cps, "rr": run_rr, "hold": run_hold, "udp": run_udp, "dns": run_dns,
-         "poll": run_poll}
+MODES = {"cps": run_cps, "rr": run_rr, "hold": run_hold, "udp": run_udp, "flood": run_flood,
+         "dns": run_dns, "poll": run_poll}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socks", type=parse_socks, metavar="HOST:PORT",
                         help="cps/rr/hold: connect through this SOCKS5 server (no auth)")
     parser.add_argument("--size", type=int, default=64, help="request size in bytes (rr, udp)")
-    parser.add_argument("--window", type=int, default=32, help="DNS queries in flight")
+    parser.add_argument("--window", type=int, default=32,
+                        help="DNS queries or flood datagrams in flight")
     parser.add_argument("--zone", default="bench.test", help="DNS names are q<N>.<tag>.<zone>")
     parser.add_argument("--timeout", type=float, default=5.0, help="per operation, seconds")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="udp/dns run length limit")

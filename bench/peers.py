@@ -36,7 +36,7 @@ HEV_BUILD = Path("/work/shared/peers/hev/build.sh")
 REDSOCKS_PORT = 12345
 PEERS = ("hev", "redsocks")
 # The tests each peer can carry: redsocks has no UDP without TPROXY.
-PEER_TESTS = {"hev": ("mem", "tcp", "cps", "latency", "udp"),
+PEER_TESTS = {"hev": ("mem", "tcp", "cps", "latency", "udp", "dgram"),
               "redsocks": ("mem", "tcp", "cps", "latency")}
 
 

@@ -40,6 +40,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("rr_p50", "request/response latency p50 (64 B)", "us", False, "latency", 0, True),
     Metric("rr_p99", "request/response latency p99 (64 B)", "us", False, "latency", 0, True),
     Metric("udp_rr", "UDP request/response rate (64 B)", "req/s", True, "udp"),
+    Metric("dgram", "UDP datagrams/s echoed (32 in flight, 64 B)", "dgram/s", True, "dgram"),
     Metric("dns_qps", "DNS answers/s (fake-ip; baseline: dnsmasq)", "answers/s", True, "dns"),
     Metric("rss_rest", "proxy RSS at rest", "MiB", False, "mem", 1),
     Metric("rss_per_flow", "proxy RSS per idle TCP flow", "KiB", False, "mem", 1),
@@ -49,9 +50,14 @@ METRICS: tuple[Metric, ...] = (
            "cps"),
     Metric("cpu_gb_up", "proxy CPU per GB, TCP upload", "ms", False, "tcp"),
     Metric("cpu_gb_down", "proxy CPU per GB, TCP download", "ms", False, "tcp"),
+    # Per datagram echoed (one up, one down) in the datagrams/s run; the QUIC columns' MASQUE
+    # server (tunproxy server, h2o) is a process of its own.
+    Metric("cpu_dgram", "proxy CPU per datagram echoed", "us", False, "dgram", 1),
+    Metric("cpu_dgram_server", "  MASQUE server CPU per datagram echoed", "us", False, "dgram",
+           1),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-TESTS = ("tcp", "cps", "latency", "mem", "udp", "dns")
+TESTS = ("tcp", "cps", "latency", "mem", "udp", "dgram", "dns")
 PATHS = ("baseline", "direct", "socks5", "hev", "redsocks", "socks5-only", "quic", "quic-h2o",
          "direct-api", "capture-other", "capture-self")
 # Peers (bench/peers.py): other proxies through the same SOCKS5 server, measured in the same run.

@@ -120,6 +120,7 @@ class Settings:
     udp_seconds: float
     dns_seconds: float
     dns_window: int = 32
+    dgram_window: int = 32  # UDP datagrams in flight in the datagrams/s run
 
 
 QUICK = Settings(iperf_seconds=1, rounds=1, p4_rounds=1, mem_rounds=1, cps_count=200,
@@ -191,29 +192,28 @@ def groups_for(column: Column, socks_port: int) -> list[Group]:
         return tuple(t for t in TESTS if t in wanted and t in column.tests)
 
     if column.path == "direct-api":
-        return [Group("main", pick("tcp", "cps", "latency", "udp"), None, False, True,
+        return [Group("main", pick("tcp", "cps", "latency", "udp", "dgram"), None, False, True,
                       dashboard=True)]
     if column.path in CAPTURE_PATHS:
         # Another process (none by that name sends anything: every packet of the measured
         # flow pays the capture's per-batch tap and its per-packet selection check) or
         # iperf3 itself (each of its packets is also written as pcapng).
         process = CAPTURED_OTHER if column.path == "capture-other" else "iperf3"
-        return [Group("main", pick("tcp", "cps", "latency", "udp"), None, False, True,
+        return [Group("main", pick("tcp", "cps", "latency", "udp", "dgram"), None, False, True,
                       capture=process)]
+    main = pick("mem", "tcp", "cps", "latency", "udp", "dgram")
     if column.path in ("quic", "quic-h2o"):
         port = QUIC_PORT if column.path == "quic" else H2O_PORT
-        groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True,
-                        port)]
+        groups = [Group("main", main, None, False, True, port)]
     elif column.path == "direct":
-        groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), None, False, True),
+        groups = [Group("main", main, None, False, True),
                   Group("dns", pick("dns"), None, True, False)]
     elif socks_port == DANTE_PORT:
-        groups = [Group("main", pick("mem", "tcp", "cps", "latency", "udp"), DANTE_PORT, False,
-                        True)]
+        groups = [Group("main", main, DANTE_PORT, False, True)]
     else:
         # microsocks has no UDP ASSOCIATE: UDP via SOCKS5 goes to dante.
         groups = [Group("main", pick("mem", "tcp", "cps", "latency"), socks_port, False, True),
-                  Group("udp", pick("udp"), DANTE_PORT, False, False)]
+                  Group("udp", pick("udp", "dgram"), DANTE_PORT, False, False)]
     return [g for g in groups if g.tests]
 
 
@@ -415,6 +415,41 @@ class Runner:
 
         self.record(column, ("udp_rr",), once)
 
+    def test_dgram(self, column: Column) -> None:
+        """Datagrams/s echoed with a window in flight on one flow (issue 12's figure), and
+        the CPU each echoed datagram (one up, one down) cost the proxy and, for the QUIC
+        columns, the MASQUE server."""
+        assert self.topo is not None
+        ns = self.topo.client
+        s = self.settings
+        self.step(column, f"UDP datagrams/s, {s.dgram_window} in flight")
+        server_pid = self.masque_pid(column)
+
+        def once() -> tuple[dict[str, float], float]:
+            pid = self.proxy_pid()
+            cpu = measure.cpu_seconds(pid) if pid is not None else 0.0
+            server_cpu = measure.cpu_seconds(server_pid) if server_pid is not None else 0.0
+            r = measure.client(ns, "flood", "--host", SERVER4, "--port", str(ECHO_PORT),
+                               "--max-seconds", f"{s.udp_seconds:g}", "--window",
+                               str(s.dgram_window), "--size", "64", "--timeout", "1")
+            if not r["count"]:
+                raise MeasureError(f"no datagram echoed ({r['lost']} lost)")
+            figures = {"dgram": r["per_s"]}
+            if pid is not None:
+                figures["cpu_dgram"] = (measure.cpu_seconds(pid) - cpu) * 1e6 / r["count"]
+            if server_pid is not None:
+                figures["cpu_dgram_server"] = \
+                    (measure.cpu_seconds(server_pid) - server_cpu) * 1e6 / r["count"]
+            return figures, 2.0 * 64 * r["count"]
+
+        self.record(column, ("dgram", "cpu_dgram", "cpu_dgram_server"), once)
+
+    def masque_pid(self, column: Column) -> int | None:
+        """The MASQUE server behind a QUIC column (tunproxy server, h2o), if it runs."""
+        if self.services is None or column.path not in ("quic", "quic-h2o"):
+            return None
+        return self.services.pids.get("masque" if column.path == "quic" else "h2o")
+
     def test_dns(self, column: Column) -> None:
         assert self.topo is not None
         ns = self.topo.client
@@ -538,7 +573,7 @@ class Runner:
 
     # .. columns and sections ..
 
-    TEST_ORDER = ("mem", "tcp", "cps", "latency", "udp", "dns")
+    TEST_ORDER = ("mem", "tcp", "cps", "latency", "udp", "dgram", "dns")
 
     def run_tests(self, column: Column, tests: tuple[str, ...], mtu: int) -> None:
         for test in self.TEST_ORDER:
@@ -682,7 +717,7 @@ class Runner:
                 self.services = Services(topo, workdir)
                 if "tcp" in tests:
                     self.services.iperf()
-                if tests & {"cps", "latency", "mem", "udp"}:
+                if tests & {"cps", "latency", "mem", "udp", "dgram"}:
                     self.services.echo()
                 if paths & {"socks5", "socks5-only", *PEER_LABELS}:
                     self.services.dante()

@@ -62,6 +62,7 @@ class Services:
         self.server: Netns = topo.server
         self._iperf: subprocess.Popen[bytes] | None = None
         self._started: set[str] = set()
+        self.pids: dict[str, int] = {}  # the MASQUE servers' processes, for their CPU time
 
     def _once(self, name: str) -> bool:
         if name in self._started:
@@ -144,13 +145,13 @@ class Services:
             return
         self.masque_ca()
         log = (self.workdir / "tunproxy-server.log").open("ab")
-        self.server.spawn(
+        self.pids["masque"] = self.server.spawn(
             sys.executable, "-m", "tunproxy", "--log-level", "warning", "server",
             "--listen", f"{SOCKS4}:{QUIC_PORT}", "--cert", str(self.workdir / "proxy.test.crt"),
             "--key", str(self.workdir / "proxy.test.key"), "--token", QUIC_TOKEN,
             "--allow", f"{SERVER4}/32", "--max-datagram-size", str(datagram_size),
             stderr=log, cwd=str(BENCH.parent),
-        )
+        ).pid
         self.server.wait_udp_bound(QUIC_PORT)
 
     def h2o(self) -> bool:
@@ -169,7 +170,7 @@ class Services:
             "          - \"+*\"\n      \"/.well-known/masque/udp\":\n"
             "        proxy.connect-udp:\n          - \"+*\"\n"
         )
-        self.server.spawn(str(H2O_BIN / "h2o"), "-c", str(conf))
+        self.pids["h2o"] = self.server.spawn(str(H2O_BIN / "h2o"), "-c", str(conf)).pid
         self.server.wait_udp_bound(H2O_PORT)
         return True
 
