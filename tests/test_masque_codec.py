@@ -16,10 +16,12 @@ from tunproxy.masque import (
     RequestRefused,
     connect_request,
     connect_udp_request,
+    datagram_prefix,
     emit_capsule,
     emit_http_datagram,
     expand_udp_template,
     parse_http_datagram,
+    parse_quarter_stream_id,
     parse_request,
     parse_udp_path,
     response_headers,
@@ -135,6 +137,35 @@ def test_http_datagram_truncated() -> None:
     with pytest.raises(MasqueError):
         parse_http_datagram(b"\x40")  # a 2-byte varint cut short
     assert parse_http_datagram(emit_http_datagram(b"x", context_id=70)) == (70, b"x")
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "context_id", "wire"),
+    [(0, 0, "00 00"), (4, 0, "01 00"), (252, 0, "3f 00"), (256, 0, "40 40 00"),
+     (400, 70, "40 64 40 46"), (4 * 16384, 0, "80 00 40 00 00")],
+)
+def test_datagram_prefix_fixtures(stream_id: int, context_id: int, wire: str) -> None:
+    """RFC 9297 section 2.1: quarter stream ID, then (RFC 9298 section 4) the context ID."""
+    prefix = datagram_prefix(stream_id, context_id)
+    assert prefix == bytes.fromhex(wire)
+    frame = prefix + b"payload"
+    quarter, offset = parse_quarter_stream_id(frame) or (-1, -1)
+    assert quarter * 4 == stream_id
+    assert parse_http_datagram(frame[offset:]) == (context_id, b"payload")
+
+
+@given(st.integers(0, (1 << 60) - 1), st.binary(max_size=50))
+def test_quarter_stream_id_round_trip(quarter: int, payload: bytes) -> None:
+    frame = emit_varint(quarter) + payload
+    assert parse_quarter_stream_id(frame) == (quarter, len(frame) - len(payload))
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x40", b"\x80\x00\x01", bytes.fromhex("d0" + "00" * 7),
+                                   bytes.fromhex("ff" * 8)])
+def test_malformed_quarter_stream_id(frame: bytes) -> None:
+    """Cut short, or 2^60 and above (RFC 9297 section 2.1): H3_DATAGRAM_ERROR for the
+    caller."""
+    assert parse_quarter_stream_id(frame) is None
 
 
 # --- URI template --------------------------------------------------------------------------

@@ -424,3 +424,57 @@ def test_server_resets_a_stream_whose_target_takes_nothing(
 
     asyncio.run(main())
     proc.wait_for_log(r"WARNING .*stream \d+ reset: its reader took nothing for 2 s")
+
+
+def test_malformed_http_datagram_is_a_connection_error(
+        server: tuple[MasqueServer, int, Path]) -> None:
+    """HTTP/3 datagrams skip qh3's H3 layer (h3link parses the quarter stream ID itself):
+    one for a stream nobody opened is dropped, one without a complete quarter stream ID
+    closes the connection with H3_DATAGRAM_ERROR (RFC 9297 section 2.1), and the server
+    goes on serving."""
+    import socket as socket_module
+
+    from tunproxy.h3link import ClientTLS, LinkSettings, dial
+
+    proc, port, ca = server
+
+    def make_socket(address: str) -> socket_module.socket:
+        sock = socket_module.socket(socket_module.AF_INET, socket_module.SOCK_DGRAM)
+        sock.setblocking(False)
+        return sock
+
+    async def main() -> None:
+        answers = _Answers()
+        link = await dial(make_socket, "127.0.0.1", port, ClientTLS("proxy.test", str(ca)),
+                          LinkSettings(), lambda _: answers, lambda _: None, 1 << 20)
+        loop = asyncio.get_running_loop()
+        link.send_datagram(4 * 40, b"\0for no stream")
+        await link.ping()  # answered after the datagram was handled: the connection lives
+        assert answers.closed is None
+        link.send_datagram_frame(b"\x40")  # a 2-byte varint cut short
+        deadline = loop.time() + 20
+        while answers.closed is None:
+            assert loop.time() < deadline, "the malformed datagram did not end the connection"
+            await asyncio.sleep(0.02)
+        assert "quarter stream ID" in answers.closed
+        link.close_transport()
+
+    asyncio.run(main())
+    assert proc.proc.poll() is None
+    # Still serving: a UDP echo through a new connection.
+
+    async def echo() -> None:
+        echo_transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            _Echo, local_addr=("127.0.0.1", 0))
+        outbound = _outbound(port, ca)
+        receiver = Datagrams()
+        session = await outbound.open_datagram(
+            Target(echo_transport.get_extra_info("sockname")[1], "127.0.0.1"), receiver,
+            timeout=10)
+        session.send(b"still here")
+        assert await asyncio.wait_for(receiver.queue.get(), 10) == b"still here"
+        session.close()
+        echo_transport.close()
+        await outbound.aclose()
+
+    asyncio.run(echo())

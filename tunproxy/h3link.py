@@ -48,11 +48,22 @@ from qh3.h3.events import (
 )
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
-from qh3.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent
+from qh3.quic.events import (
+    ConnectionTerminated,
+    DatagramFrameReceived,
+    HandshakeCompleted,
+    QuicEvent,
+)
 from qh3.tls import SessionTicket
 
 from tunproxy import quicio
-from tunproxy.masque.request import H3_CONNECT_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED
+from tunproxy.masque.capsule import emit_varint, parse_quarter_stream_id
+from tunproxy.masque.request import (
+    H3_CONNECT_ERROR,
+    H3_DATAGRAM_ERROR,
+    H3_NO_ERROR,
+    H3_REQUEST_CANCELLED,
+)
 
 __all__ = [
     "H3_CONNECT_ERROR",
@@ -188,6 +199,7 @@ class H3Link(QuicConnectionProtocol):
         self._blocked: set[int] = set()
         self._credit_waiters: list[asyncio.Future[None]] = []
         self._stalls: dict[int, asyncio.TimerHandle] = {}  # held streams' stall checks
+        self._datagram_room: int | None = None
         self.handler = handler_factory(self)
 
     # -- commands -------------------------------------------------------------------------
@@ -244,16 +256,33 @@ class H3Link(QuicConnectionProtocol):
     def datagram_fits(self, size: int) -> bool:
         """Whether an HTTP datagram of ``size`` bytes (quarter stream ID included) fits
         a QUIC packet."""
-        return size + _DATAGRAM_OVERHEAD <= quicio.sendable_size(self._quic, self.max_datagram_size)
+        return size <= self.datagram_room()
+
+    def datagram_room(self) -> int:
+        """The largest HTTP datagram (quarter stream ID included) a QUIC packet carries.
+        Fixed once the handshake applied the peer's max_udp_payload_size: computed once
+        then, not per datagram."""
+        room = self._datagram_room
+        if room is None:
+            room = quicio.sendable_size(self._quic, self.max_datagram_size) - _DATAGRAM_OVERHEAD
+            if self._connected:
+                self._datagram_room = room
+        return room
 
     def send_datagram(self, stream_id: int, payload: bytes) -> None:
         """An HTTP Datagram (RFC 9297 section 2.1: quarter stream ID, then payload)."""
+        self.send_datagram_frame(emit_varint(stream_id // 4) + payload)
+
+    def send_datagram_frame(self, frame: bytes) -> None:
+        """An HTTP Datagram whose quarter stream ID the caller put in front already
+        (a flow's datagrams share their prefix): one QUIC DATAGRAM frame, no copy."""
         try:
-            self.h3.send_datagram(stream_id // 4, payload)
+            self._quic.send_datagram_frame(frame)
         except Exception as exc:  # see _refused
             self._refused(exc)
             return
-        self._transmit_soon()
+        if self._transmit_task is None:
+            self._transmit_task = self._loop.call_soon(self.transmit)
 
     def reset(self, stream_id: int, error_code: int = H3_REQUEST_CANCELLED) -> None:
         """Abort both directions of a stream."""
@@ -410,6 +439,9 @@ class H3Link(QuicConnectionProtocol):
             self.gate.transport = transport
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if type(event) is DatagramFrameReceived:
+            self._datagram_frame(event.data)
+            return
         if isinstance(event, HandshakeCompleted):
             self.resumed = event.session_resumed
             return
@@ -419,6 +451,23 @@ class H3Link(QuicConnectionProtocol):
             return
         for h3_event in self.h3.handle_event(event):
             self._dispatch(h3_event)
+
+    def _datagram_frame(self, data: bytes) -> None:
+        """An HTTP Datagram, taken from its QUIC DATAGRAM frame here rather than through
+        qh3's H3 layer, which builds a buffer, an event and a list for each one (the
+        per-datagram path of every UDP flow). The same checks: nothing once the H3
+        connection is done; a frame without a complete quarter stream ID is a connection
+        error, H3_DATAGRAM_ERROR (RFC 9297 section 2.1)."""
+        if self.h3._is_done:
+            return
+        parsed = parse_quarter_stream_id(data)
+        if parsed is None:
+            self.h3._is_done = True
+            self._quic.close(error_code=H3_DATAGRAM_ERROR,
+                             reason_phrase="HTTP datagram without a quarter stream ID")
+            return
+        quarter, offset = parsed
+        self.handler.h3_datagram(quarter * 4, data[offset:])
 
     def _dispatch(self, event: H3Event) -> None:
         handler = self.handler

@@ -40,13 +40,13 @@ from tunproxy.masque import (
     ConnectRequest,
     MasqueError,
     RequestRefused,
+    datagram_prefix,
     emit_capsule,
     emit_http_datagram,
     parse_http_datagram,
     parse_request,
     response_headers,
 )
-from tunproxy.masque.capsule import emit_varint
 from tunproxy.masque.request import H3_CONNECT_ERROR, Headers, check_template
 
 if TYPE_CHECKING:  # the QUIC library loads when the server starts, not for every command
@@ -407,7 +407,8 @@ class _UdpFlow(_Flow, asyncio.DatagramProtocol):
         super().__init__(connection, stream_id, request)
         self.transport: asyncio.DatagramTransport | None = None
         self.capsules = CapsuleParser()
-        self.quarter = emit_varint(stream_id // 4)
+        # Quarter stream ID and context ID 0: what each HTTP/3 datagram starts with.
+        self.prefix = datagram_prefix(stream_id)
         self.pending: list[bytes] = []
 
     async def dial(self, address: str) -> None:
@@ -460,11 +461,11 @@ class _UdpFlow(_Flow, asyncio.DatagramProtocol):
         if self.ended or not self.link.alive:
             return
         self.down += len(data)
-        payload = emit_http_datagram(data)
-        if self.link.datagram_fits(len(self.quarter) + len(payload)):
-            self.link.send_datagram(self.stream_id, payload)
+        link = self.link
+        if len(self.prefix) + len(data) <= link.datagram_room():
+            link.send_datagram_frame(self.prefix + data)
         else:
-            self.link.send_data(self.stream_id, emit_capsule(CAPSULE_DATAGRAM, payload))
+            link.send_data(self.stream_id, emit_capsule(CAPSULE_DATAGRAM, emit_http_datagram(data)))
 
     def error_received(self, exc: Exception) -> None:
         log.debug("%s: %s", self, exc)

@@ -8,7 +8,9 @@ past without buffering its value.
 
 An HTTP Datagram payload on a CONNECT-UDP request is ``context ID (varint) | payload``;
 context ID 0 is a UDP payload (RFC 9298 section 4). Other contexts are dropped by the
-caller.
+caller. In a QUIC DATAGRAM frame, HTTP/3 puts the request stream's quarter stream ID in
+front (RFC 9297 section 2.1): every datagram of a flow starts with the same bytes,
+``datagram_prefix``, built once per flow.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ __all__ = [
     "CAPSULE_DATAGRAM",
     "CapsuleParser",
     "MasqueError",
+    "datagram_prefix",
     "emit_capsule",
     "emit_http_datagram",
     "emit_varint",
     "parse_http_datagram",
+    "parse_quarter_stream_id",
     "parse_varint",
 ]
 
@@ -51,6 +55,28 @@ def parse_http_datagram(data: bytes) -> tuple[int, bytes]:
         raise MasqueError("HTTP datagram without a complete context ID")
     context_id, offset = head
     return context_id, data[offset:]
+
+
+# RFC 9297 section 2.1: quarter stream IDs are below 2^60 (stream IDs below 2^62).
+MAX_QUARTER_STREAM_ID = (1 << 60) - 1
+
+
+def datagram_prefix(stream_id: int, context_id: int = 0) -> bytes:
+    """What every HTTP/3 datagram of request stream ``stream_id`` with ``context_id``
+    starts with: its quarter stream ID (RFC 9297 section 2.1), then the context ID."""
+    return emit_varint(stream_id // 4) + emit_varint(context_id)
+
+
+def parse_quarter_stream_id(frame: bytes) -> tuple[int, int] | None:
+    """(quarter stream ID, offset of the HTTP Datagram payload) of an HTTP/3 datagram (a
+    QUIC DATAGRAM frame's content); None when it is malformed: it ends inside the varint,
+    or the value is 2^60 or more (RFC 9297 section 2.1: H3_DATAGRAM_ERROR)."""
+    if frame and frame[0] < 0x40:  # a 1-byte varint: streams 0 to 252, the common case
+        return frame[0], 1
+    parsed = parse_varint(frame)
+    if parsed is None or parsed[0] > MAX_QUARTER_STREAM_ID:
+        return None
+    return parsed
 
 
 class CapsuleParser:

@@ -25,6 +25,7 @@ from tunproxy.masque.capsule import MasqueError
 __all__ = [
     "DEFAULT_UDP_TEMPLATE",
     "H3_CONNECT_ERROR",
+    "H3_DATAGRAM_ERROR",
     "H3_NO_ERROR",
     "H3_REQUEST_CANCELLED",
     "ConnectRequest",
@@ -46,6 +47,8 @@ Headers = list[tuple[bytes, bytes]]
 H3_NO_ERROR = 0x100
 H3_REQUEST_CANCELLED = 0x10C
 H3_CONNECT_ERROR = 0x10F
+# RFC 9297 section 2.1 (registered in 5.2): an HTTP/3 datagram that cannot be parsed.
+H3_DATAGRAM_ERROR = 0x33
 
 DEFAULT_UDP_TEMPLATE = "/.well-known/masque/udp/{target_host}/{target_port}/"
 _VARIABLES = ("{target_host}", "{target_port}")

@@ -41,12 +41,12 @@ from tunproxy.masque import (
     MasqueError,
     connect_request,
     connect_udp_request,
+    datagram_prefix,
     emit_capsule,
     emit_http_datagram,
     parse_http_datagram,
     response_status,
 )
-from tunproxy.masque.capsule import emit_varint
 from tunproxy.outbounds.base import (
     DatagramReceiver,
     DatagramSession,
@@ -598,11 +598,11 @@ class _UdpSession(_Request, DatagramSession):
         self.receiver = receiver
         self.target = target
         self.capsules = CapsuleParser()
-        self.quarter = b""
+        self.prefix = b""  # quarter stream ID and context ID 0, once the stream is known
         self.dropped = 0
 
     def opened(self) -> None:
-        self.quarter = emit_varint(self.stream_id // 4)
+        self.prefix = datagram_prefix(self.stream_id)
 
     def __repr__(self) -> str:
         return f"quic-udp {self.connection.outbound._proxy} -> {self.target}"
@@ -646,13 +646,13 @@ class _UdpSession(_Request, DatagramSession):
     def send(self, data: bytes) -> None:
         if self.closed:
             return
-        payload = emit_http_datagram(data)
-        if self.link.datagram_fits(len(self.quarter) + len(payload)):
-            self.link.send_datagram(self.stream_id, payload)
+        link = self.link
+        if len(self.prefix) + len(data) <= link.datagram_room():
+            link.send_datagram_frame(self.prefix + data)
         else:
             # Too big for a QUIC packet: a DATAGRAM capsule on the stream (RFC 9297
             # section 3.5), so it neither gets lost nor blocks the datagrams after it.
-            self.link.send_data(self.stream_id, emit_capsule(CAPSULE_DATAGRAM, payload))
+            link.send_data(self.stream_id, emit_capsule(CAPSULE_DATAGRAM, emit_http_datagram(data)))
 
     def close(self) -> None:
         if self.closed:
