@@ -50,6 +50,8 @@ def emit_http_datagram(payload: bytes, context_id: int = 0) -> bytes:
 
 def parse_http_datagram(data: bytes) -> tuple[int, bytes]:
     """(context ID, payload) of an HTTP Datagram payload."""
+    if data and data[0] == 0:  # context ID 0, a UDP payload: every datagram of a flow
+        return 0, data[1:]
     head = parse_varint(data)
     if head is None:
         raise MasqueError("HTTP datagram without a complete context ID")
