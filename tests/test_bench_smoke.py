@@ -184,3 +184,50 @@ def test_bench_config_is_one_tunproxy_accepts(pipeline: bool) -> None:
     assert config.upstreams["socks"].pipeline is pipeline
     outbound = build_outbounds(config, None)["socks"]
     assert isinstance(outbound, Socks5Outbound) and outbound.pipeline is pipeline
+
+
+@pytest.mark.timeout(120)
+def test_flood_client_counts_echoed_datagrams() -> None:
+    """``bench/client.py flood`` (the datagrams/s row) against a UDP echo on loopback: every
+    echo is counted once, by sequence number; datagrams the server never answers are lost."""
+    import socket
+    import threading
+
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(0.2)
+    port = echo.getsockname()[1]
+    answered = [0]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = echo.recvfrom(2048)
+            except TimeoutError:
+                continue
+            answered[0] += 1
+            if answered[0] % 10 == 0:
+                continue  # every tenth one is never answered
+            echo.sendto(data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "client.py"), "flood", "--host", "127.0.0.1",
+             "--port", str(port), "--window", "8", "--size", "64", "--max-seconds", "1.5",
+             "--timeout", "0.3"],
+            capture_output=True, text=True, timeout=100, cwd=REPO, check=False,
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        echo.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["count"] > 0 and result["lost"] > 0, result
+    assert result["per_s"] == pytest.approx(result["count"] / result["elapsed_s"])
+    # Echoed + lost + still in flight at the end (at most the window) = sent.
+    assert result["sent"] - result["count"] - result["lost"] in range(0, 9), result
+    assert result["count"] <= answered[0] * 0.9 + 1
