@@ -48,6 +48,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("cpu_conn", "proxy CPU per connection (connections/s run)", "us", False, "cps"),
     Metric("cpu_conn_sys", "  of which system (kernel, in its system calls)", "us", False,
            "cps"),
+    Metric("cpu_udp", "proxy CPU per UDP round trip (64 B, request/response run)", "us", False,
+           "udp", 1),
     Metric("cpu_gb_up", "proxy CPU per GB, TCP upload", "ms", False, "tcp"),
     Metric("cpu_gb_down", "proxy CPU per GB, TCP download", "ms", False, "tcp"),
     # Per datagram echoed (one up, one down) in the datagrams/s run; the QUIC columns' MASQUE

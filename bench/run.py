@@ -408,10 +408,16 @@ class Runner:
         self.step(column, "UDP request/response")
 
         def once() -> tuple[dict[str, float], float]:
+            pid = self.proxy_pid()
+            cpu = measure.cpu_seconds(pid) if pid is not None else 0.0
             r = measure.client(ns, "udp", "--host", SERVER4, "--port", str(ECHO_PORT),
                                "--count", "100000000", "--max-seconds", f"{seconds:g}",
                                "--size", "64", "--timeout", "0.5")
-            return {"udp_rr": r["per_s"]}, 2.0 * 64 * r["count"]
+            figures = {"udp_rr": r["per_s"]}
+            if pid is not None and r["count"]:
+                # One request and its reply: two datagrams through the proxy.
+                figures["cpu_udp"] = (measure.cpu_seconds(pid) - cpu) * 1e6 / r["count"]
+            return figures, 2.0 * 64 * r["count"]
 
         self.record(column, ("udp_rr",), once)
 
@@ -530,6 +536,23 @@ class Runner:
 
         self.profile(column, mtu, "connections/s", seconds, load)
 
+    def profile_udp(self, column: Column, mtu: int) -> None:
+        """py-spy during an extra (unmeasured) UDP request/response run."""
+        assert self.topo is not None
+        ns = self.topo.client
+        seconds = 5
+
+        def load() -> str:
+            try:
+                r = measure.client(ns, "udp", "--host", SERVER4, "--port", str(ECHO_PORT),
+                                   "--count", "100000000", "--max-seconds", str(seconds),
+                                   "--size", "64", "--timeout", "0.5")
+            except MeasureError as exc:
+                return f"UDP request/response under py-spy failed: {exc}"
+            return f"UDP request/response under py-spy: {r['per_s']:,.0f}/s"
+
+        self.profile(column, mtu, "UDP request/response", seconds, load)
+
     def profile(
         self, column: Column, mtu: int, what: str, seconds: int, load: Callable[[], str]
     ) -> None:
@@ -579,7 +602,7 @@ class Runner:
         for test in self.TEST_ORDER:
             if test in tests:
                 getattr(self, f"test_{test}")(column)
-                if (test in ("tcp", "cps") and self.profile_dir is not None
+                if (test in ("tcp", "cps", "udp") and self.profile_dir is not None
                         and self.tp is not None and column.offload and self.round == 0):
                     getattr(self, f"profile_{test}")(column, mtu)
 

@@ -362,10 +362,23 @@ def test_udp_fragments_are_dropped() -> None:
     assert UdpDatagram.unwrap(UDP_V4) == UdpDatagram("127.0.0.1", 53, b"dns?")
 
 
+def test_udp_payload_of_skips_the_address() -> None:
+    assert UdpDatagram.payload_of(UDP_V4) == b"dns?"
+    assert UdpDatagram.payload_of(UDP_DOMAIN) == b"q"
+    assert UdpDatagram.payload_of(UDP_FRAGMENT) is None
+    v6 = UdpDatagram.header("2001:db8::1", 443) + b"quic"
+    assert UdpDatagram.payload_of(v6) == b"quic"
+    assert UdpDatagram.payload_of(UdpDatagram.header("127.0.0.1", 53)) == b""
+    with pytest.raises(Socks5RemoteError, match="unknown address type"):
+        UdpDatagram.payload_of(bytes.fromhex("00 00 00 07 7f 00 00 01 00 35"))
+
+
 @pytest.mark.parametrize("cut", range(len(UDP_DOMAIN) - len(b"q")))
 def test_udp_truncated_header_is_remote_error(cut: int) -> None:
     with pytest.raises(Socks5RemoteError):
         UdpDatagram.parse(UDP_DOMAIN[:cut])
+    with pytest.raises(Socks5RemoteError):
+        UdpDatagram.payload_of(UDP_DOMAIN[:cut])
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -401,6 +414,27 @@ def test_udp_random_bytes_parse_or_remote_error(data: bytes) -> None:
     except Socks5RemoteError:
         return
     assert datagram.emit()[3:] == data[3:]  # whatever parsed re-emits the same address + data
+
+
+_datagrams = st.builds(lambda host, port, payload, frag: UdpDatagram(host, port, payload, frag)
+                       .emit(), hosts, ports, st.binary(max_size=16), st.integers(0, 1))
+
+
+@given(data=st.one_of(st.binary(max_size=64), _datagrams,
+                      _datagrams.map(lambda d: d[: len(d) // 2])))  # fmt: skip
+def test_udp_payload_of_agrees_with_unwrap(data: bytes) -> None:
+    """The fast path gives unwrap's payload, or raises where unwrap raises; it only
+    skips the address, so a non-ASCII domain, which parse rejects, passes."""
+    try:
+        datagram = UdpDatagram.unwrap(data)
+    except Socks5RemoteError as exc:
+        if "not ASCII" in str(exc):
+            assert isinstance(UdpDatagram.payload_of(data), bytes | None)
+            return
+        with pytest.raises(Socks5RemoteError):
+            UdpDatagram.payload_of(data)
+        return
+    assert UdpDatagram.payload_of(data) == (None if datagram is None else datagram.payload)
 
 
 @given(host=hosts, port=ports, payload=st.binary(max_size=32), data=st.data())

@@ -441,15 +441,15 @@ class _UdpAssociation(asyncio.DatagramProtocol, DatagramSession):
             self.dropped += 1
             return
         try:
-            datagram = UdpDatagram.unwrap(data)
+            payload = UdpDatagram.payload_of(data)
         except Socks5RemoteError as exc:
             self.dropped += 1
             log.debug("%r: malformed datagram from the relay: %s", self, exc)
             return
-        if datagram is None:
+        if payload is None:
             self.dropped += 1  # a fragment (RFC 1928 section 7: MUST drop)
             return
-        self.receiver.datagram_received(datagram.payload)
+        self.receiver.datagram_received(payload)
 
     def error_received(self, exc: Exception) -> None:
         if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
