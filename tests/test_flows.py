@@ -62,6 +62,50 @@ def test_track_makes_live_and_end_moves_to_history() -> None:
     assert t.totals() == (10, 20)
 
 
+def test_deferred_attribution_runs_once_later_or_at_the_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """track(defer=True) leaves the lookup for attribute_deferred (the relay calls it once
+    the upstream connects started); a flow that ends first is attributed before its end
+    line; no flow is looked up twice."""
+    looked: list[int] = []
+
+    def attribute(r: FlowRecord) -> None:
+        looked.append(r.id)
+        r.attribution, r.process, r.pid = "process", f"app{r.id}", 4000 + r.id
+
+    t, _ = table(attribute=attribute)
+    a, b, c, d = record(1), record(2), record(3), record(4)
+    t.track(a)  # not deferred: at once
+    assert looked == [1] and a.process == "app1"
+    t.track(b, defer=True)
+    t.track(c, defer=True)
+    assert looked == [1] and b.attribution is None and t.get(2) is b
+    caplog.set_level("INFO", logger="tunproxy.flow")
+    t.ended(c, "reset-by-client")  # ends before its deferred lookup ran
+    assert looked == [1, 3] and c.process == "app3"
+    assert "app3(4003)" in caplog.text  # the end line names the process
+    t.attribute_deferred()
+    assert looked == [1, 3, 2] and b.process == "app2"
+    t.attribute_deferred()  # nothing left
+    t.ended(b, "closed")
+    t.track(d, defer=True)
+    t.attribute_now(d)
+    t.attribute_now(d)
+    t.attribute_deferred()
+    assert looked == [1, 3, 2, 4] and d.pid == 4004
+
+
+def test_deferred_attribution_without_an_attributor_is_off() -> None:
+    t, _ = table()
+    r = record(1)
+    t.track(r, defer=True)
+    assert r.attribution == "off"
+    t.attribute_deferred()
+    t.ended(r, "closed")
+    assert r.attribution == "off"
+
+
 def test_rates_each_way_from_a_hand_set_clock() -> None:
     t, clock = table(rate_interval=1.0)
     a, b = record(1), record(2)

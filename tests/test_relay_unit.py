@@ -20,7 +20,9 @@ from stack import EchoRequest
 from stack.wire import icmpv4, tcp
 from tests.ippeer import A4, B4, Out, TcpPeer, icmp4_echo, ip_packet, udp_l4
 from tests.relay_lab import Lab, ScriptedOutbound, config, run
+from rules import ProcessInfo
 from tunproxy.config import Config
+from tunproxy.flows import FlowRecord
 from tunproxy.outbounds.reject import RejectOutbound
 from tunproxy.policy import Policy
 from tunproxy.relay import DNS_TCP_MAX_BUFFER, MIN_UPSTREAM_READ, TcpFlow
@@ -649,3 +651,56 @@ async def test_echo_requests_go_to_on_echo_not_to_flows() -> None:
     lab.receive(ip_packet(A4, B4, 1, icmp4_echo(7, 2, b"x")))
     assert [e.seq for e in seen] == [2]
     assert lab.relay.flows == {} and lab.take() == []
+
+
+# -- attribution ---------------------------------------------------------------------------
+
+CURL = ProcessInfo(pid=4242, name="curl", path="/usr/bin/curl", uid=1000)
+
+
+def attributing(lab: Lab, *outbounds: ScriptedOutbound) -> list[int]:
+    """Attribute every flow to curl; each entry: the upstream connects begun by then."""
+    begun: list[int] = []
+
+    def attribute(record: FlowRecord) -> None:
+        begun.append(sum(len(o.attempts) for o in outbounds))
+        record.set_process(CURL)
+
+    lab.flow_log.attribute = attribute
+    return begun
+
+
+@pytest.mark.parametrize("process_rule", [False, True], ids=["deferred", "rules-need-it"])
+@lab_test
+async def test_attribution_waits_until_the_upstream_connect_began(process_rule: bool) -> None:
+    """The process lookup is off the connection's critical path: it runs once the upstream
+    connect started, unless a PROCESS-NAME rule needs it to decide."""
+    text = PLAIN.replace("  - MATCH,DIRECT", "  - PROCESS-NAME,curl,proxy\n  - MATCH,DIRECT")
+    cfg = config(text if process_rule else PLAIN)
+    direct = ScriptedOutbound(script=["stall"])
+    proxy = ScriptedOutbound("proxy", script=["stall"])
+    lab = Lab.make(policy_for(cfg, direct, proxy), cfg)
+    begun = attributing(lab, direct, proxy)
+    TcpPeer(lab.stack, dport=80).syn(lab.now)
+    lab.process()
+    assert begun == ([0] if process_rule else [])
+    await lab.settle()
+    assert begun == [0] if process_rule else [1]  # once, and (deferred) after the connect
+    assert len((proxy if process_rule else direct).attempts) == 1
+    assert lab.relay.flows[1].record.process == "curl"
+
+
+@lab_test
+async def test_a_flow_refused_before_its_deferred_lookup_is_still_attributed() -> None:
+    """Refused by the rules in the connect task's first step, before the deferred lookup's
+    turn: the end line (and the history) name the process all the same."""
+    cfg = config(PLAIN.replace("DOMAIN,rejected.test", "IP-CIDR,93.184.216.34/32"))
+    direct = ScriptedOutbound()
+    lab = Lab.make(policy_for(cfg, direct), cfg)
+    begun = attributing(lab, direct)
+    TcpPeer(lab.stack, dport=80).syn(lab.now)
+    lab.process()
+    await lab.settle()
+    assert lab.ended() == {"rejected": 1} and direct.attempts == []
+    (record,) = lab.flow_log.history
+    assert begun == [0] and record.process == "curl" and record.attribution == "process"

@@ -138,6 +138,7 @@ class RecordingFlowLog(FlowLog):
         self._ended: collections.deque[int] = collections.deque()
 
     def opened(self, record: FlowRecord) -> None:
+        self.attribute_now(record)  # listeners select by process: it must be known now
         if record.process is None and self.processes is not None:
             info = self.processes.lookup(record.network, record.src, record.src_port,
                                          record.dst, record.dst_port)

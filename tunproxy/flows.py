@@ -286,6 +286,7 @@ class FlowTable:
             self.sinks.append(_StreamSink(json_file))
         self.closer: Callable[[int, str], bool] | None = None
         self.attribute = attribute
+        self._deferred: dict[int, FlowRecord] = {}  # live flows not attributed yet
         self.rate_interval = rate_interval
         self._clock = clock
         self._wall = wall_clock
@@ -297,20 +298,43 @@ class FlowTable:
         self.rate_total = (0.0, 0.0)
 
     # -- the relay's side ---------------------------------------------------------------
-    def track(self, record: FlowRecord) -> None:
-        """A flow opened: attribute it (unless turned off) and make it live."""
+    def track(self, record: FlowRecord, *, defer: bool = False) -> None:
+        """A flow opened: attribute it (unless turned off) and make it live.
+
+        With ``defer`` the process lookup waits, off the flow's critical path, for
+        ``attribute_deferred()`` (the relay calls it once the upstream connects it started
+        are under way) or ``attribute_now(record)``; a flow that ends first is attributed
+        by ``ended``, before its end line is written."""
         record.started = self._wall()
         record.state = CONNECTING
         if self.attribute is not None:
-            try:
-                self.attribute(record)
-            except Exception:  # attribution is information; it never stops a flow
-                log.exception("bug: attributing %s failed", record.describe())
-                record.attribution = "failed: internal error"
+            if defer:
+                self._deferred[record.id] = record
+            else:
+                self._attribute(record, self.attribute)
         elif record.attribution is None:
             record.attribution = OFF
         self.live[record.id] = record
         self.opened_count += 1
+
+    def _attribute(self, record: FlowRecord, attribute: Callable[[FlowRecord], None]) -> None:
+        try:
+            attribute(record)
+        except Exception:  # attribution is information; it never stops a flow
+            log.exception("bug: attributing %s failed", record.describe())
+            record.attribution = "failed: internal error"
+
+    def attribute_deferred(self) -> None:
+        """Attribute every flow whose lookup ``track`` deferred."""
+        deferred, self._deferred = self._deferred, {}
+        if self.attribute is not None:
+            for record in deferred.values():
+                self._attribute(record, self.attribute)
+
+    def attribute_now(self, record: FlowRecord) -> None:
+        """Attribute ``record`` now if its lookup was deferred (else nothing to do)."""
+        if self._deferred.pop(record.id, None) is not None and self.attribute is not None:
+            self._attribute(record, self.attribute)
 
     def opened(self, record: FlowRecord) -> None:
         """The flow is routed (its verdict and outbound are set)."""
@@ -320,6 +344,8 @@ class FlowTable:
     def ended(self, record: FlowRecord, reason: str) -> None:
         if record.ended is not None:
             return
+        if self._deferred:
+            self.attribute_now(record)  # it ended before its deferred lookup ran
         record.ended = self._wall()
         record.end_reason = reason
         record.state = ENDED

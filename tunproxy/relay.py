@@ -444,6 +444,7 @@ class Relay:
         # Anonymous memory: a page becomes resident only once a read reaches it.
         self.read_buffer = memoryview(mmap.mmap(-1, UPSTREAM_READ_SIZE))
         self._tasks: set[asyncio.Task[None]] = set()
+        self._attribution_scheduled = False
         self._idle_sweep: asyncio.TimerHandle | None = None
         # Outbounds in use by running flows (by id), and those a policy swap dropped,
         # to be closed when their last flow ends.
@@ -574,7 +575,20 @@ class Relay:
             id=flow_id, network=key.network, src=key.src_ip, src_port=key.src_port,
             dst=key.dst_ip, dst_port=key.dst_port, dscp=dscp,
         )  # fmt: skip
-        self.flow_log.track(record)
+        # The process lookup waits until this turn's upstream connects are under way
+        # (``_attribute_deferred``), unless the rules need the process to decide.
+        defer = not self.policy.ruleset.needs_process
+        self.flow_log.track(record, defer=defer)
+        try:
+            self._route(flow_id, key, record)
+        finally:
+            if defer and not self._attribution_scheduled:
+                self._attribution_scheduled = True
+                # Scheduled after the flow's connect task: it runs once the task took its
+                # first step (decide, start the upstream connect, wait for it).
+                self.loop.call_soon(self._attribute_deferred)
+
+    def _route(self, flow_id: int, key: FlowKey, record: FlowRecord) -> None:
         dns = self.dns
         tcp = key.protocol == TCP
         if dns is not None and dns.hijacks(record.dst, key.dst_port, key.network):
@@ -607,6 +621,10 @@ class Relay:
             self.stack.accept(flow_id, self.now())
             self.stack.pause_receiving(flow_id)
         flow.task = self.spawn(self._connect(flow))
+
+    def _attribute_deferred(self) -> None:
+        self._attribution_scheduled = False
+        self.flow_log.attribute_deferred()
 
     def _should_sniff(self, key: FlowKey, record: FlowRecord) -> bool:
         if not self.config.sniff or key.dst_port in SERVER_SPEAKS_FIRST:
