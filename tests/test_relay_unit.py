@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, DNSRecord
 
+from rules import ProcessInfo
 from stack import EchoRequest
 from stack.wire import icmpv4, tcp
 from tests.ippeer import A4, B4, Out, TcpPeer, icmp4_echo, ip_packet, udp_l4
 from tests.relay_lab import Lab, ScriptedOutbound, config, run
-from rules import ProcessInfo
 from tunproxy.config import Config
 from tunproxy.flows import FlowRecord
 from tunproxy.outbounds.reject import RejectOutbound
