@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
+import select
 import shutil
 import socket
 import struct
@@ -36,6 +38,7 @@ from tests.netns import Netns, run
 from tunproxy.errors import ConnectRefused, ConnectTimeout, ProxyError, Unreachable
 from tunproxy.outbounds import DirectOutbound, Socks5Outbound, Target
 from tunproxy.outbounds.base import DatagramReceiver, DatagramSession
+from tunproxy.outbounds.direct import dial_tcp
 
 pytestmark = pytest.mark.netns
 
@@ -414,6 +417,58 @@ def mark_of(transport: asyncio.BaseTransport) -> int:
 
 
 # --- DIRECT ---------------------------------------------------------------------------------
+
+
+def _loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        loop: asyncio.AbstractEventLoop = pytest.importorskip("uvloop").new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_dial_tcp_sends_its_syn_in_its_first_step(kind: str) -> None:
+    """The dialer's connect(2) is issued before its first suspension: no thread-pool name
+    lookup of the IP literal first (uvloop's sock_connect made one per connection, a
+    thread round trip and a loop turn before the SYN). The dial's first step is run by
+    hand inside a task that then blocks the loop, so nothing else can have run."""
+    loop = _loop(kind)
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        async def first_step_only() -> bool:
+            dial = dial_tcp("127.0.0.1", listener.getsockname()[1], fwmark=None)
+            with contextlib.suppress(StopIteration):  # done at once: connected, fine too
+                dial.send(None)  # runs up to its first await
+            try:
+                readable, _, _ = select.select([listener], [], [], 30.0)  # the loop waits
+                return bool(readable)
+            finally:
+                dial.close()  # lets go of the half-made socket
+
+        assert loop.run_until_complete(first_step_only()), "no SYN after the first step"
+        listener.accept()[0].close()
+    finally:
+        listener.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_dial_tcp_refused_is_an_oserror_with_its_errno(kind: str) -> None:
+    loop = _loop(kind)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # bound then closed: nothing listens there
+    try:
+        with pytest.raises(OSError) as caught:
+            loop.run_until_complete(dial_tcp("127.0.0.1", port, fwmark=None))
+        assert caught.value.errno == errno.ECONNREFUSED
+        assert "refused" in str(caught.value).lower()
+    finally:
+        loop.close()
 
 
 def test_direct_10mb_echo_with_half_close_and_mark(env: tuple[NsLoop, Servers]) -> None:

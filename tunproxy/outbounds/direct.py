@@ -86,16 +86,41 @@ async def dial_tcp(
         address_family(address), socket.SOCK_STREAM, fwmark=fwmark, interface=interface
     )
     try:
-        await loop.sock_connect(sock, (address, port))
+        await _connect(loop, sock, (address, port))
     except BaseException:
         sock.close()
         raise
     return sock
 
 
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                   address: tuple[str, int]) -> None:  # fmt: skip
+    """Non-blocking connect of ``sock`` to an IP literal. Not the loop's sock_connect:
+    uvloop's first resolves the address through getaddrinfo in its thread pool, even an
+    IP literal (its numeric fast path needs a socket type it is not given), so every
+    connection waited for a thread round trip and a loop turn before its SYN left."""
+    err = sock.connect_ex(address)
+    if err == errno.EINPROGRESS:
+        done = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _settle, done)
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 def map_connect_error(exc: OSError, what: str) -> OutboundError:
     """The OutboundError an app would recognise for a failed connect to ``what``."""
-    # asyncio's sock_connect puts "Connect call failed (...)" in strerror; say what errno says.
+    # Say what errno says (asyncio's sock_connect put "Connect call failed (...)" in strerror).
     text = f"{what}: {os.strerror(exc.errno) if exc.errno else exc}"
     if exc.errno == errno.ECONNREFUSED:
         return ConnectRefused(text)
