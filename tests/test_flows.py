@@ -262,6 +262,18 @@ def test_parse_cgroup(text: str, unit: str | None, container: str | None) -> Non
     assert parse_cgroup(text) == (unit, container)
 
 
+def test_small_proc_files_are_read_whole_or_not_at_all(tmp_path: Path) -> None:
+    from tunproxy.attribution import _read_small
+
+    big = "0::/" + "x/" * 40_000 + "app.service\n"  # more than one 64 KiB read
+    (tmp_path / "cgroup").write_text(big)
+    assert _read_small(str(tmp_path / "cgroup")) == big
+    assert parse_cgroup(big)[0] == "app.service"
+    assert _read_small(str(tmp_path / "gone")) is None
+    with open("/proc/self/cgroup") as f:
+        assert _read_small("/proc/self/cgroup") == f.read()
+
+
 def test_attribution_of_this_process_and_of_a_remote_source() -> None:
     attributor = Attributor(ProcessResolver())
     try:

@@ -67,6 +67,12 @@ def _words(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[int, in
     return (n >> 96, (n >> 64) & 0xFFFFFFFF, (n >> 32) & 0xFFFFFFFF, n & 0xFFFFFFFF)
 
 
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO."""
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+
+
 def _plain(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     a = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
@@ -155,7 +161,12 @@ class ProcessResolver:
         try:
             if self._diag is None:
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
-                sock.settimeout(_DIAG_TIMEOUT)
+                # A blocking socket with the kernel's timeouts, not settimeout(): Python
+                # then polls before every send and recv, two system calls per flow more.
+                # The kernel answers within send(), so recv finds the answer waiting.
+                timeout = _timeval(_DIAG_TIMEOUT)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
                 sock.bind((0, 0))
                 self._diag = sock
             self._diag.send(msg)
@@ -177,16 +188,25 @@ class ProcessResolver:
 
     # --- 2. the owner: /proc/PID/fd ------------------------------------------------------
 
-    def _remember(self, pid: int, *, only_new: bool = False) -> None:
-        """File every socket fd of ``pid`` into the inode map. ``only_new`` reads just the
-        fds not seen at this pid's last scan (a busy browser holds hundreds of fds; a new
-        socket is a new fd, or a reused number that validation then catches)."""
-        base = f"{self._proc}/{pid}/fd"
+    def _list_fds(self, pid: int) -> list[str] | None:
         try:
-            names = os.listdir(base)
+            return os.listdir(f"{self._proc}/{pid}/fd")
         except OSError:
             self._fds.pop(pid, None)
-            return
+            return None
+
+    def _remember(
+        self, pid: int, *, only_new: bool = False, names: list[str] | None = None
+    ) -> None:
+        """File every socket fd of ``pid`` into the inode map. ``only_new`` reads just the
+        fds not seen at this pid's last scan (a busy browser holds hundreds of fds; a new
+        socket is a new fd, or a reused number that validation then catches). ``names``:
+        the pid's fd listing when the caller has it already."""
+        base = f"{self._proc}/{pid}/fd"
+        if names is None:
+            names = self._list_fds(pid)
+            if names is None:
+                return
         seen = self._fds.get(pid) if only_new else None
         fds: set[str] = set()
         for name in names:
@@ -210,8 +230,11 @@ class ProcessResolver:
         last owner keeps connecting (it cost ~1.7 ms per connection)."""
         recent = list(self._hot)[-_HOT_SCAN:]
         for pid in reversed(recent):
+            names = self._list_fds(pid)  # one listing for both passes
+            if names is None:
+                continue
             for only_new in (True, False):
-                self._remember(pid, only_new=only_new)
+                self._remember(pid, only_new=only_new, names=names)
                 hit = self._inodes.get(inode)
                 if hit is not None:
                     return hit
