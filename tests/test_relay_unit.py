@@ -688,6 +688,7 @@ async def test_attribution_waits_until_the_upstream_connect_began(process_rule: 
     assert begun == [0] if process_rule else [1]  # once, and (deferred) after the connect
     assert len((proxy if process_rule else direct).attempts) == 1
     assert lab.relay.flows[1].record.process == "curl"
+    await lab.relay.aclose()  # the stalled connect is cancelled
 
 
 @lab_test
@@ -704,3 +705,23 @@ async def test_a_flow_refused_before_its_deferred_lookup_is_still_attributed() -
     assert lab.ended() == {"rejected": 1} and direct.attempts == []
     (record,) = lab.flow_log.history
     assert begun == [0] and record.process == "curl" and record.attribution == "process"
+
+
+@pytest.mark.parametrize("mode", ["sniff", "accept-early"])
+@lab_test
+async def test_a_flow_answered_at_once_is_attributed_before_its_syn_ack(mode: str) -> None:
+    """Sniffing or accept-early answer the SYN in the same turn: the app may close as soon
+    as the SYN-ACK arrives, leaving no owner to find, so the lookup is not deferred."""
+    text = SNIFF if mode == "sniff" else PLAIN.replace("sniff: false", "accept-early: true")
+    cfg = config(text)
+    direct = ScriptedOutbound(script=["stall"])
+    lab = Lab.make(policy_for(cfg, direct), cfg)
+    begun = attributing(lab, direct)
+    TcpPeer(lab.stack, dport=80).syn(lab.now)
+    lab.process()
+    assert has(lab.take(), tcp.SYN) and begun == [0]
+    await lab.settle()
+    assert begun == [0]  # once
+    assert lab.relay.flows[1].record.process == "curl"
+    await lab.relay.aclose()
+    assert lab.ended() == {"shutdown": 1} and begun == [0]

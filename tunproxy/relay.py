@@ -597,6 +597,8 @@ class Relay:
             record.state = OPEN
             hijacked = (DnsTcpFlow if tcp else DnsUdpFlow)(self, flow_id, key, record)
             self.flows[flow_id] = hijacked
+            if tcp:
+                self.flow_log.attribute_now(record)  # accepted now: see _accept_now
             self.stack.accept(flow_id, self.now())
             self.flow_log.opened(record)
             return
@@ -606,8 +608,7 @@ class Relay:
             if isinstance(flow, TcpFlow):
                 # Sniffing needs the client's first bytes: accept before choosing a route.
                 flow.sniffed = bytearray()
-                flow.accepted = True
-                self.stack.accept(flow_id, self.now())
+                self._accept_now(flow)
                 flow.sniff_timer = self.loop.call_later(
                     self.config.sniff_timeout, self.sniff_done, flow)  # fmt: skip
                 return
@@ -617,10 +618,17 @@ class Relay:
         elif self.config.accept_early and isinstance(flow, TcpFlow):
             # The handshake overlaps the upstream connect; the app's bytes (and FIN) wait in
             # the stack, its window closing, until TcpFlow.connected resumes receiving.
-            flow.accepted = True
-            self.stack.accept(flow_id, self.now())
+            self._accept_now(flow)
             self.stack.pause_receiving(flow_id)
         flow.task = self.spawn(self._connect(flow))
+
+    def _accept_now(self, flow: TcpFlow) -> None:
+        """Answer the SYN in this turn. The process is looked up first, not deferred: once
+        the SYN-ACK reaches the app it may close at once, and a closed socket has no owner
+        left to find (today's order; only flows that wait for their upstream defer it)."""
+        self.flow_log.attribute_now(flow.record)
+        flow.accepted = True
+        self.stack.accept(flow.id, self.now())
 
     def _attribute_deferred(self) -> None:
         self._attribution_scheduled = False
