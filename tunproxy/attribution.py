@@ -2,7 +2,11 @@
 container (from its cgroup), or, for a flow from another host, its source address.
 
 Runs once per flow when it opens, whatever the rules need (``log.attribution: false``
-turns it off). A lookup that fails is recorded as failed with the reason, never guessed.
+turns it off): for a flow that waits for its upstream, just after the upstream connect
+started (``FlowTable.track(defer=True)``), so the lookup overlaps the connect instead of
+delaying it; at once when the rules need the process or the SYN is answered in the same
+turn; before the end line at the latest. A lookup that fails is recorded as failed with
+the reason, never guessed.
 """
 
 from __future__ import annotations
