@@ -57,13 +57,14 @@ from qh3.quic.events import (
 from qh3.tls import SessionTicket
 
 from tunproxy import quicio
-from tunproxy.masque.capsule import emit_varint, parse_quarter_stream_id
+from tunproxy.masque.capsule import parse_quarter_stream_id
 from tunproxy.masque.request import (
     H3_CONNECT_ERROR,
     H3_DATAGRAM_ERROR,
     H3_NO_ERROR,
     H3_REQUEST_CANCELLED,
 )
+from tunproxy.varint import emit_varint, parse_varint
 
 __all__ = [
     "H3_CONNECT_ERROR",
@@ -172,6 +173,52 @@ class _ServerH3(H3Connection):
         settings = super()._get_local_settings()
         settings[Setting.ENABLE_CONNECT_PROTOCOL] = 1
         return settings
+
+
+# RFC 9000 section 18.2: the transport parameter a QUIC endpoint announces the largest UDP
+# payload it receives with, and the TLS extension that carries the parameters (RFC 9001).
+_MAX_UDP_PAYLOAD_SIZE = 0x03
+_QUIC_TRANSPORT_PARAMETERS_EXTENSION = 0x39
+
+
+def set_transport_parameter(data: bytes, param_id: int, value: bytes) -> bytes:
+    """Encoded transport parameters (RFC 9000 section 18: id, length, value, all varints
+    but the value) with ``param_id``'s value replaced, or appended when absent; the
+    others, GREASE ones included, as they were. ValueError on a truncated list."""
+    out = bytearray()
+    offset = 0
+    while offset < len(data):
+        parsed_id = parse_varint(data, offset)
+        parsed_len = parse_varint(data, parsed_id[1]) if parsed_id is not None else None
+        if parsed_id is None or parsed_len is None or parsed_len[1] + parsed_len[0] > len(data):
+            raise ValueError("truncated transport parameters")
+        end = parsed_len[1] + parsed_len[0]
+        if parsed_id[0] != param_id:
+            out += data[offset:end]
+        offset = end
+    return bytes(out + emit_varint(param_id) + emit_varint(len(value)) + value)
+
+
+# What a qh3 2.1 client announces as max_udp_payload_size, whatever it is configured with.
+QH3_CLIENT_MAX_UDP_PAYLOAD = 1472
+
+
+class _ClientQuic(QuicConnection):
+    """qh3's client connection, announcing as the largest UDP payload it receives its
+    own ``max_datagram_size`` (when above qh3's fixed 1,472: ``QuicTlsBridge.
+    serialize_transport_parameters`` hard-codes it and qh3 2.1 has no setting), so a
+    server on a path configured for bigger packets (a jumbo-frame link, loopback) sends
+    them too: per-packet work dominates a QUIC download. qh3 receives any size."""
+
+    def _create_tls(self, remote_source_cid: bytes | None) -> Any:
+        bridge = super()._create_tls(remote_source_cid)
+        size = emit_varint(max(self._configuration.max_datagram_size,
+                               QH3_CLIENT_MAX_UDP_PAYLOAD))
+        bridge.tls.handshake_extensions = [
+            (kind, set_transport_parameter(value, _MAX_UDP_PAYLOAD_SIZE, size)
+             if kind == _QUIC_TRANSPORT_PARAMETERS_EXTENSION else value)
+            for kind, value in bridge.tls.handshake_extensions]
+        return bridge
 
 
 class H3Link(QuicConnectionProtocol):
@@ -608,7 +655,7 @@ async def dial(
         except Exception as exc:  # the library's parse error, whatever its type
             raise ConnectionError(f"cannot load the client certificate {tls.certfile} "
                                   f"and key {tls.keyfile}: {exc}") from None
-    quic = QuicConnection(configuration=configuration, session_ticket_handler=on_ticket)
+    quic = _ClientQuic(configuration=configuration, session_ticket_handler=on_ticket)
     gate = ReadGate()
     loop = asyncio.get_running_loop()
     sock = sock_factory(address)
