@@ -17,9 +17,9 @@ showed to matter, and nothing else:
   its own; the server does not probe), so the size is configured where the path is known
   (``max-datagram-size``, ``--max-datagram-size``); ``datagram_size(mtu, ipv6)`` is the
   largest that one link of that MTU carries. A qh3 client announces a fixed
-  max_udp_payload_size of 1,472, so a qh3 server never sends bigger packets to it;
-  ``sendable_size`` applies what the peer announced when ``h3link`` asks whether an HTTP
-  datagram fits.
+  max_udp_payload_size of 1,472 (``h3link._ClientQuic`` announces ``max_datagram_size``
+  instead when larger); ``sendable_size`` applies what the peer announced when ``h3link``
+  asks whether an HTTP datagram fits.
 
 ``datagram_size`` is pure; ``flush`` and ``sendable_size`` read qh3's connection state.
 """
