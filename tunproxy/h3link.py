@@ -212,12 +212,17 @@ class _ClientQuic(QuicConnection):
 
     def _create_tls(self, remote_source_cid: bytes | None) -> Any:
         bridge = super()._create_tls(remote_source_cid)
+        tls: Any = getattr(bridge, "tls", None)
+        if not isinstance(getattr(tls, "handshake_extensions", None), list):
+            # A qh3 release that builds its hello elsewhere: its own figure is announced,
+            # which costs download speed, never the connection.
+            return bridge
         size = emit_varint(max(self._configuration.max_datagram_size,
                                QH3_CLIENT_MAX_UDP_PAYLOAD))
-        bridge.tls.handshake_extensions = [
+        tls.handshake_extensions = [
             (kind, set_transport_parameter(value, _MAX_UDP_PAYLOAD_SIZE, size)
              if kind == _QUIC_TRANSPORT_PARAMETERS_EXTENSION else value)
-            for kind, value in bridge.tls.handshake_extensions]
+            for kind, value in tls.handshake_extensions]
         return bridge
 
 
