@@ -13,7 +13,7 @@ import os
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stack import (
@@ -132,6 +132,8 @@ def test_transfer_both_ways_under_faults(a: bytes, b: bytes, vnet: bool, gso: bo
 
 
 @settings(max_examples=int(os.environ.get("TUNPROXY_FAULT_EXAMPLES", "8")), deadline=None)
+# Found by hypothesis in CI-like runs: it took 103 s of simulated time (see transfer's limit).
+@example(seed=1_808_660_309, v6=False, gso=False, drop=0.08)
 @given(
     seed=st.integers(4, 2**32),
     v6=st.booleans(),
@@ -161,7 +163,12 @@ def transfer(a: bytes, b: bytes, vnet: bool, gso: bool, seed: int, drop: float =
     pending = memoryview(download)
     closed = half_closed = shut = False
     now = 0.0
-    while not (closed and peer.got_fin and peer.fin_acked) and now < 60.0:
+    # A liveness bound in simulated time, not a speed figure. At 8 % loss each way the
+    # go-back-N peer, which throws away out-of-order data and sends no SACK, makes every
+    # hole cost a retransmission timeout; when the handshake itself was retransmitted the
+    # stack has no RTT sample (Karn) and that timeout stays at the initial 1 s. Over 300
+    # random examples: median 1.3 s, p99 21 s, max 39 s; one seed took 103 s.
+    while not (closed and peer.got_fin and peer.fin_acked) and now < 600.0:
         for p in peer.tick(now):
             to_stack.push(p, now)
         for p in to_stack.pop_due(now):
