@@ -6,6 +6,7 @@ parsed by ``parse_rule_set``) into a ``RuleSet``; ``RuleSet.match(FlowMeta)`` re
 the default is DIRECT.
 """
 
+import tunproxy_native  # noqa: F401  (first: compiled modules or their .py, before any loads)
 from rules.engine import RuleSet, compile
 from rules.errors import RuleError
 from rules.model import FlowMeta, ProcessInfo, RuleSource, Verdict

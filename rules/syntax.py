@@ -93,7 +93,7 @@ class Leaf(NamedTuple):
     A NamedTuple, not a dataclass: a 100k-entry classical set makes 100k of them."""
 
     kind: str
-    value: object
+    value: "object"  # noqa: UP037 (unquoted, mypyc-compiled NamedTuple creation raises KeyError)
     no_resolve: bool = False
     src: bool = False
 

@@ -8,7 +8,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["COMPACT_MIN", "NEVER", "HashIndex", "Intervals", "Keywords", "compact_map"]
 
@@ -78,8 +78,8 @@ class HashIndex:
 
     __slots__ = ("min_order", "orders", "packed")
 
-    MAX_ORDERS = 1 << 16
-    _MASK = (1 << 48) - 1
+    MAX_ORDERS: Final = 1 << 16
+    _MASK: Final = (1 << 48) - 1
 
     def __init__(self, groups: Iterable[tuple[int, Sequence[str]]]) -> None:
         """``groups``: (order, keys filed at it)."""

@@ -4,6 +4,7 @@ Feed it raw IP packets read from a TUN device, drive its one timer, and pull
 out packets to write back, and events describing the flows it rebuilt.
 """
 
+import tunproxy_native  # noqa: F401  (first: compiled modules or their .py, before any loads)
 from stack.events import (
     DatagramReceived,
     DataReceived,

@@ -47,6 +47,7 @@ import heapq
 import random
 from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Final
 
 from stack.events import DatagramReceived, EchoRequest, Event, FlowClosed, FlowOpened
 from stack.flow import TCP, UDP, FlowKey
@@ -72,12 +73,12 @@ __all__ = ["Refusal", "Stack", "StackConfig"]
 class Refusal:
     """How to refuse a flow (``Stack.refuse``)."""
 
-    RESET = "reset"  # TCP RST; for UDP the same as UNREACHABLE
+    RESET: Final = "reset"  # TCP RST; for UDP the same as UNREACHABLE
     # ICMP/ICMPv6 destination unreachable (port for UDP, host/address for TCP)
-    UNREACHABLE = "unreachable"
-    DROP = "drop"  # forget the flow silently; the application times out
+    UNREACHABLE: Final = "unreachable"
+    DROP: Final = "drop"  # forget the flow silently; the application times out
     # ICMP "communication administratively prohibited" (ICMPv4 3/13, ICMPv6 1/1), TCP and UDP.
-    PROHIBITED = "prohibited"
+    PROHIBITED: Final = "prohibited"
 
 
 @dataclass(slots=True)

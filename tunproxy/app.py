@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import tunproxy_native
 from stack import Stack, StackConfig
+from tunproxy import __version__
 from tunproxy.config import Config, UpstreamConfig, load_config
 from tunproxy.driver import TunDriver
 from tunproxy.errors import ConfigError, SetupError, TunproxyError
@@ -351,6 +353,7 @@ def _data_loop_runner() -> asyncio.Runner:
 
 def run(config: Config, state_dir: Path) -> int:
     """Set up the host, serve until SIGINT/SIGTERM, and always put the host back."""
+    log.debug("tunproxy %s: %s", __version__, tunproxy_native.describe())
     host = Host(config, state_dir)
     proxy = Proxy(config)
     # The compiled rules and config live as long as the process: keep the cyclic GC from

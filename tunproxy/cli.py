@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import tunproxy_native
 from tunproxy import __version__
 from tunproxy.errors import ConfigError, TunproxyError
 from tunproxy.journal import DEFAULT_STATE_DIR
@@ -111,7 +112,8 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=_RawFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"tunproxy {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"tunproxy {__version__} ({tunproxy_native.describe()})")
     parser.add_argument("--rules", metavar="FILE", help="the rules file (YAML) to run with")
     parser.add_argument("--log-level", default=None,
                         choices=["debug", "info", "warning", "error"],

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import enum
 
+from mypy_extensions import mypyc_attr
+
 __all__ = ["TRANSITIONS", "TcpEvent", "TcpState", "TcpStateError", "next_state"]
 
 
@@ -84,6 +86,7 @@ RECEIVING = frozenset({S.SYN_RECEIVED, S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2
 FIN_QUEUED = frozenset({S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSING, S.LAST_ACK, S.TIME_WAIT})
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of RuntimeError natively
 class TcpStateError(RuntimeError):
     """An event the state machine has no transition for: a bug in the endpoint."""
 
