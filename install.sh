@@ -12,6 +12,11 @@
 #   options: --prefix DIR (default /opt/tunproxy)   --bin-dir DIR (default /usr/local/sbin)
 #            --python PYTHON (default python3, 3.11 or newer)
 #            --editable --extras LIST (a development install, e.g. --extras test)
+#            --pure (do not compile stack/ and rules/ with mypyc: pure Python, slower)
+#
+# The sans-I/O stack and the rule engine are compiled with mypyc when a C compiler and the
+# Python headers are there (as root on Debian/Ubuntu, install.sh installs gcc and python3-dev);
+# without them tunproxy installs as pure Python and says so. `tunproxy --version` names which.
 set -eu
 
 prefix=/opt/tunproxy
@@ -20,6 +25,7 @@ python=python3
 editable=""
 extras=""
 uninstall=""
+pure=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) prefix=$2; shift 2 ;;
@@ -28,7 +34,8 @@ while [ $# -gt 0 ]; do
         --editable) editable=1; shift ;;
         --extras) extras=$2; shift 2 ;;
         --uninstall) uninstall=1; shift ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --pure) pure=1; shift ;;
+        -h|--help) sed -n '2,/^set -eu$/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -61,6 +68,38 @@ if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
     fi
 fi
 
+# mypyc's build needs a C compiler and Python.h for this interpreter (mypy itself comes from
+# PyPI as a build requirement). Missing ones are installed as root with apt, like python3-venv.
+native_missing() {
+    "$python" - <<'PY'
+import shutil, sys, sysconfig
+from pathlib import Path
+cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+missing = [] if shutil.which(cc) else [f"a C compiler ({cc})"]
+if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+    missing.append(f"the Python {sys.version_info[0]}.{sys.version_info[1]} headers (Python.h)")
+print(" and ".join(missing))
+PY
+}
+if [ -z "$pure" ] && [ -n "$(native_missing)" ] && command -v apt-get >/dev/null 2>&1 \
+        && [ "$(id -u)" = 0 ]; then
+    dev=$("$python" -c 'import sys; print("python%d.%d-dev" % sys.version_info[:2])')
+    echo "installing gcc and $dev (to compile the stack with mypyc; --pure skips this)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc "$dev" >/dev/null 2>&1 \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc "$dev" >/dev/null 2>&1; } \
+        || true
+fi
+if [ -n "$pure" ]; then
+    TUNPROXY_PURE_PYTHON=1
+elif [ -n "$(native_missing)" ]; then
+    echo "install.sh: no $(native_missing): installing pure Python (slower per packet and per connection; install them and run install.sh again to compile)"
+    TUNPROXY_PURE_PYTHON=1
+else
+    echo "compiling stack/ and rules/ with mypyc (1-2 CPU minutes; --pure skips this)"
+    TUNPROXY_PURE_PYTHON=
+fi
+export TUNPROXY_PURE_PYTHON
+
 if [ ! -x "$prefix/bin/python" ]; then
     "$python" -m venv "$prefix"
 fi
@@ -75,4 +114,5 @@ fi
 
 mkdir -p "$bin_dir"
 ln -sf "$prefix/bin/tunproxy" "$bin_dir/tunproxy"
-echo "tunproxy $("$prefix/bin/tunproxy" --version | cut -d' ' -f2) installed in $prefix; command: $bin_dir/tunproxy"
+# The version line names the build that runs, e.g. "(stack: compiled (mypyc), rules: ...)".
+echo "$(env -u TUNPROXY_PURE_PYTHON "$prefix/bin/tunproxy" --version) installed in $prefix; command: $bin_dir/tunproxy"

@@ -24,6 +24,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import tunproxy_native  # noqa: E402  (the module that owns the list and the manifest format)
 
+# The C compiler's optimisation level (mypyc's opt_level; gcc -O3 by default).
+OPT_ENV = "TUNPROXY_MYPYC_OPT"
+
 
 def say(line: str) -> None:
     # pip shows a build's output only with -v; stderr of a successful build is shown by
@@ -82,16 +85,28 @@ class BuildNative(build_ext):
         return outputs
 
 
+def remove_in_tree_build() -> None:
+    """Asked for pure Python: remove what an earlier editable build compiled into the source
+    tree, so that it cannot run (tunproxy_native would run it while its sources match)."""
+    built = [*HERE.glob("*__mypyc*.so")]
+    for pkg in tunproxy_native.PACKAGES:
+        built += [*(HERE / pkg).rglob("*.so"), HERE / pkg / tunproxy_native.MANIFEST]
+    for path in built:
+        path.unlink(missing_ok=True)
+
+
 def ext_modules() -> list[Any]:
     reason = why_not_compile()
     if reason is not None:
         say(f"not compiling stack/ and rules/: {reason}; installing pure Python")
+        if reason.startswith(tunproxy_native.PURE_ENV):
+            remove_in_tree_build()
         return []
     from mypyc.build import mypycify
 
     sources = [str(p.relative_to(HERE)) for p in tunproxy_native.compiled_sources(HERE)]
     try:
-        return list(mypycify(sources, opt_level="3", multi_file=False))
+        return list(mypycify(sources, opt_level=os.environ.get(OPT_ENV, "3")))
     except BaseException as exc:  # mypy's type check fails with SystemExit
         say(f"mypyc could not compile stack/ and rules/ ({exc!r}); installing pure Python")
         return []

@@ -116,9 +116,9 @@ class _Ctx:
         """The flow with source and destination (addresses and ports) swapped, as mihomo's
         ``SwapSrcDst`` does for ``RULE-SET,...,src``; the domain stays. The destination
         address it swaps is the resolved one when resolution is allowed at this point."""
-        s = _Ctx.__new__(_Ctx)
-        s.flow = self.flow
-        s.domain = self.domain
+        # __init__ sets flow and domain, the rest is set below. Not ``_Ctx.__new__(_Ctx)``:
+        # a mypyc-compiled class's __new__ runs __init__.
+        s = _Ctx(self.flow)
         ips = self.dst_ips()
         s.src = ips[0] if ips else None
         s.dst = self.src
@@ -190,9 +190,11 @@ class _Index:
         self.rule_sets = rule_sets
         self.nested = nested
         self.geo = geo if geo is not None else _Geo(None, None)
-        self.exact: dict[str, int] = {}
-        self.sub: dict[str, int] = {}
-        self.one: dict[str, int] = {}
+        # str -> order: dicts while rules are added, then a dict or a HashIndex (finish()).
+        # Any, not a type lie: compiled by mypyc, an attribute's type is checked at run time.
+        self.exact: Any = {}
+        self.sub: Any = {}
+        self.one: Any = {}
         # Entries of large domain sets, (order, keys) per table, packed by finish().
         self._bulk: dict[str, list[tuple[int, Sequence[str]]]] = {
             "exact": [], "sub": [], "one": []
@@ -328,10 +330,10 @@ class _Index:
     def _add_leaf(self, leaf: Leaf, order: int, no_resolve: bool, src: bool) -> None:
         kind, v = leaf.kind, leaf.value
         if kind == "DOMAIN":
-            self.exact.setdefault(v, order)  # type: ignore[arg-type]
+            self.exact.setdefault(v, order)
         elif kind == "DOMAIN-SUFFIX":
-            self.exact.setdefault(v, order)  # type: ignore[arg-type]
-            self.sub.setdefault(v, order)  # type: ignore[arg-type]
+            self.exact.setdefault(v, order)
+            self.sub.setdefault(v, order)
         elif kind == "DOMAIN-KEYWORD":
             self.keywords.setdefault(v, order)  # type: ignore[arg-type]
         elif kind == "DOMAIN-REGEX":
@@ -455,9 +457,9 @@ class _Index:
         )
         self.network_min = min(self.network.values(), default=NEVER)
         # Large domain tables (rule sets) go into packed hash arrays.
-        self.exact = compact_map(self.exact, self._bulk["exact"])  # type: ignore[assignment]
-        self.sub = compact_map(self.sub, self._bulk["sub"])  # type: ignore[assignment]
-        self.one = compact_map(self.one, self._bulk["one"])  # type: ignore[assignment]
+        self.exact = compact_map(self.exact, self._bulk["exact"])
+        self.sub = compact_map(self.sub, self._bulk["sub"])
+        self.one = compact_map(self.one, self._bulk["one"])
         self._bulk = {}
         stages: list[tuple[int, int, Any]] = [(o, _PRED, p) for o, p, _ in self.preds]
         if self.process_first < NEVER:

@@ -273,7 +273,7 @@ class DnsService:
             # RFC 6891 7: a request with OPT gets an OPT back.
             reply.ar = [rr for rr in reply.ar if rr.rtype != QTYPE.OPT]
             reply.add_ar(EDNS0(udp_len=UPSTREAM_UDP_SIZE))
-        data: bytes = reply.pack()
+        data = bytes(reply.pack())  # dnslib packs a bytearray; the compiled stack takes bytes
         if network == "udp":
             # RFC 1035 4.2.1 / RFC 6891 6.2.5: no more than the client can take over UDP.
             limit = 512 if opt is None else min(max(opt.rclass, 512), MAX_UDP_ANSWER)
@@ -282,7 +282,7 @@ class DnsService:
                 reply.header.tc = 1
                 reply.rr, reply.auth = [], []
                 reply.ar = [rr for rr in reply.ar if rr.rtype == QTYPE.OPT]
-                data = reply.pack()
+                data = bytes(reply.pack())
         return data
 
     async def _answer(self, request: DNSRecord) -> DNSRecord:
