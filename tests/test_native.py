@@ -10,11 +10,13 @@ tests what users run. It then runs the stack's unit tests once more with
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,13 +37,11 @@ print(json.dumps({"status": tunproxy_native.STATUS,
 """
 
 
-def probe(cwd: Path, **env: str) -> tuple[dict[str, object], str]:
+def probe(cwd: Path, **env: str) -> tuple[dict[str, Any], str]:
     full_env = {k: v for k, v in os.environ.items() if k != tunproxy_native.PURE_ENV}
     full_env.update(env, PYTHONPATH=str(cwd))
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=full_env,
                          capture_output=True, text=True, timeout=120, check=True)
-    import json
-
     return json.loads(out.stdout), out.stderr
 
 
@@ -65,8 +65,8 @@ def test_version_says_which_build_runs() -> None:
 def test_ci_runs_the_compiled_build() -> None:
     if os.environ.get(tunproxy_native.PURE_ENV):
         pytest.skip(f"{tunproxy_native.PURE_ENV} is set: this run tests pure Python")
-    assert tunproxy_native.STATUS == dict.fromkeys(tunproxy_native.PACKAGES,
-                                                   tunproxy_native.COMPILED)
+    expected = dict.fromkeys(tunproxy_native.PACKAGES, tunproxy_native.COMPILED)
+    assert dict(tunproxy_native.STATUS) == expected
     assert stack.stack.__file__ is not None and stack.stack.__file__.endswith(EXT)
 
 
@@ -94,9 +94,9 @@ def test_compiled_or_forced_pure(tmp_path: Path) -> None:
     copy_tree(tmp_path)
     result, err = probe(tmp_path)
     assert result["status"] == {"stack": "compiled (mypyc)", "rules": "compiled (mypyc)"}, err
-    assert all(f.endswith(EXT) for f in result["files"])  # type: ignore[attr-defined]
+    assert all(f.endswith(EXT) for f in result["files"])
     result, _ = probe(tmp_path, **{tunproxy_native.PURE_ENV: "1"})
-    assert all(f.endswith(".py") for f in result["files"])  # type: ignore[attr-defined]
+    assert all(f.endswith(".py") for f in result["files"])
     assert "TUNPROXY_PURE_PYTHON=1" in str(result["status"])
 
 
@@ -107,21 +107,21 @@ def test_an_edited_source_runs_as_python_not_its_stale_compiled_module(tmp_path:
     udp.write_text(udp.read_text() + "\n# edited after compiling\n")
     result, err = probe(tmp_path)
     assert "stack/udp.py was changed since it was compiled" in err
-    assert "pure Python (compiled build is stale" in result["status"]["stack"]  # type: ignore[index]
-    assert result["status"]["rules"] == "compiled (mypyc)"  # type: ignore[index]
+    assert "pure Python (compiled build is stale" in result["status"]["stack"]
+    assert result["status"]["rules"] == "compiled (mypyc)"
     files = result["files"]
-    assert files[0].endswith("stack/stack.py") and files[2].endswith(EXT)  # type: ignore[index]
+    assert files[0].endswith("stack/stack.py") and files[2].endswith(EXT)
 
 
 # The manifest and the finder on a package of our own: no compiler needed.
 
 
 def test_manifest_names_the_changed_added_or_removed_source(tmp_path: Path) -> None:
-    for pkg in tunproxy_native.PACKAGES:
-        (tmp_path / pkg / "sub").mkdir(parents=True)
-        (tmp_path / pkg / "__init__.py").write_text("")
-        (tmp_path / pkg / "a.py").write_text("A = 1\n")
-        (tmp_path / pkg / "sub" / "b.py").write_text("B = 1\n")
+    for name in tunproxy_native.PACKAGES:
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+        (tmp_path / name / "a.py").write_text("A = 1\n")
+        (tmp_path / name / "sub" / "b.py").write_text("B = 1\n")
     tunproxy_native.write_manifest(tmp_path, tmp_path)
     pkg = tmp_path / "stack"
     assert tunproxy_native._stale(pkg) is None
