@@ -72,9 +72,9 @@ fi
 # PyPI as a build requirement). Missing ones are installed as root with apt, like python3-venv.
 native_missing() {
     "$python" - <<'PY'
-import shutil, sys, sysconfig
+import os, shutil, sys, sysconfig
 from pathlib import Path
-cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
 missing = [] if shutil.which(cc) else [f"a C compiler ({cc})"]
 if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
     missing.append(f"the Python {sys.version_info[0]}.{sys.version_info[1]} headers (Python.h)")

@@ -47,7 +47,7 @@ def why_not_compile() -> str | None:
     include = sysconfig.get_paths()["include"]
     if not Path(include, "Python.h").exists():
         return f"no Python headers ({include}/Python.h; Debian: apt install python3-dev)"
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc}; Debian: apt install gcc)"
     return None
