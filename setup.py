@@ -63,7 +63,8 @@ class BuildNative(build_ext):
         try:
             super().run()
         except Exception as exc:  # a compiler error: the install goes on in pure Python
-            say(f"compiling stack/ and rules/ failed ({exc}); installing pure Python")
+            say(f"compiling stack/ and rules/ failed ({type(exc).__name__}; `pip install -v` "
+                "shows the compiler's output); installing pure Python")
             self._remove_outputs()
             return
         root = HERE if self.inplace else Path(self.build_lib)
