@@ -920,6 +920,15 @@ def plan(args: argparse.Namespace) -> tuple[Settings, list[Section]]:
 # -- machine and output -------------------------------------------------------------------
 
 
+def build_info() -> str:
+    """Which build of stack/ and rules/ tunproxy runs (mypyc-compiled or pure Python)."""
+    try:
+        import tunproxy_native
+    except ImportError:  # a --commit snapshot from before the compiled build
+        return "stack: pure Python"
+    return tunproxy_native.describe()
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -946,6 +955,7 @@ def machine_info() -> dict[str, Any]:
         "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
                                  check=False).stdout.split("\n", 1)[0].strip(),
         "commit": commit or "unknown",
+        "build": build_info(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -953,7 +963,7 @@ def machine_info() -> dict[str, Any]:
 def render_header(meta: dict[str, Any], settings: Settings, sections: list[Section]) -> str:
     mtus = ", ".join(str(s.mtu) for s in sections)
     return (
-        f"tunproxy benchmark  {meta['date']}  commit {meta['commit']}\n"
+        f"tunproxy benchmark  {meta['date']}  commit {meta['commit']}  ({meta['build']})\n"
         f"machine: {meta['cpu']} x{meta['cpus']}, kernel {meta['kernel']}, "
         f"Python {meta['python']}, {meta['iperf3']}, load at start {meta['loadavg_at_start']}\n"
         f"MTU {mtus}; iperf3 -t {settings.iperf_seconds:g}; medians of {settings.rounds} rounds "
