@@ -87,8 +87,9 @@ class BuildNative(build_ext):
 
 
 def remove_in_tree_build() -> None:
-    """Asked for pure Python: remove what an earlier editable build compiled into the source
-    tree, so that it cannot run (tunproxy_native would run it while its sources match)."""
+    """An editable install asked for pure Python: remove what an earlier editable build
+    compiled into the source tree, which would run while its sources match (a wheel's build,
+    `pip install .`, leaves the tree alone)."""
     built = [*HERE.glob("*__mypyc*.so")]
     for pkg in tunproxy_native.PACKAGES:
         built += [*(HERE / pkg).rglob("*.so"), HERE / pkg / tunproxy_native.MANIFEST]
@@ -100,7 +101,7 @@ def ext_modules() -> list[Any]:
     reason = why_not_compile()
     if reason is not None:
         say(f"not compiling stack/ and rules/: {reason}; installing pure Python")
-        if reason.startswith(tunproxy_native.PURE_ENV):
+        if reason.startswith(tunproxy_native.PURE_ENV) and "editable_wheel" in sys.argv:
             remove_in_tree_build()
         return []
     from mypyc.build import mypycify
