@@ -24,7 +24,6 @@ imports this module from the source tree at build time.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
@@ -100,8 +99,13 @@ def _stale(pkg_dir: Path) -> str | None:
     return "the list of compiled sources differs"  # pragma: no cover (same names, same lines)
 
 
-class SourceOnlyFinder(importlib.abc.MetaPathFinder):
-    """Finds the modules of ``packages`` from their ``.py`` files only."""
+class SourceOnlyFinder:
+    """Finds the modules of ``packages`` from their ``.py`` files only.
+
+    A meta path finder by protocol (``find_spec``), not by subclassing
+    ``importlib.abc.MetaPathFinder``: importing ``importlib.abc`` loads
+    ``importlib.resources``, ``tempfile``, ``shutil``, ``random``, bz2 and lzma into the
+    long-running process (issue 17's resident size; ``tests/test_lean_imports.py``)."""
 
     def __init__(self, packages: Sequence[str]) -> None:
         self.packages = frozenset(packages)
