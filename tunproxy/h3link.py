@@ -20,8 +20,8 @@ Per-stream credit is out of reach with qh3 2.1: its Rust core raises MAX_STREAM_
 there is no call to read one stream later or to grant its credit by hand.
 
 Datagrams. A QUIC DATAGRAM frame must fit one packet. aioquic queues one that does not
-forever and every later datagram waits behind it (aiortc/aioquic#294); so the caller
-asks ``datagram_fits`` first and sends bigger ones as DATAGRAM capsules on the stream.
+forever and every later datagram waits behind it (aiortc/aioquic#294); so
+``send_udp_payload`` sends one that does not fit as a DATAGRAM capsule on the stream.
 """
 
 from __future__ import annotations
@@ -57,7 +57,12 @@ from qh3.quic.events import (
 from qh3.tls import SessionTicket
 
 from tunproxy import quicio
-from tunproxy.masque.capsule import parse_quarter_stream_id
+from tunproxy.masque.capsule import (
+    CAPSULE_DATAGRAM,
+    emit_capsule,
+    emit_http_datagram,
+    parse_quarter_stream_id,
+)
 from tunproxy.masque.request import (
     H3_CONNECT_ERROR,
     H3_DATAGRAM_ERROR,
@@ -305,11 +310,6 @@ class H3Link(QuicConnectionProtocol):
             return False
         return True
 
-    def datagram_fits(self, size: int) -> bool:
-        """Whether an HTTP datagram of ``size`` bytes (quarter stream ID included) fits
-        a QUIC packet."""
-        return size <= self.datagram_room()
-
     def datagram_room(self) -> int:
         """The largest HTTP datagram (quarter stream ID included) a QUIC packet carries.
         Fixed once the handshake applied the peer's max_udp_payload_size: computed once
@@ -333,8 +333,17 @@ class H3Link(QuicConnectionProtocol):
         except Exception as exc:  # see _refused
             self._refused(exc)
             return
-        if self._transmit_task is None:
-            self._transmit_task = self._loop.call_soon(self.transmit)
+        self._transmit_soon()
+
+    def send_udp_payload(self, stream_id: int, prefix: bytes, payload: bytes) -> None:
+        """A UDP payload on CONNECT-UDP request ``stream_id`` (context ID 0; ``prefix`` is
+        ``masque.datagram_prefix(stream_id)``): a QUIC DATAGRAM frame when it fits a
+        packet, else a DATAGRAM capsule on the stream (RFC 9297 section 3.5), so it
+        neither gets lost nor blocks the datagrams after it."""
+        if len(prefix) + len(payload) <= self.datagram_room():
+            self.send_datagram_frame(prefix + payload)
+        else:
+            self.send_data(stream_id, emit_capsule(CAPSULE_DATAGRAM, emit_http_datagram(payload)))
 
     def reset(self, stream_id: int, error_code: int = H3_REQUEST_CANCELLED) -> None:
         """Abort both directions of a stream."""

@@ -26,6 +26,7 @@ showed to matter, and nothing else:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = [
@@ -77,24 +78,7 @@ def flush(protocol: Any) -> None:
             for data, addr in batch:
                 protocol._transport.sendto(data, addr)
     else:
-        datagrams: list[bytes] = []
-        send_addr: Any = None
-        poll = core.poll_transmit
-        try:
-            while (transmit := poll(now)) is not None:
-                data, addr = transmit[0], transmit[1]
-                if datagrams and addr != send_addr:
-                    sendto_many(datagrams, send_addr)
-                    datagrams = []
-                datagrams.append(data)
-                send_addr = addr
-        except RuntimeError as exc:  # what qh3's _call_core turns into a connection error
-            from qh3.quic.connection import QuicConnectionError
-            from qh3.quic.packet import QuicErrorCode
-
-            raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
-        if datagrams:
-            sendto_many(datagrams, send_addr)
+        _send_batches(sendto_many, _polled(core, now))
     timer_at = quic.get_timer()
     if protocol._timer is not None and protocol._timer_at != timer_at:
         protocol._timer.cancel()
@@ -104,7 +88,21 @@ def flush(protocol: Any) -> None:
     protocol._timer_at = timer_at
 
 
-def _send_batches(sendto_many: Any, batch: list[tuple[bytes, Any]]) -> None:
+def _polled(core: Any, now: float) -> Iterator[tuple[bytes, Any]]:
+    """The datagrams due from qh3's core, as ``datagrams_to_send`` returns them."""
+    poll = core.poll_transmit
+    try:
+        while (transmit := poll(now)) is not None:
+            yield transmit[0], transmit[1]
+    except RuntimeError as exc:  # what qh3's _call_core turns into a connection error
+        from qh3.quic.connection import QuicConnectionError
+        from qh3.quic.packet import QuicErrorCode
+
+        raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+
+
+def _send_batches(sendto_many: Any, batch: Iterable[tuple[bytes, Any]]) -> None:
+    """One ``sendto_many`` per run of datagrams to the same address."""
     datagrams: list[bytes] = []
     send_addr: Any = None
     for data, addr in batch:

@@ -34,15 +34,12 @@ from typing import TYPE_CHECKING, Any, cast
 from tunproxy.config import split_host_port
 from tunproxy.errors import ConfigError
 from tunproxy.masque import (
-    CAPSULE_DATAGRAM,
     DEFAULT_UDP_TEMPLATE,
     CapsuleParser,
     ConnectRequest,
     MasqueError,
     RequestRefused,
     datagram_prefix,
-    emit_capsule,
-    emit_http_datagram,
     parse_http_datagram,
     parse_request,
     response_headers,
@@ -461,11 +458,7 @@ class _UdpFlow(_Flow, asyncio.DatagramProtocol):
         if self.ended or not self.link.alive:
             return
         self.down += len(data)
-        link = self.link
-        if len(self.prefix) + len(data) <= link.datagram_room():
-            link.send_datagram_frame(self.prefix + data)
-        else:
-            link.send_data(self.stream_id, emit_capsule(CAPSULE_DATAGRAM, emit_http_datagram(data)))
+        self.link.send_udp_payload(self.stream_id, self.prefix, data)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("%s: %s", self, exc)

@@ -35,15 +35,12 @@ from tunproxy.h3link import (
     dial,
 )
 from tunproxy.masque import (
-    CAPSULE_DATAGRAM,
     DEFAULT_UDP_TEMPLATE,
     CapsuleParser,
     MasqueError,
     connect_request,
     connect_udp_request,
     datagram_prefix,
-    emit_capsule,
-    emit_http_datagram,
     parse_http_datagram,
     response_status,
 )
@@ -646,13 +643,7 @@ class _UdpSession(_Request, DatagramSession):
     def send(self, data: bytes) -> None:
         if self.closed:
             return
-        link = self.link
-        if len(self.prefix) + len(data) <= link.datagram_room():
-            link.send_datagram_frame(self.prefix + data)
-        else:
-            # Too big for a QUIC packet: a DATAGRAM capsule on the stream (RFC 9297
-            # section 3.5), so it neither gets lost nor blocks the datagrams after it.
-            link.send_data(self.stream_id, emit_capsule(CAPSULE_DATAGRAM, emit_http_datagram(data)))
+        self.link.send_udp_payload(self.stream_id, self.prefix, data)
 
     def close(self) -> None:
         if self.closed:
