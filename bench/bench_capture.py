@@ -30,9 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from stack.wire import tcp, virtio
-from stack.wire.checksum import pseudo_header_sum
-from tests.ippeer import A4, B4, ip_packet, tcp_l4, with_vnet
+from bench.bench_stack import data_packet
+from tests.ippeer import A4, B4
 from tunproxy.capture.file import CaptureFile
 from tunproxy.capture.select import parse_selection
 from tunproxy.driver import READ_BATCH
@@ -59,15 +58,7 @@ def packets(count: int, size: int, vnet: bool) -> list[bytes]:
     payload = bytes(size)
     seq = 1000
     for _ in range(count):
-        seg = tcp.TcpRepr(40000, 5201, seq, 1, tcp.ACK, 65535)
-        l4 = bytearray(tcp_l4(A4, B4, seg, payload))
-        if vnet:
-            l4[16:18] = pseudo_header_sum(A4, B4, 6, len(l4)).to_bytes(2, "big")
-            out.append(with_vnet(ip_packet(A4, B4, 6, bytes(l4)), flags=virtio.F_NEEDS_CSUM,
-                                 gso_type=virtio.GSO_TCPV4, gso_size=1448, hdr_len=40,
-                                 csum_start=20, csum_offset=16))  # fmt: skip
-        else:
-            out.append(ip_packet(A4, B4, 6, bytes(l4)))
+        out.append(data_packet(40000, 5201, seq, 1, payload, vnet))
         seq += size
     return out
 
