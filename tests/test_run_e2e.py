@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -174,17 +174,23 @@ def _holders(link: str, session: int) -> list[int]:
 
 def _read_lines(stream: IO[bytes], count: int, timeout: float = 60.0) -> list[bytes]:
     """``count`` lines from a pipe, never blocking past ``timeout``."""
-    fd = stream.fileno()
     buffer = bytearray()
+    _read_while(stream.fileno(), buffer, lambda: buffer.count(b"\n") < count,
+                f"{count} lines", timeout)
+    return bytes(buffer).splitlines(keepends=True)[:count]
+
+
+def _read_while(fd: int, buffer: bytearray, wanted: Callable[[], bool], what: str,
+                timeout: float) -> None:  # fmt: skip
+    """Read ``fd`` into ``buffer`` while ``wanted()``; fails, never blocks, past ``timeout``."""
     deadline = time.monotonic() + timeout
-    while buffer.count(b"\n") < count:
+    while wanted():
         left = deadline - time.monotonic()
-        assert left > 0, f"{count} lines not seen in {bytes(buffer)!r}"
+        assert left > 0, f"{what} not seen in {bytes(buffer)!r}"
         if select.select([fd], [], [], left)[0]:
             chunk = os.read(fd, 4096)
-            assert chunk, f"{count} lines not seen before the end: {bytes(buffer)!r}"
+            assert chunk, f"{what} not seen before the end: {bytes(buffer)!r}"
             buffer += chunk
-    return bytes(buffer).splitlines(keepends=True)[:count]
 
 
 NS_REPORT = "readlink /proc/self/ns/net /proc/self/ns/mnt /proc/self/ns/pid"
@@ -290,14 +296,7 @@ while True:
 
 def _read_until(fd: int, buffer: bytearray, token: bytes, timeout: float = 30.0) -> None:
     """Read ``fd`` into ``buffer`` until ``token`` is in it; never blocks past ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while token not in buffer:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{token!r} not seen in {bytes(buffer)!r}"
-        if select.select([fd], [], [], left)[0]:
-            chunk = os.read(fd, 4096)
-            assert chunk, f"{token!r} not seen before the end: {bytes(buffer)!r}"
-            buffer += chunk
+    _read_while(fd, buffer, lambda: token not in buffer, repr(token), timeout)
 
 
 def _drain(fd: int, into: bytearray) -> threading.Thread:
